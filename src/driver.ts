@@ -1,0 +1,72 @@
+/**
+ * The narrow seam between pgdbm and the wire: "a connection that runs SQL". Two
+ * implementations sit behind it: {@link ./postgres_driver.ts} (postgres.js over TCP, Unix
+ * socket or TLS) and {@link ./pglite_driver.ts} (PGlite in process). Nothing above this
+ * file knows which one it has, and no driver type leaks into the public API.
+ *
+ * Drivers reject with {@link QueryError} for every failure of a statement; a failure that
+ * lost the connection has `sqlstate` class `08` (or `57P01` when the server terminated
+ * the backend) and leaves {@link DriverConnection.closed} `true`.
+ *
+ * @module
+ */
+
+/** A row as a plain object keyed by column name. */
+export type Row = Record<string, unknown>;
+
+/** What one statement returned. */
+export interface DriverResult {
+  /** Rows as plain objects (empty for commands that return none). */
+  rows: Row[];
+  /** The command tag's verb, such as `"INSERT"` or `"SELECT"`. */
+  command: string;
+  /** Rows affected or returned, as the command tag reports it. */
+  rowCount: number;
+}
+
+/** A statement on its way: its result, and a way to cancel it on the server. */
+export interface RunningQuery {
+  /** Settles with the result or a `QueryError`. */
+  readonly result: Promise<DriverResult>;
+  /**
+   * Asks the server to cancel this statement (a no-op once it finished). The result then
+   * rejects with SQLSTATE `57014`. Resolves once the cancel request is sent.
+   */
+  cancel(): Promise<void>;
+}
+
+/** One physical session with PostgreSQL. */
+export interface DriverConnection {
+  /** The server process id of this session. */
+  readonly pid: number;
+  /** `server_version` as the server reports it. */
+  readonly serverVersion: string;
+  /** True once the session is gone (closed by us, by the server, or by the network). */
+  readonly closed: boolean;
+  /**
+   * Runs one statement. With `params` it uses the extended protocol, as a named prepared
+   * statement when `prepare` is true; without params it uses the simple protocol, which
+   * accepts several statements separated by `;` (the result is the last one's).
+   * Statements sent before earlier ones finish are pipelined on the session.
+   */
+  query(sql: string, params: readonly unknown[], prepare: boolean): RunningQuery;
+  /**
+   * Runs `COPY … FROM STDIN` with `sql`, streaming `chunks` (COPY text format) to the
+   * server. Resolves with the number of rows copied.
+   */
+  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
+  /** Calls `listener` once when the session ends, for whatever reason. */
+  onClose(listener: () => void): void;
+  /** Ends the session after the statements already sent; idempotent. */
+  close(): Promise<void>;
+}
+
+/** Opens sessions to one server. */
+export interface Driver {
+  /** The most sessions this driver can have open at once (`Infinity` when unbounded). */
+  readonly maxSessions: number;
+  /** Opens one session with the server settings applied. Rejects on failure. */
+  connect(): Promise<DriverConnection>;
+  /** Releases what the driver holds beyond its sessions (the embedded engine). */
+  close(): Promise<void>;
+}

@@ -1,0 +1,314 @@
+/**
+ * The error classes of pgdbm. Every error the library throws on purpose is a
+ * {@link PgdbmError} with a stable {@link PgdbmErrorCode}, so callers can branch on
+ * `error.code` (or `instanceof`) instead of parsing messages.
+ *
+ * @module
+ */
+
+/** Stable codes carried by every {@link PgdbmError}. */
+export type PgdbmErrorCode =
+  | "CONFIGURATION_ERROR"
+  | "CONNECTION_ERROR"
+  | "POOL_ERROR"
+  | "POOL_CLOSED"
+  | "POOL_EXHAUSTED"
+  | "QUERY_ERROR"
+  | "SCHEMA_ERROR"
+  | "MIGRATION_ERROR"
+  | "VALIDATION_ERROR"
+  | "TIMEOUT_ERROR";
+
+/** Options accepted by every error constructor. */
+export interface PgdbmErrorOptions {
+  /** The underlying error, kept as the standard `cause`. */
+  cause?: unknown;
+}
+
+/**
+ * Base class of every error pgdbm throws on purpose.
+ *
+ * @example Branch on the code
+ * ```ts
+ * import { PgdbmError } from "@pgdbm/pgdbm";
+ * try {
+ *   throw new PgdbmError("CONFIGURATION_ERROR", "Cannot connect: 'port' is -1");
+ * } catch (error) {
+ *   if (error instanceof PgdbmError) console.log(error.code);
+ * }
+ * ```
+ */
+export class PgdbmError extends Error {
+  /** A stable machine-readable code. */
+  readonly code: PgdbmErrorCode;
+
+  /**
+   * @param code The stable code.
+   * @param message What went wrong and what to do next.
+   * @param options The `cause`, when there is one.
+   */
+  constructor(code: PgdbmErrorCode, message: string, options?: PgdbmErrorOptions) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = new.target.name;
+    this.code = code;
+  }
+}
+
+/**
+ * An option of {@link DatabaseConfig} (or of another options object) is invalid.
+ * `field` names the option.
+ */
+export class ConfigurationError extends PgdbmError {
+  /** The option that is wrong, such as `"maxConnections"`. */
+  readonly field: string;
+
+  /**
+   * @param field The option that is wrong.
+   * @param message What is wrong and what to do.
+   */
+  constructor(field: string, message: string, options?: PgdbmErrorOptions) {
+    super("CONFIGURATION_ERROR", message, options);
+    this.field = field;
+  }
+}
+
+/** Where a {@link ConnectionError} tried to connect. Never holds the password. */
+export interface ConnectionTarget {
+  /** Host name, address, or Unix socket directory. */
+  host: string;
+  /** Port number. */
+  port: number;
+  /** Database name. */
+  database: string;
+  /** User name. */
+  user: string;
+}
+
+/** The server could not be reached (after every retry). Carries no password. */
+export class ConnectionError extends PgdbmError {
+  /** Host name, address, or Unix socket directory. */
+  readonly host: string;
+  /** Port number. */
+  readonly port: number;
+  /** Database name. */
+  readonly database: string;
+  /** How many attempts were made. */
+  readonly attempts: number;
+
+  /**
+   * @param target Where the connection was tried.
+   * @param attempts How many attempts were made.
+   * @param message What went wrong and what to check.
+   */
+  constructor(
+    target: ConnectionTarget,
+    attempts: number,
+    message: string,
+    options?: PgdbmErrorOptions,
+  ) {
+    super("CONNECTION_ERROR", message, options);
+    this.host = target.host;
+    this.port = target.port;
+    this.database = target.database;
+    this.attempts = attempts;
+  }
+}
+
+/**
+ * The pool cannot serve the request: it is closed (`code: "POOL_CLOSED"`), no connection
+ * became free within `acquireTimeoutMs` (`code: "POOL_EXHAUSTED"`), or the manager is used
+ * against its pattern (`code: "POOL_ERROR"`).
+ */
+export class PoolError extends PgdbmError {
+  /**
+   * @param message What went wrong and what to do.
+   * @param code One of the pool codes.
+   */
+  constructor(
+    message: string,
+    code: "POOL_ERROR" | "POOL_CLOSED" | "POOL_EXHAUSTED" = "POOL_ERROR",
+    options?: PgdbmErrorOptions,
+  ) {
+    super(code, message, options);
+  }
+}
+
+/** Fields PostgreSQL reports with an error, kept on {@link QueryError}. */
+export interface ServerErrorFields {
+  /** The SQLSTATE code, such as `"23505"`. */
+  sqlstate?: string;
+  /** Severity, such as `"ERROR"` or `"FATAL"`. */
+  severity?: string;
+  /** The server's detail line. */
+  detail?: string;
+  /** The server's hint. */
+  hint?: string;
+  /** 1-based character position in the SQL text. */
+  position?: number;
+  /** Schema of the object involved. */
+  schemaName?: string;
+  /** Table of the object involved. */
+  table?: string;
+  /** Column involved. */
+  column?: string;
+  /** Constraint that was violated. */
+  constraint?: string;
+}
+
+/**
+ * A query failed. Holds the expanded SQL and the parameters masked (their values never
+ * reach logs), and the server's fields (`sqlstate`, `detail`, `hint`, `position`,
+ * `constraint`…). `sql` and `params` are not enumerable, so logging the error object does
+ * not print them.
+ */
+export class QueryError extends PgdbmError implements ServerErrorFields {
+  /** The expanded SQL that was sent. */
+  declare readonly sql: string;
+  /** The parameters, each replaced by a mask that tells only its type. */
+  declare readonly params: readonly string[];
+  /** The SQLSTATE code, such as `"23505"`. */
+  readonly sqlstate?: string;
+  /** Severity, such as `"ERROR"` or `"FATAL"`. */
+  readonly severity?: string;
+  /** The server's detail line. */
+  readonly detail?: string;
+  /** The server's hint. */
+  readonly hint?: string;
+  /** 1-based character position in the SQL text. */
+  readonly position?: number;
+  /** Schema of the object involved. */
+  readonly schemaName?: string;
+  /** Table of the object involved. */
+  readonly table?: string;
+  /** Column involved. */
+  readonly column?: string;
+  /** Constraint that was violated. */
+  readonly constraint?: string;
+
+  /**
+   * @param message The server's message, or what went wrong.
+   * @param sql The expanded SQL.
+   * @param params The parameters as given; they are masked here.
+   * @param fields The server's error fields.
+   */
+  constructor(
+    message: string,
+    sql: string,
+    params: readonly unknown[],
+    fields: ServerErrorFields = {},
+    options?: PgdbmErrorOptions,
+  ) {
+    super("QUERY_ERROR", message, options);
+    Object.defineProperty(this, "sql", { value: sql, enumerable: false });
+    Object.defineProperty(this, "params", { value: maskParams(params), enumerable: false });
+    this.sqlstate = fields.sqlstate;
+    this.severity = fields.severity;
+    this.detail = fields.detail;
+    this.hint = fields.hint;
+    this.position = fields.position;
+    this.schemaName = fields.schemaName;
+    this.table = fields.table;
+    this.column = fields.column;
+    this.constraint = fields.constraint;
+  }
+}
+
+/** A schema or identifier is not a valid PostgreSQL identifier, or a schema operation failed. */
+export class SchemaError extends PgdbmError {
+  /**
+   * @param message What is wrong and what to do.
+   */
+  constructor(message: string, options?: PgdbmErrorOptions) {
+    super("SCHEMA_ERROR", message, options);
+  }
+}
+
+/** Where a {@link MigrationError} happened. */
+export interface MigrationErrorDetails {
+  /** The migration file, when one is involved. */
+  filename?: string;
+  /** The migrator's module name. */
+  module?: string;
+  /** The schema migrated. */
+  schema?: string;
+  /** 1-based line in the file of the failing statement. */
+  line?: number;
+  /** What the run applied before it failed. */
+  partialResult?: unknown;
+}
+
+/** A migration could not be found, checked, or applied. */
+export class MigrationError extends PgdbmError {
+  /** The migration file, when one is involved. */
+  readonly filename?: string;
+  /** The migrator's module name. */
+  readonly module?: string;
+  /** The schema migrated. */
+  readonly schema?: string;
+  /** 1-based line in the file of the failing statement. */
+  readonly line?: number;
+  /** What the run applied before it failed. */
+  readonly partialResult?: unknown;
+
+  /**
+   * @param message What went wrong and what to do.
+   * @param details Where it happened.
+   */
+  constructor(message: string, details: MigrationErrorDetails = {}, options?: PgdbmErrorOptions) {
+    super("MIGRATION_ERROR", message, options);
+    this.filename = details.filename;
+    this.module = details.module;
+    this.schema = details.schema;
+    this.line = details.line;
+    this.partialResult = details.partialResult;
+  }
+}
+
+/** One problem reported by a Standard Schema validator. */
+export interface ValidationIssue {
+  /** What is wrong. */
+  readonly message: string;
+  /** Where in the value, as keys and indexes. */
+  readonly path?: ReadonlyArray<PropertyKey | { readonly key: PropertyKey }>;
+}
+
+/** A row did not pass the validator given to `fetchAsModel`. */
+export class ValidationError extends PgdbmError {
+  /** The validator's issues. */
+  readonly issues: readonly ValidationIssue[];
+
+  /**
+   * @param message What failed.
+   * @param issues The validator's issues.
+   */
+  constructor(message: string, issues: readonly ValidationIssue[], options?: PgdbmErrorOptions) {
+    super("VALIDATION_ERROR", message, options);
+    this.issues = issues;
+  }
+}
+
+/** A query ran longer than its timeout or was aborted; it was cancelled on the server. */
+export class TimeoutError extends PgdbmError {
+  /** The timeout that expired, in milliseconds (absent when aborted by a signal). */
+  readonly timeoutMs?: number;
+
+  /**
+   * @param message What timed out.
+   * @param timeoutMs The timeout that expired.
+   */
+  constructor(message: string, timeoutMs?: number, options?: PgdbmErrorOptions) {
+    super("TIMEOUT_ERROR", message, options);
+    this.timeoutMs = timeoutMs;
+  }
+}
+
+/** Masks query parameters so their values never reach an error or a log. */
+export function maskParams(params: readonly unknown[]): string[] {
+  return params.map((value) => {
+    if (value === null || value === undefined) return "null";
+    if (value instanceof Date) return "<date>";
+    if (value instanceof Uint8Array) return `<bytes:${value.length}>`;
+    if (Array.isArray(value)) return `<array:${value.length}>`;
+    return `<${typeof value}>`;
+  });
+}
