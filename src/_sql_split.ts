@@ -1,0 +1,227 @@
+/**
+ * A statement splitter for migration files, lexing SQL the way `psql` does: a `;` ends a
+ * statement only outside single-quoted strings (`'…'`, `E'…'` with backslash escapes),
+ * double-quoted identifiers, dollar-quoted bodies (`$$…$$`, `$tag$…$tag$`), `--` and nested
+ * `/* *\/` comments, parentheses (rules with several actions), and the `BEGIN … END` of a
+ * SQL-standard function body (`CREATE FUNCTION … BEGIN ATOMIC … END`).
+ *
+ * @module
+ */
+
+/** One statement of a SQL text. */
+export interface SqlStatement {
+  /**
+   * The statement from its first token up to, not including, the `;` that ends it, with
+   * trailing whitespace removed. Comments before the first token are not part of it.
+   */
+  text: string;
+  /** 1-based line of the statement's first token. */
+  line: number;
+  /** Offset of the first token in the input. */
+  start: number;
+  /** Offset just past the last character of {@link SqlStatement.text} in the input. */
+  end: number;
+}
+
+const IDENT_START = /[A-Za-z_\u0080-\uffff]/;
+const IDENT_PART = /[A-Za-z0-9_$\u0080-\uffff]/;
+const DOLLAR_TAG = /\$(?:[A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$/y;
+const NUMBER_PART = /[A-Za-z0-9_.]/;
+const FUNCTION_HEAD_WORDS = new Set(["create", "function", "procedure", "or", "replace"]);
+
+/**
+ * Splits SQL text into statements. Statements that hold only whitespace and comments are
+ * dropped; a last statement without a `;` is kept. Unterminated quotes, comments and
+ * dollar-quoted bodies run to the end of the text (the server then reports them).
+ *
+ * @param sql The SQL text.
+ * @returns The statements in order, each with its 1-based start line.
+ *
+ * @example Split a file with a function body
+ * ```ts
+ * import { splitSqlStatements } from "./_sql_split.ts";
+ * const statements = splitSqlStatements(
+ *   "CREATE TABLE t (id int);\nCREATE FUNCTION f() RETURNS int AS $$ SELECT 1; $$ LANGUAGE sql;",
+ * );
+ * // statements[1].line === 2
+ * ```
+ */
+export function splitSqlStatements(sql: string): SqlStatement[] {
+  const statements: SqlStatement[] = [];
+  const n = sql.length;
+  let i = 0;
+  let line = 1;
+  let start = -1;
+  let startLine = 1;
+  let parenDepth = 0;
+  let beginDepth = 0;
+  let identifierCount = 0;
+  let heads: string[] = [];
+
+  const finish = (end: number): void => {
+    if (start >= 0) {
+      const text = sql.slice(start, end).trimEnd();
+      statements.push({ text, line: startLine, start, end: start + text.length });
+    }
+    start = -1;
+    parenDepth = 0;
+    beginDepth = 0;
+    identifierCount = 0;
+    heads = [];
+  };
+
+  // Skips a quoted run that started at `i` (the opening quote) and returns the offset after
+  // the closing quote. `backslash` is true for E'' strings.
+  const skipQuoted = (quote: string, backslash: boolean): number => {
+    let j = i + 1;
+    while (j < n) {
+      const c = sql[j];
+      if (c === "\n") line++;
+      if (backslash && c === "\\") {
+        if (sql[j + 1] === "\n") line++;
+        j += 2;
+        continue;
+      }
+      if (c === quote) {
+        if (sql[j + 1] === quote) {
+          j += 2;
+          continue;
+        }
+        return j + 1;
+      }
+      j++;
+    }
+    return n;
+  };
+
+  while (i < n) {
+    const c = sql[i];
+    if (c === "\n") {
+      line++;
+      i++;
+      continue;
+    }
+    if (c === " " || c === "\t" || c === "\r" || c === "\f" || c === "\v") {
+      i++;
+      continue;
+    }
+    if (c === "-" && sql[i + 1] === "-") {
+      const eol = sql.indexOf("\n", i);
+      i = eol === -1 ? n : eol;
+      continue;
+    }
+    if (c === "/" && sql[i + 1] === "*") {
+      let depth = 1;
+      i += 2;
+      while (i < n && depth > 0) {
+        if (sql[i] === "/" && sql[i + 1] === "*") {
+          depth++;
+          i += 2;
+        } else if (sql[i] === "*" && sql[i + 1] === "/") {
+          depth--;
+          i += 2;
+        } else {
+          if (sql[i] === "\n") line++;
+          i++;
+        }
+      }
+      continue;
+    }
+    if (c === ";") {
+      if (parenDepth === 0 && beginDepth === 0) {
+        finish(i);
+      }
+      i++;
+      continue;
+    }
+    if (start < 0) {
+      start = i;
+      startLine = line;
+    }
+    if (c === "'") {
+      i = skipQuoted("'", false);
+      continue;
+    }
+    if (c === '"') {
+      i = skipQuoted('"', false);
+      continue;
+    }
+    if (c === "$") {
+      DOLLAR_TAG.lastIndex = i;
+      const match = DOLLAR_TAG.exec(sql);
+      if (match === null) {
+        i++;
+        continue;
+      }
+      const tag = match[0];
+      const close = sql.indexOf(tag, i + tag.length);
+      const end = close === -1 ? n : close + tag.length;
+      for (let j = i; j < end; j++) if (sql[j] === "\n") line++;
+      i = end;
+      continue;
+    }
+    if (c === "(") {
+      parenDepth++;
+      i++;
+      continue;
+    }
+    if (c === ")") {
+      if (parenDepth > 0) parenDepth--;
+      i++;
+      continue;
+    }
+    if (c >= "0" && c <= "9") {
+      while (i < n && NUMBER_PART.test(sql[i])) i++;
+      continue;
+    }
+    if (IDENT_START.test(c)) {
+      let j = i + 1;
+      while (j < n && IDENT_PART.test(sql[j])) j++;
+      const word = sql.slice(i, j);
+      if ((word === "e" || word === "E") && sql[j] === "'") {
+        i = j; // the opening quote
+        i = skipQuoted("'", true);
+        continue;
+      }
+      i = j;
+      const lower = word.toLowerCase();
+      if (identifierCount < 4 && FUNCTION_HEAD_WORDS.has(lower)) heads[identifierCount] = lower[0];
+      identifierCount++;
+      if (parenDepth === 0 && isFunctionHead(heads)) {
+        if (lower === "begin") beginDepth++;
+        else if (lower === "case" && beginDepth >= 1) beginDepth++;
+        else if (lower === "end" && beginDepth > 0) beginDepth--;
+      }
+      continue;
+    }
+    i++;
+  }
+  finish(n);
+  return statements;
+}
+
+/** True when the statement so far starts with CREATE [OR REPLACE] FUNCTION|PROCEDURE. */
+function isFunctionHead(heads: string[]): boolean {
+  if (heads[0] !== "c") return false;
+  if (heads[1] === "f" || heads[1] === "p") return true;
+  return heads[1] === "o" && heads[2] === "r" && (heads[3] === "f" || heads[3] === "p");
+}
+
+/**
+ * Converts a 1-based character position reported by PostgreSQL (counted in characters,
+ * not UTF-16 units) into a 1-based line number of `sql`.
+ *
+ * @param sql The SQL text the position refers to.
+ * @param position The server's 1-based position.
+ * @returns The 1-based line holding that position.
+ */
+export function lineOfPosition(sql: string, position: number): number {
+  let line = 1;
+  let chars = 0;
+  for (const ch of sql) {
+    chars++;
+    if (chars >= position) break;
+    if (ch === "\n") line++;
+  }
+  return line;
+}

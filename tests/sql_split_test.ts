@@ -1,0 +1,126 @@
+import assert from "node:assert/strict";
+import { lineOfPosition, splitSqlStatements } from "../src/_sql_split.ts";
+
+function texts(sql: string): string[] {
+  return splitSqlStatements(sql).map((s) => s.text);
+}
+
+Deno.test("splitSqlStatements() splits on semicolons and reports 1-based start lines", () => {
+  const sql = "CREATE TABLE a (id int);\n\nCREATE TABLE b (id int);\n  INSERT INTO a VALUES (1)";
+  const statements = splitSqlStatements(sql);
+  assert.deepEqual(statements.map((s) => [s.text, s.line]), [
+    ["CREATE TABLE a (id int)", 1],
+    ["CREATE TABLE b (id int)", 3],
+    ["INSERT INTO a VALUES (1)", 4],
+  ]);
+  for (const s of statements) assert.equal(sql.slice(s.start, s.end), s.text);
+});
+
+Deno.test("splitSqlStatements() ignores semicolons inside single-quoted strings", () => {
+  assert.deepEqual(texts("SELECT 'a;b', 'it''s; fine';SELECT 2"), [
+    "SELECT 'a;b', 'it''s; fine'",
+    "SELECT 2",
+  ]);
+});
+
+Deno.test("splitSqlStatements() treats a backslash as an escape only in E'' strings", () => {
+  assert.deepEqual(texts("SELECT E'a\\';b';SELECT 2"), ["SELECT E'a\\';b'", "SELECT 2"]);
+  assert.deepEqual(texts("SELECT e'\\\\';SELECT 2"), ["SELECT e'\\\\'", "SELECT 2"]);
+  // In a standard string the backslash is an ordinary character.
+  assert.deepEqual(texts("SELECT 'a\\';SELECT 2"), ["SELECT 'a\\'", "SELECT 2"]);
+  // An identifier ending in "e" does not start an E'' string.
+  assert.deepEqual(texts("SELECT date'2020-01-01\\';SELECT 2"), [
+    "SELECT date'2020-01-01\\'",
+    "SELECT 2",
+  ]);
+});
+
+Deno.test("splitSqlStatements() ignores semicolons inside double-quoted identifiers", () => {
+  assert.deepEqual(texts('CREATE TABLE "a;""b" (id int);SELECT 1'), [
+    'CREATE TABLE "a;""b" (id int)',
+    "SELECT 1",
+  ]);
+});
+
+Deno.test("splitSqlStatements() keeps dollar-quoted bodies with semicolons whole", () => {
+  const sql = [
+    "CREATE FUNCTION f() RETURNS trigger AS $$",
+    "BEGIN",
+    "  NEW.x := 1;",
+    "  RETURN NEW;",
+    "END;",
+    "$$ LANGUAGE plpgsql;",
+    "DO $body$ BEGIN PERFORM 1; PERFORM '$$'; END $body$;",
+    "SELECT $1, a$b$c FROM t;",
+  ].join("\n");
+  const statements = splitSqlStatements(sql);
+  assert.equal(statements.length, 3);
+  assert.ok(statements[0].text.endsWith("$$ LANGUAGE plpgsql"));
+  assert.equal(statements[1].line, 7);
+  assert.equal(statements[1].text, "DO $body$ BEGIN PERFORM 1; PERFORM '$$'; END $body$");
+  assert.equal(statements[2].line, 8);
+  assert.equal(statements[2].text, "SELECT $1, a$b$c FROM t");
+});
+
+Deno.test("splitSqlStatements() skips line comments and nested block comments", () => {
+  const sql = [
+    "-- a comment; with a semicolon",
+    "/* outer /* inner; */ still comment; */",
+    "SELECT 1; -- trailing; comment",
+    "SELECT /* ; */ 2;",
+    "-- only a comment at the end;",
+  ].join("\n");
+  const statements = splitSqlStatements(sql);
+  assert.deepEqual(statements.map((s) => [s.text, s.line]), [
+    ["SELECT 1", 3],
+    ["SELECT /* ; */ 2", 4],
+  ]);
+});
+
+Deno.test("splitSqlStatements() drops empty statements", () => {
+  assert.deepEqual(texts(";;  ; SELECT 1;; \n -- x\n ;"), ["SELECT 1"]);
+  assert.deepEqual(texts(""), []);
+  assert.deepEqual(texts("-- nothing\n/* here */"), []);
+});
+
+Deno.test("splitSqlStatements() does not split inside parentheses", () => {
+  const sql = "CREATE RULE r AS ON INSERT TO t DO ALSO (INSERT INTO a VALUES (1); " +
+    "INSERT INTO b VALUES (2));SELECT 1";
+  assert.equal(splitSqlStatements(sql).length, 2);
+});
+
+Deno.test("splitSqlStatements() keeps a BEGIN ATOMIC function body whole", () => {
+  const sql = [
+    "CREATE OR REPLACE FUNCTION f(x int) RETURNS int LANGUAGE sql",
+    "BEGIN ATOMIC",
+    "  SELECT CASE WHEN x > 0 THEN 1 ELSE 0 END;",
+    "  SELECT x;",
+    "END;",
+    "CREATE PROCEDURE p() LANGUAGE sql BEGIN ATOMIC INSERT INTO t VALUES (1); END;",
+    "BEGIN;",
+    "SELECT 1;",
+    "END;",
+  ].join("\n");
+  const statements = splitSqlStatements(sql);
+  assert.deepEqual(statements.map((s) => s.line), [1, 6, 7, 8, 9]);
+  assert.ok(statements[0].text.endsWith("END"));
+  assert.equal(statements[2].text, "BEGIN");
+});
+
+Deno.test("splitSqlStatements() counts lines inside strings, bodies and comments", () => {
+  const sql = "SELECT 'a\nb';\n/* c\nd */\nSELECT $$\n;\n$$;\nSELECT E'\\\n';\nSELECT 4";
+  assert.deepEqual(splitSqlStatements(sql).map((s) => s.line), [1, 5, 8, 10]);
+});
+
+Deno.test("splitSqlStatements() runs an unterminated string to the end of the text", () => {
+  assert.deepEqual(texts("SELECT 'oops; SELECT 2;"), ["SELECT 'oops; SELECT 2;"]);
+  assert.deepEqual(texts("SELECT $x$ never closed; "), ["SELECT $x$ never closed;"]);
+});
+
+Deno.test("lineOfPosition() maps a server character position to a line", () => {
+  const sql = "SELECT 1;\nSELECT 'é🙂';\nSELEC 3";
+  const position = Array.from(sql).indexOf("S", 20) + 1;
+  assert.equal(lineOfPosition(sql, 1), 1);
+  assert.equal(lineOfPosition(sql, 11), 2);
+  assert.equal(lineOfPosition(sql, position), 3);
+});
