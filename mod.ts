@@ -1,0 +1,57 @@
+/**
+ * pgdbm for Deno: one shared PostgreSQL connection pool, many schema-isolated managers
+ * over it, `{{tables.name}}` SQL templates that make the same queries and migration files
+ * run in any schema, and a migrator keyed by module.
+ *
+ * @example Standalone manager (needs a server)
+ * ```ts ignore
+ * import { DatabaseManager } from "@pgdbm/pgdbm";
+ * await using db = new DatabaseManager({ connectionString: Deno.env.get("DATABASE_URL"), schema: "app" });
+ * await db.connect();
+ * const n = await db.fetchValue<number>("SELECT count(*)::int FROM {{tables.users}}");
+ * ```
+ *
+ * @module
+ */
+
+export { DatabaseManager } from "./src/manager.ts";
+export type { DropSchemaOptions, ManagerPoolStats, SharedPoolOptions } from "./src/manager.ts";
+export { createSharedPool } from "./src/pool.ts";
+export type { Pool, PoolStats, QueryOptions } from "./src/pool.ts";
+export type { DatabaseConfig, Logger, RetryConfig, SslConfig, SslMode } from "./src/config.ts";
+export { Queries } from "./src/queries.ts";
+export type {
+  CopyOptions,
+  CopyRecords,
+  ExecuteResult,
+  FetchValueOptions,
+  Row,
+} from "./src/queries.ts";
+export { Connection, Transaction } from "./src/transaction.ts";
+export type { RawConnection } from "./src/transaction.ts";
+export type {
+  InferOutput,
+  StandardSchemaIssue,
+  StandardSchemaResult,
+  StandardSchemaV1,
+} from "./src/standard_schema.ts";
+export { expandTemplate } from "./src/template.ts";
+export {
+  ConfigurationError,
+  ConnectionError,
+  MigrationError,
+  PgdbmError,
+  PoolError,
+  QueryError,
+  SchemaError,
+  TimeoutError,
+  ValidationError,
+} from "./src/errors.ts";
+export type {
+  ConnectionTarget,
+  MigrationErrorDetails,
+  PgdbmErrorCode,
+  PgdbmErrorOptions,
+  ServerErrorFields,
+  ValidationIssue,
+} from "./src/errors.ts";

@@ -1,0 +1,720 @@
+/**
+ * The connection pool. Autocommit queries share connections and are pipelined (many in
+ * flight on one session), which is how a client on a small machine reaches the server's
+ * limit; transactions and `acquire()` lease a connection of their own. A statement known to
+ * be slow is kept off the connections that carry fast ones, and a connection whose head
+ * query stalls gets no new work, so slow queries do not hold fast ones behind them.
+ *
+ * @module
+ */
+
+import {
+  type DatabaseConfig,
+  describeTarget,
+  poolKey,
+  resolveConfig,
+  type ResolvedConfig,
+} from "./config.ts";
+import type { Driver, DriverConnection, DriverResult, RunningQuery } from "./driver.ts";
+import { ConnectionError, PoolError, QueryError, TimeoutError } from "./errors.ts";
+import { createPostgresDriver } from "./postgres_driver.ts";
+
+/** Per-call options of every query method. */
+export interface QueryOptions {
+  /** Cancel the query on the server after this many milliseconds (default `commandTimeoutMs`). */
+  timeoutMs?: number;
+  /** Cancel the query on the server when this signal aborts. */
+  signal?: AbortSignal;
+}
+
+/** Live statistics of a pool. */
+export interface PoolStats {
+  /** `connected` until `close()` is called. */
+  status: "connected" | "closed";
+  /** `minConnections`. */
+  minSize: number;
+  /** `maxConnections`. */
+  maxSize: number;
+  /** Open connections. */
+  size: number;
+  /** Open connections with nothing running and not leased. */
+  idle: number;
+  /** Open connections running queries or leased to a transaction / `acquire()`. */
+  used: number;
+  /** Callers waiting for a connection. */
+  waiting: number;
+}
+
+/**
+ * A shared connection pool, made by {@link createSharedPool}. Managers over it
+ * (`new DatabaseManager({ pool, schema })`) never close it; its owner does.
+ */
+export interface Pool {
+  /** True once `close()` was called. */
+  readonly closed: boolean;
+  /** Live statistics. */
+  getStats(): PoolStats;
+  /** Waits for running queries and transactions, then closes every connection. */
+  close(): Promise<void>;
+  /** Same as `close()`, for `await using`. */
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** A connection leased to one transaction or `acquire()` callback. */
+export interface Lease {
+  /** The session's server process id. */
+  readonly pid: number;
+  /** Runs a statement on the leased connection. */
+  query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
+  /** Streams COPY text to the leased connection. */
+  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
+  /** Returns the connection; `discard` closes it instead (its state is unknown). */
+  release(discard?: boolean): void;
+}
+
+const STALL_MS = 10;
+const SLOW_MS = 20;
+const PIPELINE_LIMIT = 2000;
+const TICK_MS = 250;
+const MAX_TRACKED_STATEMENTS = 5000;
+
+interface Slot {
+  conn: DriverConnection;
+  running: Set<InFlight>;
+  slowRunning: number;
+  leased: boolean;
+  draining: boolean;
+  retiring: boolean;
+  queries: number;
+  createdAt: number;
+  lastUsed: number;
+  lastProgress: number;
+}
+
+interface InFlight {
+  running: RunningQuery;
+  sql: string;
+  deadline: number;
+  slow: boolean;
+  start: number;
+  fail?: (error: Error) => void;
+}
+
+interface StatementTiming {
+  avg: number;
+  seen: number;
+  slow: boolean;
+}
+
+interface Waiter {
+  exclusive: boolean;
+  resolve: (slot: Slot) => void;
+  reject: (error: Error) => void;
+  timer: TimerId;
+}
+
+type TimerId = ReturnType<typeof setTimeout>;
+
+const openPools = new Map<string, number>();
+
+/**
+ * Opens a pool to share among managers: one pool, many schema-isolated managers.
+ *
+ * @param config Connection and pool options ({@link DatabaseConfig}).
+ * @returns The pool, with `minConnections` connections open.
+ * @throws {ConfigurationError} When an option is invalid.
+ * @throws {ConnectionError} When the server cannot be reached after every retry.
+ *
+ * @example One pool, two services (needs a server)
+ * ```ts ignore
+ * import { createSharedPool, DatabaseManager } from "@pgdbm/pgdbm";
+ * const pool = await createSharedPool({ connectionString: Deno.env.get("DATABASE_URL") });
+ * const users = new DatabaseManager({ pool, schema: "users" });
+ * const orders = new DatabaseManager({ pool, schema: "orders" });
+ * await users.fetchAll("SELECT * FROM {{tables.accounts}}");
+ * await pool.close();
+ * ```
+ */
+export async function createSharedPool(config: DatabaseConfig): Promise<Pool> {
+  return await ConnectionPool.open(resolveConfig(config));
+}
+
+/** The pool implementation; managers reach it through {@link Pool}. */
+export class ConnectionPool implements Pool {
+  readonly config: ResolvedConfig;
+  readonly #driver: Driver;
+  readonly #maxSize: number;
+  readonly #minSize: number;
+  readonly #slots: Slot[] = [];
+  readonly #waiters: Waiter[] = [];
+  readonly #prepared = new Map<string, string>();
+  readonly #durations = new Map<string, StatementTiming>();
+  #opening = 0;
+  #turnAt = 0;
+  #turnProbe = false;
+  #closed = false;
+  #closing?: Promise<void>;
+  #drained?: () => void;
+  #ticker: TimerId;
+
+  private constructor(config: ResolvedConfig, driver: Driver) {
+    this.config = config;
+    this.#driver = driver;
+    this.#maxSize = Math.min(config.maxConnections, driver.maxSessions);
+    this.#minSize = Math.min(config.minConnections, this.#maxSize);
+    this.#ticker = setInterval(() => this.#tick(), TICK_MS);
+    Deno.unrefTimer(this.#ticker as unknown as number);
+  }
+
+  /** Opens a pool for a resolved configuration, with its floor of connections. */
+  static async open(config: ResolvedConfig): Promise<ConnectionPool> {
+    const driver = config.kind === "embedded"
+      ? (await import("./pglite_driver.ts")).createPgliteDriver({
+        dataDir: config.embeddedDataDir,
+        serverSettings: config.serverSettings,
+      })
+      : createPostgresDriver(config);
+    const pool = new ConnectionPool(config, driver);
+    const key = poolKey(config);
+    openPools.set(key, (openPools.get(key) ?? 0) + 1);
+    try {
+      await pool.#openSlot();
+      await Promise.all(Array.from({ length: pool.#minSize - 1 }, () => pool.#openSlot()));
+    } catch (error) {
+      await pool.close();
+      throw error;
+    }
+    return pool;
+  }
+
+  /** How many pools are open to the target of `config` in this process. */
+  static openCount(config: ResolvedConfig): number {
+    return openPools.get(poolKey(config)) ?? 0;
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** The pid and server version of one open connection (for statistics). */
+  get server(): { pid: number; version: string } | undefined {
+    const slot = this.#slots[0];
+    return slot && { pid: slot.conn.pid, version: slot.conn.serverVersion };
+  }
+
+  getStats(): PoolStats {
+    let idle = 0;
+    for (const slot of this.#slots) if (!slot.leased && slot.running.size === 0) idle++;
+    return {
+      status: this.#closed ? "closed" : "connected",
+      minSize: this.#minSize,
+      maxSize: this.#maxSize,
+      size: this.#slots.length,
+      idle,
+      used: this.#slots.length - idle,
+      waiting: this.#waiters.length,
+    };
+  }
+
+  /** Runs one autocommit statement on a shared connection, pipelined with others. */
+  query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
+    if (this.#closed) return Promise.reject(this.#closedError());
+    const slow = this.#durations.get(sql)?.slow === true;
+    const slot = slow ? this.#pickQuiet() : this.#pickShared();
+    if (slot !== undefined) return this.#run(slot, sql, params, options, slow);
+    return this.#wait(false).then((waited) => this.#run(waited, sql, params, options, slow));
+  }
+
+  /** Leases a connection for a transaction or `acquire()`. */
+  async lease(): Promise<Lease> {
+    if (this.#closed) throw this.#closedError();
+    const slot = this.#pickIdle() ?? await this.#wait(true);
+    return new SlotLease(this, slot);
+  }
+
+  /** Prepares `sql` as `name` on every open connection and every future one. */
+  async addPreparedStatement(name: string, sql: string): Promise<void> {
+    this.#prepared.set(name, sql);
+    const statement = prepareStatement(name, sql);
+    await Promise.all(
+      this.#slots.filter((slot) => !slot.leased).map((slot) =>
+        this.#run(slot, statement, [], undefined, false)
+      ),
+    );
+  }
+
+  close(): Promise<void> {
+    if (this.#closing) return this.#closing;
+    this.#closed = true;
+    for (const waiter of this.#waiters.splice(0)) {
+      clearTimeout(waiter.timer);
+      waiter.reject(this.#closedError());
+    }
+    this.#closing = (async () => {
+      if (this.#slots.some((slot) => slot.leased || slot.running.size > 0)) {
+        await new Promise<void>((resolve) => this.#drained = resolve);
+      }
+      clearInterval(this.#ticker);
+      await Promise.all(this.#slots.splice(0).map((slot) => slot.conn.close()));
+      await this.#driver.close();
+      const key = poolKey(this.config);
+      const count = (openPools.get(key) ?? 1) - 1;
+      if (count > 0) openPools.set(key, count);
+      else openPools.delete(key);
+    })();
+    return this.#closing;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
+  /** Runs a statement on a slot, with timeout, abort and bookkeeping. */
+  run(
+    slot: Slot,
+    sql: string,
+    params: readonly unknown[],
+    options: QueryOptions | undefined,
+  ): Promise<DriverResult> {
+    return this.#run(slot, sql, params, options, false);
+  }
+
+  /** Streams COPY text on a leased slot. */
+  async copyIn(slot: Slot, sql: string, chunks: AsyncIterable<string>): Promise<number> {
+    const entry: InFlight = {
+      running: { result: Promise.resolve(EMPTY), cancel: () => Promise.resolve() },
+      sql,
+      deadline: Infinity,
+      slow: true,
+      start: performance.now(),
+    };
+    slot.running.add(entry);
+    try {
+      return await slot.conn.copyIn(sql, chunks);
+    } finally {
+      this.#settle(slot, entry);
+    }
+  }
+
+  /** Returns a leased slot. */
+  release(slot: Slot, discard: boolean): void {
+    slot.leased = false;
+    if (discard || slot.conn.closed) slot.retiring = true;
+    this.#afterWork(slot);
+  }
+
+  #run(
+    slot: Slot,
+    sql: string,
+    params: readonly unknown[],
+    options: QueryOptions | undefined,
+    slow: boolean,
+  ): Promise<DriverResult> {
+    if (options?.signal?.aborted) return Promise.reject(abortError(options.signal));
+    const start = performance.now();
+    const timeoutMs = options?.timeoutMs ?? this.config.commandTimeoutMs;
+    const running = slot.conn.query(sql, params, this.config.prepare);
+    const entry: InFlight = { running, sql, deadline: start + timeoutMs, slow, start };
+    if (slot.running.size === 0) slot.lastProgress = start;
+    slot.running.add(entry);
+    if (slow) slot.slowRunning++;
+    const signal = options?.signal;
+    if (options?.timeoutMs === undefined && signal === undefined) {
+      return running.result.then(
+        (result) => {
+          this.#settle(slot, entry);
+          return result;
+        },
+        (error) => {
+          this.#settle(slot, entry);
+          throw this.#failure(entry, error);
+        },
+      );
+    }
+    return new Promise<DriverResult>((resolve, reject) => {
+      let timer: TimerId | undefined;
+      const onAbort = () => this.#cancel(entry, abortError(signal!));
+      const done = () => {
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        this.#settle(slot, entry);
+      };
+      entry.fail = reject;
+      signal?.addEventListener("abort", onAbort, { once: true });
+      if (options?.timeoutMs !== undefined) {
+        timer = setTimeout(() => this.#cancel(entry, timeoutError(timeoutMs)), timeoutMs);
+      }
+      running.result.then((result) => {
+        done();
+        resolve(result);
+      }, (error) => {
+        done();
+        reject(this.#failure(entry, error));
+      });
+    });
+  }
+
+  #failure(entry: InFlight, error: unknown): unknown {
+    if (error instanceof QueryError && error.sqlstate === "57014" && entry.deadline < 0) {
+      return timeoutError(this.config.commandTimeoutMs);
+    }
+    return error;
+  }
+
+  #cancel(entry: InFlight, error: Error): void {
+    if (entry.deadline < 0) return;
+    entry.deadline = -1;
+    entry.running.cancel().then(() => entry.fail?.(error));
+  }
+
+  #settle(slot: Slot, entry: InFlight): void {
+    if (!slot.running.delete(entry)) return;
+    const now = performance.now();
+    const serviceMs = now - Math.max(entry.start, slot.lastProgress);
+    slot.lastProgress = now;
+    slot.lastUsed = now;
+    if (++slot.queries >= this.config.maxQueries) slot.retiring = true;
+    if (entry.slow) slot.slowRunning--;
+    this.#learn(entry.sql, serviceMs);
+    if (slot.running.size === 0 && !slot.leased) this.#afterWork(slot);
+  }
+
+  /** Remembers statements that ran slowly (twice or more) so they get a quiet connection. */
+  #learn(sql: string, ms: number): void {
+    const known = this.#durations.get(sql);
+    if (known !== undefined) {
+      known.avg = known.avg * 0.7 + ms * 0.3;
+      known.seen++;
+      known.slow = known.avg > SLOW_MS && known.seen >= 2;
+      return;
+    }
+    if (ms < SLOW_MS) return;
+    if (this.#durations.size >= MAX_TRACKED_STATEMENTS) {
+      this.#durations.delete(this.#durations.keys().next().value!);
+    }
+    this.#durations.set(sql, { avg: ms, seen: 1, slow: false });
+  }
+
+  /** A slot became free of work: recycle it, hand it to a waiter, or finish closing. */
+  #afterWork(slot: Slot): void {
+    const old = slot.queries >= this.config.maxQueries ||
+      performance.now() - slot.createdAt >= this.config.maxLifetimeMs;
+    if (slot.retiring || old || slot.conn.closed) {
+      this.#remove(slot);
+    } else if (this.#waiters.length > 0) {
+      this.#serveWaiters();
+    }
+    if (this.#closed && this.#drained !== undefined) {
+      if (!this.#slots.some((s) => s.leased || s.running.size > 0)) this.#drained();
+    }
+  }
+
+  #pickShared(): Slot | undefined {
+    const now = performance.now();
+    let fallback: Slot | undefined;
+    for (const slot of this.#slots) {
+      if (slot.leased || slot.draining || slot.retiring || slot.slowRunning > 0) continue;
+      const n = slot.running.size;
+      if (n === 0) return slot;
+      if (n < PIPELINE_LIMIT && !this.#stalled(slot, now)) return slot;
+      if (fallback === undefined || n < fallback.running.size) fallback = slot;
+    }
+    this.#grow();
+    return fallback ?? this.#pickAny();
+  }
+
+  /**
+   * A slot is stalled when it made no progress for STALL_MS although the event loop has
+   * turned since (a burst dispatched in one synchronous run is not a stall).
+   */
+  #stalled(slot: Slot, now: number): boolean {
+    if (now - slot.lastProgress < STALL_MS) return false;
+    if (this.#turnAt > slot.lastProgress + STALL_MS) return true;
+    if (!this.#turnProbe) {
+      this.#turnProbe = true;
+      setTimeout(() => {
+        this.#turnProbe = false;
+        this.#turnAt = performance.now();
+      }, 0);
+    }
+    return false;
+  }
+
+  #pickQuiet(): Slot | undefined {
+    for (let i = this.#slots.length - 1; i >= 0; i--) {
+      const slot = this.#slots[i];
+      if (!slot.leased && !slot.draining && !slot.retiring && slot.running.size === 0) return slot;
+    }
+    this.#grow();
+    for (let i = this.#slots.length - 1; i >= 0; i--) {
+      const slot = this.#slots[i];
+      if (!slot.leased && !slot.draining && !slot.retiring && slot.slowRunning > 0) return slot;
+    }
+    return this.#pickAny();
+  }
+
+  #pickAny(): Slot | undefined {
+    let best: Slot | undefined;
+    for (const slot of this.#slots) {
+      if (slot.leased || slot.draining || slot.retiring || slot.conn.closed) continue;
+      if (best === undefined || slot.running.size < best.running.size) best = slot;
+    }
+    return best;
+  }
+
+  #pickIdle(): Slot | undefined {
+    for (let i = this.#slots.length - 1; i >= 0; i--) {
+      const slot = this.#slots[i];
+      if (!slot.leased && !slot.retiring && !slot.conn.closed && slot.running.size === 0) {
+        slot.leased = true;
+        slot.draining = false;
+        return slot;
+      }
+    }
+    return undefined;
+  }
+
+  #wait(exclusive: boolean): Promise<Slot> {
+    return new Promise<Slot>((resolve, reject) => {
+      const waiter: Waiter = {
+        exclusive,
+        resolve,
+        reject,
+        timer: setTimeout(() => {
+          const index = this.#waiters.indexOf(waiter);
+          if (index >= 0) this.#waiters.splice(index, 1);
+          if (!this.#waiters.some((w) => w.exclusive)) {
+            for (const slot of this.#slots) slot.draining = false;
+          }
+          reject(
+            new PoolError(
+              `Cannot get a connection: all ${this.#maxSize} are busy and none came free within ` +
+                `acquireTimeoutMs (${this.config.acquireTimeoutMs} ms); raise maxConnections, ` +
+                "shorten transactions, or do not run pool queries inside a transaction callback",
+              "POOL_EXHAUSTED",
+            ),
+          );
+        }, this.config.acquireTimeoutMs),
+      };
+      this.#waiters.push(waiter);
+      if (!this.#grow() && exclusive) this.#drainOne();
+    });
+  }
+
+  /** Marks the least busy shared slot so it takes no new queries and goes to a waiter. */
+  #drainOne(): void {
+    if (this.#slots.some((slot) => slot.draining)) return;
+    let best: Slot | undefined;
+    for (const slot of this.#slots) {
+      if (slot.leased || slot.retiring) continue;
+      if (best === undefined || slot.running.size < best.running.size) best = slot;
+    }
+    if (best !== undefined) best.draining = true;
+  }
+
+  #serveWaiters(): void {
+    while (this.#waiters.length > 0) {
+      const waiter = this.#waiters[0];
+      const slot = waiter.exclusive ? this.#pickIdle() : this.#pickAny();
+      if (slot === undefined) {
+        if (waiter.exclusive) this.#drainOne();
+        return;
+      }
+      this.#waiters.shift();
+      clearTimeout(waiter.timer);
+      waiter.resolve(slot);
+    }
+  }
+
+  /** Opens one more connection in the background when below the cap. */
+  #grow(): boolean {
+    if (this.#closed || this.#slots.length + this.#opening >= this.#maxSize) return false;
+    this.#openSlot().catch((error) => {
+      if (this.#slots.length === 0) {
+        for (const waiter of this.#waiters.splice(0)) {
+          clearTimeout(waiter.timer);
+          waiter.reject(error);
+        }
+      }
+    });
+    return true;
+  }
+
+  async #openSlot(): Promise<void> {
+    this.#opening++;
+    try {
+      const conn = await this.#connectWithRetry();
+      if (this.#closed) {
+        await conn.close();
+        return;
+      }
+      const now = performance.now();
+      const slot: Slot = {
+        conn,
+        running: new Set(),
+        slowRunning: 0,
+        leased: false,
+        draining: false,
+        retiring: false,
+        queries: 0,
+        createdAt: now,
+        lastUsed: now,
+        lastProgress: now,
+      };
+      conn.onClose(() => {
+        if (!slot.leased && slot.running.size === 0) this.#remove(slot);
+        else slot.retiring = true;
+      });
+      this.#slots.push(slot);
+      this.#serveWaiters();
+    } finally {
+      this.#opening--;
+    }
+  }
+
+  async #connectWithRetry(): Promise<DriverConnection> {
+    const { attempts, delayMs, backoff, maxDelayMs } = this.config.retry;
+    let delay = delayMs;
+    let lastError: unknown;
+    for (let attempt = 1; attempt <= attempts; attempt++) {
+      try {
+        const conn = await this.#driver.connect();
+        try {
+          for (const command of this.config.initCommands) {
+            await conn.query(command, [], false).result;
+          }
+          for (const [name, sql] of this.#prepared) {
+            await conn.query(prepareStatement(name, sql), [], false).result;
+          }
+        } catch (error) {
+          await conn.close();
+          throw error;
+        }
+        return conn;
+      } catch (error) {
+        lastError = error;
+        if (!isRetryable(error)) break;
+        if (attempt < attempts && !this.#closed) {
+          await new Promise((resolve) => setTimeout(resolve, delay));
+          delay = Math.min(delay * backoff, maxDelayMs);
+        }
+      }
+    }
+    const reason = lastError instanceof Error ? lastError.message : String(lastError);
+    throw new ConnectionError(
+      this.config,
+      attempts,
+      `Cannot connect to ${describeTarget(this.config)}: ${reason}. Check that the server is ` +
+        "running and that the host, port, database, user and password are right",
+      { cause: lastError },
+    );
+  }
+
+  #remove(slot: Slot): void {
+    const index = this.#slots.indexOf(slot);
+    if (index < 0) return;
+    this.#slots.splice(index, 1);
+    slot.conn.close().catch(() => {});
+    if (!this.#closed && this.#slots.length + this.#opening < Math.max(this.#minSize, 1)) {
+      this.#grow();
+    } else if (this.#waiters.length > 0) {
+      this.#grow();
+    }
+  }
+
+  #tick(): void {
+    const now = performance.now();
+    for (const slot of this.#slots) {
+      for (const entry of slot.running) {
+        if (entry.deadline >= 0 && now > entry.deadline) {
+          this.#cancel(entry, timeoutError(this.config.commandTimeoutMs));
+        }
+      }
+    }
+    const idleLimit = now - this.config.idleTimeoutMs;
+    for (const slot of [...this.#slots]) {
+      const old = now - slot.createdAt >= this.config.maxLifetimeMs;
+      if (slot.leased || slot.running.size > 0) {
+        if (old) slot.retiring = true;
+        continue;
+      }
+      if (old || (slot.lastUsed < idleLimit && this.#slots.length > this.#minSize)) {
+        this.#remove(slot);
+      }
+    }
+  }
+
+  #closedError(): PoolError {
+    return new PoolError(
+      "Cannot run the query: the pool is closed; create a new pool (or call connect()) first",
+      "POOL_CLOSED",
+    );
+  }
+}
+
+class SlotLease implements Lease {
+  readonly #pool: ConnectionPool;
+  readonly #slot: Slot;
+  #released = false;
+
+  constructor(pool: ConnectionPool, slot: Slot) {
+    this.#pool = pool;
+    this.#slot = slot;
+  }
+
+  get pid(): number {
+    return this.#slot.conn.pid;
+  }
+
+  query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
+    if (this.#released) return Promise.reject(releasedError());
+    return this.#pool.run(this.#slot, sql, params, options);
+  }
+
+  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
+    if (this.#released) return Promise.reject(releasedError());
+    return this.#pool.copyIn(this.#slot, sql, chunks);
+  }
+
+  release(discard = false): void {
+    if (this.#released) return;
+    this.#released = true;
+    this.#pool.release(this.#slot, discard);
+  }
+}
+
+const EMPTY: DriverResult = { rows: [], command: "", rowCount: 0 };
+
+function prepareStatement(name: string, sql: string): string {
+  return `PREPARE "${name}" AS ${sql}`;
+}
+
+/** Whether opening a connection may succeed when tried again (not bad credentials or SQL). */
+function isRetryable(error: unknown): boolean {
+  if (!(error instanceof QueryError)) return true;
+  const state = error.sqlstate ?? "";
+  return state === "" || state.startsWith("08") || state.startsWith("57P");
+}
+
+function timeoutError(ms: number): TimeoutError {
+  return new TimeoutError(
+    `Cannot finish the query within ${ms} ms: it was cancelled on the server; ` +
+      "raise timeoutMs (or commandTimeoutMs) or make the query faster",
+    ms,
+  );
+}
+
+function abortError(signal: AbortSignal): TimeoutError {
+  return new TimeoutError(
+    "Cannot finish the query: its AbortSignal was aborted, so it was cancelled on the server",
+    undefined,
+    { cause: signal.reason },
+  );
+}
+
+function releasedError(): PoolError {
+  return new PoolError(
+    "Cannot use this connection: its transaction or acquire() callback has already finished; " +
+      "run queries only inside the callback",
+  );
+}

@@ -1,0 +1,348 @@
+/**
+ * The query methods shared by {@link DatabaseManager}, {@link Transaction} and
+ * {@link Connection}: each expands templates for its schema, then runs on its runner (the
+ * shared pool, or one leased connection).
+ *
+ * @module
+ */
+
+import { encodeCopyRows } from "./_copy_text.ts";
+import type { DriverResult, Row } from "./driver.ts";
+import { QueryError, ValidationError } from "./errors.ts";
+import type { QueryOptions } from "./pool.ts";
+import type { InferOutput, StandardSchemaV1 } from "./standard_schema.ts";
+import { assertIdentifier, expandTemplate } from "./template.ts";
+
+export type { Row };
+
+/** What `execute()` returns. */
+export interface ExecuteResult {
+  /** The command verb, such as `"INSERT"` or `"CREATE TABLE"`. */
+  command: string;
+  /** Rows affected (or returned). */
+  rowCount: number;
+}
+
+/** Options of `fetchValue()`. */
+export interface FetchValueOptions extends QueryOptions {
+  /**
+   * Which column: its index (from 0) or its name.
+   * @default {0}
+   */
+  column?: number | string;
+}
+
+/** Options of `copyRecordsToTable()`. */
+export interface CopyOptions {
+  /** Columns the records fill, in order; all the table's columns when left out. */
+  columns?: readonly string[];
+}
+
+/** Records for `copyRecordsToTable()`: arrays of values, from an array or (async) iterable. */
+export type CopyRecords = Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>;
+
+/** Where a query object sends its SQL. Internal. */
+export interface Runner {
+  /** Runs one statement. */
+  query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
+  /** Runs one statement for each parameter list, pipelined and atomically. */
+  batch(sql: string, paramsList: readonly (readonly unknown[])[]): Promise<number>;
+  /** Streams COPY text. */
+  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
+}
+
+const RETURNING = /\breturning\b/i;
+const TRAILING = /[\s;]+$/;
+
+/**
+ * The query methods. Every method expands `{{tables.name}}` and `{{schema}}` for this
+ * object's schema first; `params` bind to `$1…$n` (values are never put into the text).
+ */
+export abstract class Queries {
+  readonly #runner: Runner;
+  readonly #schema: string | undefined;
+
+  /**
+   * @param runner Where the SQL runs.
+   * @param schema The schema templates expand to.
+   */
+  protected constructor(runner: Runner, schema: string | undefined) {
+    this.#runner = runner;
+    this.#schema = schema;
+  }
+
+  /** The schema templates expand to (`undefined`: none, tables unqualified). */
+  get schema(): string | undefined {
+    return this.#schema;
+  }
+
+  /**
+   * Expands templates without running anything (for debugging and logs).
+   *
+   * @param sql SQL with `{{tables.name}}` / `{{schema}}` placeholders.
+   * @returns The SQL that would be sent.
+   * @throws {SchemaError} When a placeholder names an invalid identifier.
+   */
+  prepareQuery(sql: string): string {
+    return expandTemplate(sql, this.#schema);
+  }
+
+  /**
+   * Runs a statement and reports what it did. Without `params`, several statements
+   * separated by `;` may be given (simple protocol).
+   *
+   * @param sql The statement.
+   * @param params Values for `$1…$n`.
+   * @param options Timeout and abort signal.
+   * @returns The command verb and the number of rows affected.
+   * @throws {QueryError} When the server rejects the statement.
+   * @throws {TimeoutError} When it ran too long or was aborted.
+   */
+  async execute(
+    sql: string,
+    params: readonly unknown[] = [],
+    options?: QueryOptions,
+  ): Promise<ExecuteResult> {
+    const result = await this.#runner.query(this.prepareQuery(sql), params, options);
+    return { command: result.command, rowCount: result.rowCount };
+  }
+
+  /**
+   * Runs one statement once per parameter list, pipelined in one batch, atomically: all
+   * of them or none.
+   *
+   * @param sql The statement.
+   * @param paramsList One parameter list per execution.
+   * @returns The total number of rows affected.
+   * @throws {QueryError} When any execution fails (then none took effect).
+   */
+  async executeMany(sql: string, paramsList: readonly (readonly unknown[])[]): Promise<number> {
+    if (!Array.isArray(paramsList)) {
+      throw new TypeError("Cannot run executeMany(): 'paramsList' must be an array of arrays");
+    }
+    if (paramsList.length === 0) return 0;
+    return await this.#runner.batch(this.prepareQuery(sql), paramsList);
+  }
+
+  /**
+   * Runs an `INSERT` and returns the new row's `id`, appending `RETURNING id` unless the
+   * statement already has a `RETURNING` clause (then its first column is returned).
+   *
+   * @param sql The `INSERT` statement.
+   * @param params Values for `$1…$n`.
+   * @param options Timeout and abort signal.
+   * @returns The id, or `null` when no row was inserted.
+   */
+  async executeAndReturnId<T = unknown>(
+    sql: string,
+    params: readonly unknown[] = [],
+    options?: QueryOptions,
+  ): Promise<T | null> {
+    let text = this.prepareQuery(sql);
+    if (!RETURNING.test(text)) text = text.replace(TRAILING, "") + " RETURNING id";
+    const { rows } = await this.#runner.query(text, params, options);
+    if (rows.length === 0) return null;
+    const row = rows[0];
+    return ("id" in row ? row.id : Object.values(row)[0]) as T;
+  }
+
+  /**
+   * Fetches the first row.
+   *
+   * @param sql The query.
+   * @param params Values for `$1…$n`.
+   * @param options Timeout and abort signal.
+   * @returns The first row as a plain object, or `null` when there is none.
+   */
+  async fetchOne<T = Row>(
+    sql: string,
+    params: readonly unknown[] = [],
+    options?: QueryOptions,
+  ): Promise<T | null> {
+    const { rows } = await this.#runner.query(this.prepareQuery(sql), params, options);
+    return (rows[0] ?? null) as T | null;
+  }
+
+  /**
+   * Fetches every row.
+   *
+   * @param sql The query.
+   * @param params Values for `$1…$n`.
+   * @param options Timeout and abort signal.
+   * @returns The rows as plain objects.
+   */
+  async fetchAll<T = Row>(
+    sql: string,
+    params: readonly unknown[] = [],
+    options?: QueryOptions,
+  ): Promise<T[]> {
+    const { rows } = await this.#runner.query(this.prepareQuery(sql), params, options);
+    return rows as T[];
+  }
+
+  /**
+   * Fetches one value: a column of the first row.
+   *
+   * @param sql The query.
+   * @param params Values for `$1…$n`.
+   * @param options `column` (index or name, default 0), timeout and abort signal.
+   * @returns The value, or `null` when there is no row.
+   * @throws {RangeError} When the column does not exist in the result.
+   */
+  async fetchValue<T = unknown>(
+    sql: string,
+    params: readonly unknown[] = [],
+    options?: FetchValueOptions,
+  ): Promise<T | null> {
+    const { rows } = await this.#runner.query(this.prepareQuery(sql), params, options);
+    const row = rows[0];
+    if (row === undefined) return null;
+    const column = options?.column ?? 0;
+    if (typeof column === "string") {
+      if (!(column in row)) throw missingColumn(column, row);
+      return row[column] as T;
+    }
+    const values = Object.values(row);
+    if (column >= values.length || column < 0) throw missingColumn(column, row);
+    return values[column] as T;
+  }
+
+  /**
+   * Fetches the first row and validates it with a Standard Schema validator (Zod,
+   * Valibot, ArkType…).
+   *
+   * @param model The validator.
+   * @param sql The query.
+   * @param params Values for `$1…$n`.
+   * @returns The validated (and converted) row, or `null` when there is none.
+   * @throws {ValidationError} When the row does not pass, with the validator's issues.
+   */
+  async fetchAsModel<S extends StandardSchemaV1>(
+    model: S,
+    sql: string,
+    params: readonly unknown[] = [],
+    options?: QueryOptions,
+  ): Promise<InferOutput<S> | null> {
+    const row = await this.fetchOne(sql, params, options);
+    return row === null ? null : await validate(model, row, 0);
+  }
+
+  /**
+   * Fetches every row and validates each with a Standard Schema validator.
+   *
+   * @param model The validator.
+   * @param sql The query.
+   * @param params Values for `$1…$n`.
+   * @returns The validated rows.
+   * @throws {ValidationError} When a row does not pass; the message names its index.
+   */
+  async fetchAllAsModel<S extends StandardSchemaV1>(
+    model: S,
+    sql: string,
+    params: readonly unknown[] = [],
+    options?: QueryOptions,
+  ): Promise<InferOutput<S>[]> {
+    const rows = await this.fetchAll(sql, params, options);
+    const out: InferOutput<S>[] = [];
+    for (let i = 0; i < rows.length; i++) out.push(await validate(model, rows[i], i));
+    return out;
+  }
+
+  /**
+   * Copies records into a table of this schema with `COPY … FROM STDIN` (the fastest way
+   * to load rows). Values are encoded for COPY exactly: tabs, newlines, backslashes,
+   * `null`, unicode, `Uint8Array` (bytea), arrays, dates and JSON objects.
+   *
+   * @param table The table name, unqualified: this object's schema is applied.
+   * @param records Arrays of values, one per row, from an array or an (async) iterable.
+   * @param options The columns the values fill, in order.
+   * @returns The number of rows copied.
+   * @throws {SchemaError} When the table or a column name is not a valid identifier.
+   * @throws {RangeError} When a record has the wrong number of values (nothing is copied).
+   *
+   * @example Load rows (needs a server)
+   * ```ts ignore
+   * await db.copyRecordsToTable("users", [["a@x.io", "Ann"], ["b@x.io", null]], {
+   *   columns: ["email", "name"],
+   * });
+   * ```
+   */
+  async copyRecordsToTable(
+    table: string,
+    records: CopyRecords,
+    options: CopyOptions = {},
+  ): Promise<number> {
+    assertIdentifier(table, "table");
+    const columns = options.columns ?? [];
+    for (const column of columns) assertIdentifier(column, "column");
+    const list = columns.length > 0 ? ` (${columns.map((c) => `"${c}"`).join(", ")})` : "";
+    const sql = `COPY ${this.prepareQuery(`{{tables.${table}}}`)}${list} FROM STDIN`;
+    const count = columns.length > 0 ? columns.length : undefined;
+    return await this.#runner.copyIn(sql, encodeCopyRows(records, count));
+  }
+
+  /**
+   * Tells whether a table (or view) exists.
+   *
+   * @param name `table` (in this object's schema, or `public`) or `schema.table`.
+   * @returns `true` when it exists.
+   */
+  async tableExists(name: string): Promise<boolean> {
+    const parts = name.split(".");
+    const [schema, table] = parts.length === 2 ? parts : [this.#schema ?? "public", parts[0]];
+    if (parts.length > 2) assertIdentifier(name, "table");
+    const row = await this.fetchOne<{ exists: boolean }>(
+      "SELECT EXISTS (SELECT 1 FROM information_schema.tables " +
+        "WHERE table_schema = $1 AND table_name = $2) AS exists",
+      [schema, table],
+    );
+    return row?.exists === true;
+  }
+
+  /** The runner, for subclasses. */
+  protected get runner(): Runner {
+    return this.#runner;
+  }
+}
+
+async function validate<S extends StandardSchemaV1>(
+  model: S,
+  row: unknown,
+  index: number,
+): Promise<InferOutput<S>> {
+  const standard = model?.["~standard"];
+  if (typeof standard?.validate !== "function") {
+    throw new TypeError(
+      "Cannot validate rows: 'model' must be a Standard Schema validator (Zod, Valibot, ArkType…)",
+    );
+  }
+  const result = await standard.validate(row);
+  if (result.issues) {
+    const first = result.issues[0]?.message ?? "invalid";
+    throw new ValidationError(
+      `Cannot convert row ${index}: ${result.issues.length} issue(s), first: ${first}`,
+      result.issues,
+    );
+  }
+  return result.value as InferOutput<S>;
+}
+
+function missingColumn(column: number | string, row: Row): RangeError {
+  const names = Object.keys(row).map((name) => `"${name}"`).join(", ");
+  return new RangeError(
+    `Cannot read column ${typeof column === "string" ? `"${column}"` : column}: ` +
+      `the result has ${names || "no columns"}`,
+  );
+}
+
+/** Builds the error for a COMMIT that the server turned into a ROLLBACK. */
+export function abortedCommitError(): QueryError {
+  return new QueryError(
+    "Cannot commit: an earlier statement failed and its error was caught inside the " +
+      "transaction, so PostgreSQL rolled everything back; nothing was saved. Let the error " +
+      "propagate, or use a nested tx.transaction() to recover from it",
+    "COMMIT",
+    [],
+    { sqlstate: "25P02" },
+  );
+}

@@ -1,0 +1,241 @@
+/**
+ * Transactions, savepoints and dedicated connections: {@link Transaction} (from
+ * `db.transaction(fn)`) and {@link Connection} (from `db.acquire(fn)`), both on one leased
+ * connection for as long as their callback runs.
+ *
+ * @module
+ */
+
+import type { DriverResult } from "./driver.ts";
+import { PoolError } from "./errors.ts";
+import type { Lease, QueryOptions } from "./pool.ts";
+import { abortedCommitError, Queries, type Runner } from "./queries.ts";
+
+const BEGIN_STATEMENT = /^\s*(begin|start\s+transaction)\b/i;
+
+/** Runs SQL on one leased connection until it is closed (the callback returned). */
+export class LeaseRunner implements Runner {
+  readonly #lease: Lease;
+  readonly #inTransaction: boolean;
+  readonly #savepoints: { next: number };
+  #open = true;
+  #beganOwnTransaction = false;
+
+  /**
+   * @param lease The leased connection.
+   * @param inTransaction Whether statements run inside `BEGIN` (batches use savepoints then).
+   * @param savepoints Counter shared by every runner of one transaction.
+   */
+  constructor(lease: Lease, inTransaction: boolean, savepoints = { next: 1 }) {
+    this.#lease = lease;
+    this.#inTransaction = inTransaction;
+    this.#savepoints = savepoints;
+  }
+
+  /** The leased connection. */
+  get lease(): Lease {
+    return this.#lease;
+  }
+
+  /** Whether a statement run through this runner may have opened a transaction. */
+  get beganOwnTransaction(): boolean {
+    return this.#beganOwnTransaction;
+  }
+
+  /** A runner for a nested savepoint on the same connection. */
+  nested(): LeaseRunner {
+    return new LeaseRunner(this.#lease, true, this.#savepoints);
+  }
+
+  /** A fresh savepoint name, unique within the transaction. */
+  savepointName(): string {
+    return `pgdbm_sp_${this.#savepoints.next++}`;
+  }
+
+  /** Refuses every later statement (the callback that owned this runner returned). */
+  close(): void {
+    this.#open = false;
+  }
+
+  query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
+    if (!this.#open) return Promise.reject(finishedError());
+    if (!this.#inTransaction && BEGIN_STATEMENT.test(sql)) this.#beganOwnTransaction = true;
+    return this.#lease.query(sql, params, options);
+  }
+
+  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
+    if (!this.#open) return Promise.reject(finishedError());
+    return this.#lease.copyIn(sql, chunks);
+  }
+
+  async batch(sql: string, paramsList: readonly (readonly unknown[])[]): Promise<number> {
+    if (!this.#open) throw finishedError();
+    const savepoint = this.#inTransaction ? this.savepointName() : undefined;
+    const sent: Promise<DriverResult>[] = [
+      this.#lease.query(savepoint ? `SAVEPOINT ${savepoint}` : "BEGIN", []),
+    ];
+    for (const params of paramsList) sent.push(this.#lease.query(sql, params));
+    if (savepoint === undefined) sent.push(this.#lease.query("COMMIT", []));
+    const settled = await Promise.allSettled(sent);
+    const failed = settled.find((s): s is PromiseRejectedResult => s.status === "rejected");
+    if (failed !== undefined) {
+      const undo = savepoint ? `ROLLBACK TO SAVEPOINT ${savepoint}` : "ROLLBACK";
+      await this.#lease.query(undo, []).catch(() => this.#lease.release(true));
+      if (savepoint) await this.#lease.query(`RELEASE SAVEPOINT ${savepoint}`, []);
+      throw failed.reason;
+    }
+    if (savepoint) await this.#lease.query(`RELEASE SAVEPOINT ${savepoint}`, []);
+    else if ((settled.at(-1) as PromiseFulfilledResult<DriverResult>).value.command !== "COMMIT") {
+      throw abortedCommitError();
+    }
+    let total = 0;
+    for (let i = 1; i <= paramsList.length; i++) {
+      total += (settled[i] as PromiseFulfilledResult<DriverResult>).value.rowCount;
+    }
+    return total;
+  }
+}
+
+/**
+ * A transaction: every query method of the manager, on one connection inside
+ * `BEGIN … COMMIT`. Valid only inside the callback it was given to.
+ *
+ * @example Nested savepoint (needs a server)
+ * ```ts ignore
+ * await db.transaction(async (tx) => {
+ *   await tx.execute("INSERT INTO {{tables.orders}} (total) VALUES ($1)", [10]);
+ *   await tx.transaction(async (sp) => {
+ *     await sp.execute("UPDATE {{tables.stock}} SET n = n - 1"); // rolled back alone on throw
+ *   }).catch(() => {});
+ * });
+ * ```
+ */
+export class Transaction extends Queries {
+  readonly #runner: LeaseRunner;
+
+  /**
+   * @param runner The transaction's connection.
+   * @param schema The schema templates expand to.
+   */
+  constructor(runner: LeaseRunner, schema: string | undefined) {
+    super(runner, schema);
+    this.#runner = runner;
+  }
+
+  /**
+   * Runs `fn` inside a `SAVEPOINT`: released when `fn` returns, rolled back to (alone,
+   * the outer transaction goes on) when it throws.
+   *
+   * @param fn The work; it gets a transaction object for the savepoint.
+   * @returns What `fn` returns.
+   */
+  async transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T> {
+    const name = this.#runner.savepointName();
+    await this.#runner.query(`SAVEPOINT ${name}`, []);
+    const inner = this.#runner.nested();
+    try {
+      const result = await fn(new Transaction(inner, this.schema));
+      await this.#runner.query(`RELEASE SAVEPOINT ${name}`, []);
+      return result;
+    } catch (error) {
+      await this.#runner.query(`ROLLBACK TO SAVEPOINT ${name}`, []).catch(() => {});
+      throw error;
+    } finally {
+      inner.close();
+    }
+  }
+}
+
+/** Statement-level access to a connection, without templates. */
+export interface RawConnection {
+  /** The server process id of the connection. */
+  readonly pid: number;
+  /**
+   * Runs SQL exactly as given (no template expansion).
+   *
+   * @param sql The statement.
+   * @param params Values for `$1…$n`.
+   */
+  query(
+    sql: string,
+    params?: readonly unknown[],
+    options?: QueryOptions,
+  ): Promise<{ rows: Record<string, unknown>[]; command: string; rowCount: number }>;
+}
+
+/**
+ * A connection of its own for the length of an `acquire()` callback: every query method,
+ * `transaction()` on this same connection, and `raw` for SQL without templates. Session
+ * state you set (`SET …`) stays with the connection; prefer `SET LOCAL` in a transaction.
+ */
+export class Connection extends Queries {
+  readonly #runner: LeaseRunner;
+  readonly #raw: RawConnection;
+
+  /**
+   * @param runner The leased connection.
+   * @param schema The schema templates expand to.
+   */
+  constructor(runner: LeaseRunner, schema: string | undefined) {
+    super(runner, schema);
+    this.#runner = runner;
+    this.#raw = {
+      pid: runner.lease.pid,
+      query: (sql, params = [], options) => runner.query(sql, params, options),
+    };
+  }
+
+  /** The connection without templates. */
+  get raw(): RawConnection {
+    return this.#raw;
+  }
+
+  /** The server process id of this connection. */
+  get pid(): number {
+    return this.#runner.lease.pid;
+  }
+
+  /**
+   * Runs `fn` in a transaction on this connection (`BEGIN … COMMIT`, `ROLLBACK` on throw).
+   *
+   * @param fn The work.
+   * @returns What `fn` returns.
+   */
+  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T> {
+    return runTransaction(this.#runner.lease, this.schema, fn);
+  }
+}
+
+/**
+ * Runs `fn` in `BEGIN … COMMIT` on a leased connection; rolls back and rethrows when `fn`
+ * throws. A connection whose rollback failed is marked for closing.
+ */
+export async function runTransaction<T>(
+  lease: Lease,
+  schema: string | undefined,
+  fn: (tx: Transaction) => Promise<T>,
+): Promise<T> {
+  const runner = new LeaseRunner(lease, true);
+  await lease.query("BEGIN", []);
+  try {
+    let result: T;
+    try {
+      result = await fn(new Transaction(runner, schema));
+    } catch (error) {
+      await lease.query("ROLLBACK", []).catch(() => lease.release(true));
+      throw error;
+    }
+    const commit = await lease.query("COMMIT", []);
+    if (commit.command !== "COMMIT") throw abortedCommitError();
+    return result;
+  } finally {
+    runner.close();
+  }
+}
+
+function finishedError(): PoolError {
+  return new PoolError(
+    "Cannot run the query: the transaction or acquire() callback it belongs to has already " +
+      "finished; run queries only inside the callback (await them before it returns)",
+  );
+}
