@@ -74,7 +74,7 @@ export interface Lease {
 
 const STALL_MS = 10;
 const SLOW_MS = 20;
-const PIPELINE_LIMIT = 2000;
+const PIPELINE_LIMIT = 250;
 const TICK_MS = 250;
 const MAX_TRACKED_STATEMENTS = 5000;
 
