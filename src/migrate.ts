@@ -1,0 +1,1120 @@
+/**
+ * `Migrator`: applies a module's SQL migration files to a manager's schema, each exactly
+ * once, each entirely or not at all, safely from many processes at once, and without
+ * stalling production traffic behind a queued lock. Its history table is pgdbm's, so a
+ * Python pgdbm service and this one share one history.
+ *
+ * ## How a run works
+ *
+ * 1. The source is read and ordered by version (`001_`, `V1__`, timestamps); a repeated
+ *    version, a name without a version or an empty file is refused.
+ * 2. The history is read without any lock. When nothing is pending, the run ends here
+ *    (`up_to_date`): checking a fleet of up-to-date tenants costs one query each.
+ * 3. Otherwise one connection of the pool is leased for the rest of the run. It takes the
+ *    advisory lock of (schema, module) by polling `pg_try_advisory_lock` with jitter —
+ *    never a blocking `pg_advisory_lock`, whose open wait a `CREATE INDEX CONCURRENTLY`
+ *    of the lock holder would wait on in turn. The history is read again under the lock.
+ * 4. Each pending migration runs on that connection in one transaction together with its
+ *    history row, under `SET LOCAL lock_timeout`; a statement that times out waiting for a
+ *    lock (SQLSTATE `55P03`, or a deadlock, `40P01`) rolls the migration back, and it is
+ *    retried after a growing, jittered delay. Other queries on that table therefore wait
+ *    at most `lockTimeoutMs` behind the migration's queued lock.
+ * 5. A file with a `-- pgdbm:no-transaction` line runs statement by statement in
+ *    autocommit (for `CREATE INDEX CONCURRENTLY`); its history row is written after its
+ *    last statement. Such files cannot be atomic: write them so that running them again
+ *    is harmless (`IF NOT EXISTS`). A failure that left an INVALID index names it.
+ *
+ * ## The advisory lock key
+ *
+ * ```sql
+ * SELECT pg_try_advisory_lock(hashtext('pgdbm_migration_' || module), hashtext(schema));
+ * ```
+ *
+ * with `schema` the manager's schema, or `'public'` for a manager without one. Any tool
+ * (a Python pgdbm job, a psql script) that takes the same lock is serialized with this
+ * migrator. Python pgdbm itself locks `hashtext('pgdbm_migration_' || module)` as one
+ * 64-bit key, which is a different lock.
+ *
+ * @module
+ */
+
+import { ConfigurationError, MigrationError, QueryError } from "./errors.ts";
+import type { DatabaseManager } from "./manager.ts";
+import {
+  type MigrationFile,
+  type MigrationSource,
+  type MigrationSourceOptions,
+  resolveMigrationSource,
+} from "./migration_source.ts";
+import type { Queries } from "./queries.ts";
+import { assertIdentifier } from "./template.ts";
+import type { Connection, Transaction } from "./transaction.ts";
+import {
+  type ParsedMigrationFile,
+  parseMigrationFiles,
+  timestampVersion,
+  transactionalBody,
+} from "./_migration_files.ts";
+import { lineOfPosition, splitSqlStatements, type SqlStatement } from "./_sql_split.ts";
+
+/** A migration file, ordered and checksummed, as {@link Migrator.findMigrationFiles} returns it. */
+export interface Migration {
+  /** The file name, such as `001_create_users.sql`; the key of its history row. */
+  readonly filename: string;
+  /** The version from the name as dotted decimal (`"1"`, `"1.2"`, `"20251025120000"`). */
+  readonly version: string;
+  /** SHA-256 hex of the content (CRLF → LF, outer whitespace stripped): pgdbm's rule. */
+  readonly checksum: string;
+  /** The file's text. */
+  readonly content: string;
+  /** True when the file has a `-- pgdbm:no-transaction` line. */
+  readonly noTransaction: boolean;
+}
+
+/** A row of the history table. */
+export interface AppliedMigration {
+  /** The migration's file name. */
+  readonly filename: string;
+  /** The checksum the file had when it was applied. */
+  readonly checksum: string;
+  /** The module that applied it (`null` for rows of old pgdbm versions, which count for every module). */
+  readonly moduleName: string | null;
+  /** When it was applied (the column is `timestamp` without time zone, as in pgdbm). */
+  readonly appliedAt: Date;
+  /** The database user that applied it. */
+  readonly appliedBy: string | null;
+  /** How long it ran. */
+  readonly executionTimeMs: number | null;
+}
+
+/** One migration applied by a run. */
+export interface AppliedMigrationResult {
+  /** The file name. */
+  filename: string;
+  /** How long the successful attempt ran, in milliseconds (at least 1). */
+  executionTimeMs: number;
+  /** Attempts it took (more than 1 when it was retried after a lock timeout). */
+  attempts: number;
+}
+
+/** Where a failed run stopped. */
+export interface MigrationFailure {
+  /** The file that failed. */
+  filename: string;
+  /** 1-based line of the failing statement in the file, when known. */
+  line?: number;
+  /** The server's message (or the reason). */
+  message: string;
+  /** The SQLSTATE, when the server reported one. */
+  sqlstate?: string;
+}
+
+/**
+ * What {@link Migrator.applyPending} returns: pgdbm's result, plus the module, schema
+ * and the migrations whose files are gone. A `MigrationError`'s `partialResult` is one of
+ * these with `status: "failed"`.
+ */
+export interface MigrationResult {
+  /** `success`: something was applied; `up_to_date`: nothing was pending; `dry_run`: nothing was run; `failed`: only in a `MigrationError`'s `partialResult`. */
+  status: "success" | "up_to_date" | "dry_run" | "failed";
+  /** The module. */
+  module: string;
+  /** The schema, or `null` for a manager without one. */
+  schema: string | null;
+  /** What this run applied, in order. */
+  applied: AppliedMigrationResult[];
+  /** File names already applied before this run. */
+  skipped: string[];
+  /** File names that would be applied (dry run only). */
+  pending?: string[];
+  /** Applied migrations of this module whose file is no longer in the source. */
+  missing: string[];
+  /** Applied before this run plus applied (or, in a dry run, pending) by it. */
+  total: number;
+  /** Wall-clock time of the run in milliseconds, lock wait included. */
+  totalTimeMs: number;
+  /** Where the run stopped (only when `status` is `failed`). */
+  failure?: MigrationFailure;
+}
+
+/** An applied migration whose file changed since. */
+export interface DriftedMigration {
+  /** The file name. */
+  filename: string;
+  /** The checksum recorded when it was applied. */
+  appliedChecksum: string;
+  /** The file's checksum now. */
+  currentChecksum: string;
+}
+
+/** Where a module stands in a schema, from {@link Migrator.getStatus}; nothing throws on drift. */
+export interface MigrationStatus {
+  /** The module. */
+  module: string;
+  /** The schema, or `null`. */
+  schema: string | null;
+  /** False while the history table does not exist yet. */
+  initialized: boolean;
+  /** The history rows that count for this module, oldest first. */
+  applied: AppliedMigration[];
+  /** Files not applied yet, in the order they would apply. */
+  pending: Migration[];
+  /** Applied files whose content changed. */
+  drifted: DriftedMigration[];
+  /** Applied migrations of this module whose file is gone. */
+  missing: AppliedMigration[];
+  /** True when nothing is pending and nothing drifted. */
+  upToDate: boolean;
+}
+
+/** Progress reported through {@link MigratorOptions.onEvent}. */
+export type MigrationEvent =
+  | {
+    /** Another process holds the (schema, module) lock; this one polls. Sent once per run. */
+    type: "lock_wait";
+    /** The schema, or `null`. */
+    schema: string | null;
+    /** The module. */
+    module: string;
+  }
+  | {
+    /** The lock is taken. */
+    type: "lock_acquired";
+    /** The schema, or `null`. */
+    schema: string | null;
+    /** The module. */
+    module: string;
+    /** How long it was waited for. */
+    waitedMs: number;
+  }
+  | {
+    /** A migration starts (again, after a retry). */
+    type: "apply_start";
+    /** The file. */
+    filename: string;
+    /** 1 for the first attempt. */
+    attempt: number;
+  }
+  | {
+    /** A migration was applied and recorded. */
+    type: "applied";
+    /** The file. */
+    filename: string;
+    /** How long it ran. */
+    executionTimeMs: number;
+  }
+  | {
+    /** A migration timed out waiting for a lock (or deadlocked) and will be retried. */
+    type: "retry";
+    /** The file. */
+    filename: string;
+    /** The attempt that failed. */
+    attempt: number;
+    /** The wait before the next attempt. */
+    delayMs: number;
+    /** The server's message. */
+    message: string;
+  }
+  | {
+    /** Applied migrations whose file is gone. */
+    type: "missing";
+    /** Their file names. */
+    filenames: string[];
+  };
+
+/** Options of {@link Migrator}: one source, plus the module and safety settings. */
+export interface MigratorOptions extends MigrationSourceOptions {
+  /** The module these migrations belong to; required, at most 100 characters. */
+  moduleName: string;
+  /**
+   * The history table, in the manager's schema; an identifier.
+   * @default {"schema_migrations"}
+   */
+  migrationsTable?: string;
+  /**
+   * `lock_timeout` of every migration statement: how long a statement may queue for a
+   * lock (and hold other queries queued behind it) before it gives up and is retried.
+   * `0` waits forever. Statements with `CONCURRENTLY` in no-transaction files run
+   * without it: their waits do not block reads or writes, and a timeout would leave an
+   * invalid index.
+   * @default {5000}
+   */
+  lockTimeoutMs?: number;
+  /**
+   * How many times a migration that timed out waiting for a lock (or deadlocked) is
+   * retried before the run fails.
+   * @default {5}
+   */
+  lockRetries?: number;
+  /**
+   * Delay before the first retry; it doubles for each later one (up to 30 s), with jitter.
+   * @default {1000}
+   */
+  lockRetryDelayMs?: number;
+  /**
+   * `statement_timeout` of migration statements (and the client-side timeout); `null`
+   * lets them run as long as they need, whatever the pool's `statementTimeoutMs` and
+   * `commandTimeoutMs` are.
+   * @default {null}
+   */
+  statementTimeoutMs?: number | null;
+  /**
+   * How long to wait for another process's run of the same (schema, module) to finish
+   * before failing.
+   * @default {600000}
+   */
+  lockWaitTimeoutMs?: number;
+  /**
+   * The longest pause between two attempts to take the advisory lock.
+   * @default {1000}
+   */
+  lockPollMaxMs?: number;
+  /** Receives progress events (for logs and progress bars). Exceptions it throws are ignored. */
+  onEvent?: (event: MigrationEvent) => void;
+}
+
+/** Options of {@link Migrator.applyPending}. */
+export interface ApplyPendingOptions {
+  /**
+   * Report what would be applied without running it (nothing is created).
+   * @default {false}
+   */
+  dryRun?: boolean;
+}
+
+/** Options of {@link Migrator.createMigration}. */
+export interface CreateMigrationOptions {
+  /**
+   * The moment that names the file (`YYYYMMDDHHMMSS`, UTC).
+   * @default {new Date()}
+   */
+  now?: Date;
+}
+
+const DEFAULT_TABLE = "schema_migrations";
+const MAX_TIMER_MS = 2 ** 31 - 1;
+const RETRYABLE = new Set(["55P03", "40P01"]);
+const CREATE_RACE = new Set(["23505", "42P07", "42P06"]);
+const CONCURRENTLY = /\bconcurrently\b/i;
+const MAX_RETRY_DELAY_MS = 30_000;
+const MIGRATION_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]*$/;
+
+const parsedCache = new WeakMap<readonly MigrationFile[], Promise<ParsedMigrationFile[]>>();
+
+/**
+ * Applies a module's SQL migrations to the schema of a {@link DatabaseManager}.
+ *
+ * @example Apply on startup (needs a server)
+ * ```ts ignore
+ * import { createSharedPool, DatabaseManager, Migrator } from "@pgdbm/pgdbm";
+ * const pool = await createSharedPool({ connectionString: Deno.env.get("DATABASE_URL") });
+ * const db = new DatabaseManager({ pool, schema: "users" });
+ * const migrator = new Migrator(db, { migrationsPath: "./migrations", moduleName: "users" });
+ * const result = await migrator.applyPending();
+ * console.log(result.status, result.applied.map((m) => m.filename));
+ * await pool.close();
+ * ```
+ *
+ * @example Migrations shipped inside a JSR package (needs a server)
+ * ```ts ignore
+ * const migrator = new Migrator(db, {
+ *   migrationsPath: new URL("./migrations/", import.meta.url),
+ *   moduleName: "my_library",
+ * });
+ * ```
+ */
+export class Migrator {
+  readonly #db: DatabaseManager;
+  readonly #source: MigrationSource;
+  readonly #module: string;
+  readonly #table: string;
+  readonly #lockTimeoutMs: number;
+  readonly #lockRetries: number;
+  readonly #lockRetryDelayMs: number;
+  readonly #statementTimeoutMs: number | null;
+  readonly #lockWaitTimeoutMs: number;
+  readonly #lockPollMaxMs: number;
+  readonly #onEvent?: (event: MigrationEvent) => void;
+
+  /**
+   * Creates a migrator; nothing is read or run until a method is called.
+   *
+   * @param db The manager whose schema is migrated; its pool runs the migrations.
+   * @param options The source (`migrationsPath`, `migrations` or `source`), `moduleName`,
+   *   and the safety settings.
+   * @throws {ConfigurationError} When `moduleName` is missing, no source or several are
+   *   given, `migrationsTable` is not an identifier, or a number is out of range.
+   */
+  constructor(db: DatabaseManager, options: MigratorOptions) {
+    if (options === null || typeof options !== "object") {
+      throw new ConfigurationError(
+        "moduleName",
+        "Cannot create a Migrator: pass options such as " +
+          "{ migrationsPath: './migrations', moduleName: 'users' }",
+      );
+    }
+    const module = options.moduleName;
+    if (typeof module !== "string" || module.trim() === "" || module.length > 100) {
+      throw new ConfigurationError(
+        "moduleName",
+        `Cannot create a Migrator: 'moduleName' must be a non-empty string of at most 100 ` +
+          `characters that names the module owning these migrations (such as 'users'); got ` +
+          (typeof module === "string" ? `'${module}'` : String(module)),
+      );
+    }
+    const table = options.migrationsTable ?? DEFAULT_TABLE;
+    try {
+      assertIdentifier(table, "table");
+    } catch (cause) {
+      throw new ConfigurationError(
+        "migrationsTable",
+        `Cannot use '${String(table)}' as 'migrationsTable': use 1 to 63 ASCII letters, ` +
+          `digits or underscores, starting with a letter or underscore`,
+        { cause },
+      );
+    }
+    this.#db = db;
+    this.#source = resolveMigrationSource(options);
+    this.#module = module;
+    this.#table = table;
+    this.#lockTimeoutMs = checkCount(options.lockTimeoutMs, "lockTimeoutMs", 5000);
+    this.#lockRetries = checkCount(options.lockRetries, "lockRetries", 5);
+    this.#lockRetryDelayMs = checkCount(options.lockRetryDelayMs, "lockRetryDelayMs", 1000);
+    this.#statementTimeoutMs = options.statementTimeoutMs === null ||
+        options.statementTimeoutMs === undefined
+      ? null
+      : checkCount(options.statementTimeoutMs, "statementTimeoutMs", 0);
+    this.#lockWaitTimeoutMs = checkCount(options.lockWaitTimeoutMs, "lockWaitTimeoutMs", 600_000);
+    this.#lockPollMaxMs = Math.max(
+      1,
+      checkCount(options.lockPollMaxMs, "lockPollMaxMs", 1000),
+    );
+    this.#onEvent = options.onEvent;
+  }
+
+  /** The module these migrations belong to. */
+  get moduleName(): string {
+    return this.#module;
+  }
+
+  /** The schema migrated, or `undefined` for a manager without one. */
+  get schema(): string | undefined {
+    return this.#db.schema;
+  }
+
+  /** The history table's name (unqualified). */
+  get migrationsTable(): string {
+    return this.#table;
+  }
+
+  /** Where the migration files come from. */
+  get source(): MigrationSource {
+    return this.#source;
+  }
+
+  /**
+   * Reads the source (afresh) and returns its migrations in the order they apply.
+   *
+   * @returns The migrations, ordered by version.
+   * @throws {MigrationError} When the source cannot be read, a name has no version, two
+   *   files share a version, or a file is empty.
+   */
+  async findMigrationFiles(): Promise<Migration[]> {
+    const files = await this.#source.read();
+    let parsed = parsedCache.get(files);
+    if (parsed === undefined) {
+      parsed = parseMigrationFiles(files, this.#source.location);
+      parsedCache.set(files, parsed);
+    }
+    try {
+      return (await parsed).map(toMigration);
+    } catch (error) {
+      throw this.#decorate(error);
+    }
+  }
+
+  /**
+   * The history rows that count for this module (its own and pgdbm's module-less rows),
+   * oldest first; empty while the history table does not exist.
+   *
+   * @returns The applied migrations.
+   */
+  async getApplied(): Promise<AppliedMigration[]> {
+    return (await this.#readApplied(this.#db)) ?? [];
+  }
+
+  /**
+   * The migrations not applied yet, in order.
+   *
+   * @returns The pending migrations.
+   * @throws {MigrationError} When an applied file changed (drift), with both checksums.
+   */
+  async getPending(): Promise<Migration[]> {
+    const [files, applied] = await Promise.all([
+      this.findMigrationFiles(),
+      this.#readApplied(this.#db),
+    ]);
+    const plan = this.#plan(files, applied ?? []);
+    this.#refuseDrift(plan.drifted);
+    return plan.pending;
+  }
+
+  /**
+   * Where this module stands: applied, pending, drifted and missing migrations. Unlike
+   * {@link Migrator.getPending} it reports drift instead of throwing, for status screens.
+   *
+   * @returns The status.
+   * @throws {MigrationError} When the source cannot be read.
+   */
+  async getStatus(): Promise<MigrationStatus> {
+    const [files, applied] = await Promise.all([
+      this.findMigrationFiles(),
+      this.#readApplied(this.#db),
+    ]);
+    const plan = this.#plan(files, applied ?? []);
+    return {
+      module: this.#module,
+      schema: this.#db.schema ?? null,
+      initialized: applied !== undefined,
+      applied: applied ?? [],
+      pending: plan.pending,
+      drifted: plan.drifted,
+      missing: plan.missing,
+      upToDate: plan.pending.length === 0 && plan.drifted.length === 0,
+    };
+  }
+
+  /**
+   * The most recent history rows of this module, newest first.
+   *
+   * @param limit How many rows.
+   * @returns The rows.
+   */
+  async getHistory(limit = 10): Promise<AppliedMigration[]> {
+    if (!Number.isInteger(limit) || limit < 1) {
+      throw new RangeError(
+        `Cannot read the history: 'limit' must be a positive integer; got ${limit}`,
+      );
+    }
+    const rows = await this.#select(
+      this.#db,
+      `WHERE module_name = $1 OR module_name IS NULL ORDER BY applied_at DESC, id DESC LIMIT ${limit}`,
+    );
+    return rows ?? [];
+  }
+
+  /**
+   * Creates the schema (when the manager has one) and the history table with pgdbm's
+   * columns, if they do not exist. Safe to call from many processes at once.
+   *
+   * @throws {QueryError} When the user may not create them.
+   */
+  async ensureMigrationsTable(): Promise<void> {
+    await this.#ensureTable(this.#db);
+  }
+
+  /**
+   * Applies every pending migration, in order, each in its own transaction with its
+   * history row (see the module documentation for the lock and retry rules).
+   *
+   * @param options `dryRun` to report what would be applied.
+   * @returns What was applied, skipped, pending (dry run) and missing.
+   * @throws {MigrationError} When an applied file changed (nothing is applied then), the
+   *   source is invalid, the lock could not be taken in time, or a migration failed:
+   *   `filename`, `module`, `schema`, `line` and the server's message, and as
+   *   `partialResult` what the run applied before.
+   */
+  async applyPending(options: ApplyPendingOptions = {}): Promise<MigrationResult> {
+    const started = performance.now();
+    const files = await this.findMigrationFiles();
+    const before = await this.#readApplied(this.#db);
+    if (before !== undefined || options.dryRun) {
+      const plan = this.#plan(files, before ?? []);
+      this.#refuseDrift(plan.drifted);
+      if (plan.pending.length === 0 || options.dryRun) {
+        this.#reportMissing(plan.missing);
+        return this.#result(
+          options.dryRun ? "dry_run" : "up_to_date",
+          before ?? [],
+          [],
+          plan,
+          started,
+          options.dryRun ? plan.pending.map((m) => m.filename) : undefined,
+        );
+      }
+    }
+    return await this.#db.acquire(async (conn) => {
+      await this.#ensureTable(conn);
+      await this.#lock(conn);
+      try {
+        const applied = (await this.#readApplied(conn)) ?? [];
+        const plan = this.#plan(files, applied);
+        this.#refuseDrift(plan.drifted);
+        this.#reportMissing(plan.missing);
+        const prepared = plan.pending.map((m) => this.#prepare(m));
+        const done: AppliedMigrationResult[] = [];
+        for (const migration of prepared) {
+          try {
+            done.push(await this.#apply(conn, migration));
+          } catch (error) {
+            const partial = this.#result("failed", applied, done, plan, started);
+            throw this.#failed(error, migration.migration, partial);
+          }
+        }
+        return this.#result(
+          done.length > 0 ? "success" : "up_to_date",
+          applied,
+          done,
+          plan,
+          started,
+        );
+      } finally {
+        await this.#unlock(conn);
+      }
+    });
+  }
+
+  /**
+   * Applies one migration under the (schema, module) lock, in its own transaction with its
+   * history row (or statement by statement for a no-transaction file).
+   *
+   * @param migration A migration from {@link Migrator.findMigrationFiles}.
+   * @returns How it ran.
+   * @throws {MigrationError} When it is already applied or fails.
+   */
+  async applyMigration(migration: Migration): Promise<AppliedMigrationResult> {
+    const prepared = this.#prepare(migration);
+    return await this.#db.acquire(async (conn) => {
+      await this.#ensureTable(conn);
+      await this.#lock(conn);
+      try {
+        const applied = (await this.#readApplied(conn)) ?? [];
+        if (applied.some((row) => row.filename === migration.filename)) {
+          throw new MigrationError(
+            `Cannot apply migration '${migration.filename}' of module '${this.#module}'${this.#where()}: it is already applied; use rollbackMigration() first to run it again`,
+            this.#details(migration.filename),
+          );
+        }
+        try {
+          return await this.#apply(conn, prepared);
+        } catch (error) {
+          throw this.#failed(error, migration, undefined);
+        }
+      } finally {
+        await this.#unlock(conn);
+      }
+    });
+  }
+
+  /**
+   * Writes a new migration file named `YYYYMMDDHHMMSS_<name>.sql` (UTC) into the source
+   * folder (a directory or `file:` URL; a `migrations.json` there is updated). The file
+   * is not wrapped in `BEGIN`/`COMMIT`: the migrator runs each file in a transaction.
+   *
+   * @param name What the migration does, such as `add_user_email` (letters, digits, `_`, `-`).
+   * @param content The SQL.
+   * @param options `now` to fix the timestamp.
+   * @returns The path of the new file.
+   * @throws {MigrationError} When the source cannot be written (a record or `https:` URL),
+   *   the name is invalid, or the file exists.
+   */
+  async createMigration(
+    name: string,
+    content: string,
+    options: CreateMigrationOptions = {},
+  ): Promise<string> {
+    const write = this.#source.write;
+    if (write === undefined) {
+      throw new MigrationError(
+        `Cannot create a migration in '${this.#source.location}': only a directory (or a ` +
+          `file: URL) can be written; pass 'migrationsPath' as a local folder`,
+        { module: this.#module },
+      );
+    }
+    if (typeof name !== "string" || !MIGRATION_NAME.test(name)) {
+      throw new MigrationError(
+        `Cannot create a migration named '${String(name)}': use letters, digits, '_' and '-' ` +
+          `(such as 'add_user_email')`,
+        { module: this.#module },
+      );
+    }
+    const existing = (await this.#source.read().catch((error: unknown) => {
+      // A folder that does not exist yet is created by write().
+      if (error instanceof MigrationError && error.cause instanceof Deno.errors.NotFound) return [];
+      throw error;
+    })).map((f) => f.filename);
+    let moment = (options.now ?? new Date()).getTime();
+    let filename = `${timestampVersion(new Date(moment))}_${name}.sql`;
+    while (existing.some((f) => f.startsWith(filename.slice(0, 15)))) {
+      moment += 1000;
+      filename = `${timestampVersion(new Date(moment))}_${name}.sql`;
+    }
+    return await write.call(this.#source, filename, content);
+  }
+
+  /**
+   * Removes the history row of a migration so it runs again; its schema changes are not
+   * undone.
+   *
+   * @param filename The migration's file name.
+   * @returns `true` when a row was removed, `false` when it was not applied.
+   */
+  async rollbackMigration(filename: string): Promise<boolean> {
+    try {
+      const result = await this.#db.execute(
+        `DELETE FROM ${this.#tableRef()} WHERE filename = $1 AND module_name = $2`,
+        [filename, this.#module],
+      );
+      return result.rowCount > 0;
+    } catch (error) {
+      if (isMissingTable(error)) return false;
+      throw error;
+    }
+  }
+
+  // ---------------------------------------------------------------- internals
+
+  #tableRef(): string {
+    return `{{tables.${this.#table}}}`;
+  }
+
+  #where(): string {
+    return this.#db.schema === undefined ? "" : ` in schema '${this.#db.schema}'`;
+  }
+
+  #details(filename?: string, line?: number, partialResult?: unknown) {
+    return { filename, module: this.#module, schema: this.#db.schema, line, partialResult };
+  }
+
+  #emit(event: MigrationEvent): void {
+    try {
+      this.#onEvent?.(event);
+    } catch {
+      // A failing listener must not break a migration.
+    }
+  }
+
+  async #select(q: Queries, tail: string): Promise<AppliedMigration[] | undefined> {
+    let rows: Record<string, unknown>[];
+    try {
+      rows = await q.fetchAll(
+        `SELECT filename, checksum, module_name, applied_at, applied_by, execution_time_ms ` +
+          `FROM ${this.#tableRef()} ${tail}`,
+        [this.#module],
+      );
+    } catch (error) {
+      if (isMissingTable(error)) return undefined;
+      throw error;
+    }
+    return rows.map((row) => ({
+      filename: String(row.filename),
+      checksum: String(row.checksum),
+      moduleName: row.module_name === null ? null : String(row.module_name),
+      appliedAt: row.applied_at as Date,
+      appliedBy: row.applied_by === null ? null : String(row.applied_by),
+      executionTimeMs: row.execution_time_ms === null ? null : Number(row.execution_time_ms),
+    }));
+  }
+
+  #readApplied(q: Queries): Promise<AppliedMigration[] | undefined> {
+    return this.#select(q, "WHERE module_name = $1 OR module_name IS NULL ORDER BY id");
+  }
+
+  #plan(files: Migration[], applied: AppliedMigration[]): {
+    pending: Migration[];
+    drifted: DriftedMigration[];
+    missing: AppliedMigration[];
+  } {
+    const byName = new Map<string, AppliedMigration>();
+    for (const row of applied) byName.set(row.filename, row);
+    const pending: Migration[] = [];
+    const drifted: DriftedMigration[] = [];
+    const present = new Set<string>();
+    for (const file of files) {
+      present.add(file.filename);
+      const row = byName.get(file.filename);
+      if (row === undefined) pending.push(file);
+      else if (row.checksum !== file.checksum) {
+        drifted.push({
+          filename: file.filename,
+          appliedChecksum: row.checksum,
+          currentChecksum: file.checksum,
+        });
+      }
+    }
+    const missing = applied.filter((row) =>
+      row.moduleName === this.#module && !present.has(row.filename)
+    );
+    return { pending, drifted, missing };
+  }
+
+  #refuseDrift(drifted: DriftedMigration[]): void {
+    if (drifted.length === 0) return;
+    const first = drifted[0];
+    const others = drifted.length > 1
+      ? ` (and ${drifted.length - 1} more: ${
+        drifted.slice(1).map((d) => `'${d.filename}'`).join(", ")
+      })`
+      : "";
+    throw new MigrationError(
+      `Cannot apply migrations of module '${this.#module}'${this.#where()}: ` +
+        `'${first.filename}' changed after it was applied${others}; applied checksum ` +
+        `${first.appliedChecksum}, file checksum ${first.currentChecksum}. Nothing was ` +
+        `applied. Restore the file as it was and put the change in a new migration`,
+      this.#details(first.filename),
+    );
+  }
+
+  #reportMissing(missing: AppliedMigration[]): void {
+    if (missing.length > 0) {
+      this.#emit({ type: "missing", filenames: missing.map((m) => m.filename) });
+    }
+  }
+
+  #result(
+    status: MigrationResult["status"],
+    before: AppliedMigration[],
+    applied: AppliedMigrationResult[],
+    plan: { missing: AppliedMigration[]; pending: Migration[] },
+    started: number,
+    pending?: string[],
+  ): MigrationResult {
+    const result: MigrationResult = {
+      status,
+      module: this.#module,
+      schema: this.#db.schema ?? null,
+      applied,
+      skipped: before.map((row) => row.filename),
+      missing: plan.missing.map((row) => row.filename),
+      total: before.length + (pending?.length ?? applied.length),
+      totalTimeMs: performance.now() - started,
+    };
+    if (pending !== undefined) result.pending = pending;
+    return result;
+  }
+
+  async #ensureTable(q: Transactional): Promise<void> {
+    const table = this.#tableRef();
+    const schema = q.schema;
+    const exists = (): Promise<{ table: boolean; schema: boolean } | null> =>
+      q.fetchOne<{ table: boolean; schema: boolean }>(
+        "SELECT to_regclass($1) IS NOT NULL AS table, " +
+          "($2::text IS NULL OR to_regnamespace($2) IS NOT NULL) AS schema",
+        [q.prepareQuery(table), schema === undefined ? null : `"${schema}"`],
+      );
+    const found = await exists();
+    if (found?.table === true) return;
+    try {
+      await q.transaction(async (tx) => {
+        // Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even then.
+        if (found?.schema === false) await tx.execute(`CREATE SCHEMA IF NOT EXISTS "${schema}"`);
+        await tx.execute(
+          `CREATE TABLE IF NOT EXISTS ${table} (
+    id SERIAL PRIMARY KEY,
+    filename VARCHAR(255) NOT NULL,
+    checksum VARCHAR(64) NOT NULL,
+    module_name VARCHAR(100),
+    applied_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    applied_by VARCHAR(100) DEFAULT CURRENT_USER,
+    execution_time_ms INTEGER,
+    UNIQUE(filename, module_name)
+)`,
+        );
+        await tx.execute(
+          `CREATE INDEX IF NOT EXISTS idx_${this.#table}_module ON ${table}(module_name, filename)`,
+        );
+      });
+    } catch (error) {
+      // Another process created them at the same moment: its catalog rows won.
+      if (!(error instanceof QueryError && CREATE_RACE.has(error.sqlstate ?? ""))) throw error;
+      if ((await exists())?.table !== true) throw error;
+    }
+  }
+
+  async #lock(conn: Connection): Promise<void> {
+    const start = performance.now();
+    let pause = 25;
+    let reported = false;
+    while (true) {
+      const locked = await conn.fetchValue<boolean>(
+        "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
+        this.#lockKey(),
+      );
+      if (locked === true) break;
+      const waited = performance.now() - start;
+      if (!reported) {
+        reported = true;
+        this.#emit({ type: "lock_wait", schema: this.#db.schema ?? null, module: this.#module });
+      }
+      if (waited >= this.#lockWaitTimeoutMs) {
+        const holder = await conn.fetchValue<number>(
+          `SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
+             AND l.objsubid = 2
+             AND l.classid = oid(hashtext($1)::bigint & 4294967295)
+             AND l.objid = oid(hashtext($2)::bigint & 4294967295)`,
+          this.#lockKey(),
+        );
+        throw new MigrationError(
+          `Cannot migrate module '${this.#module}'${this.#where()}: another migrator` +
+            (holder === null ? "" : ` (server process ${holder})`) +
+            ` has held its lock for ${Math.round(waited)} ms, longer than 'lockWaitTimeoutMs'; ` +
+            `wait for it to finish or raise 'lockWaitTimeoutMs'`,
+          this.#details(),
+        );
+      }
+      await sleep(Math.min(pause * (0.5 + Math.random()), this.#lockWaitTimeoutMs - waited + 1));
+      pause = Math.min(pause * 2, this.#lockPollMaxMs);
+    }
+    this.#emit({
+      type: "lock_acquired",
+      schema: this.#db.schema ?? null,
+      module: this.#module,
+      waitedMs: performance.now() - start,
+    });
+  }
+
+  async #unlock(conn: Connection): Promise<void> {
+    // When this fails the connection is broken, and its session (and lock) ends with it.
+    await conn.fetchValue("SELECT pg_advisory_unlock(hashtext($1), hashtext($2))", this.#lockKey())
+      .catch(() => {});
+  }
+
+  #lockKey(): [string, string] {
+    return [`pgdbm_migration_${this.#module}`, this.#db.schema ?? "public"];
+  }
+
+  #prepare(migration: Migration): PreparedMigration {
+    const content = migration.content.replace(/^\ufeff/, "");
+    try {
+      const statements = migration.noTransaction
+        ? splitSqlStatements(content)
+        : transactionalBody(content, migration.filename).statements;
+      return { migration, statements };
+    } catch (error) {
+      throw this.#decorate(error);
+    }
+  }
+
+  async #apply(conn: Connection, prepared: PreparedMigration): Promise<AppliedMigrationResult> {
+    const { migration } = prepared;
+    let attempt = 1;
+    while (true) {
+      this.#emit({ type: "apply_start", filename: migration.filename, attempt });
+      try {
+        const executionTimeMs = migration.noTransaction
+          ? await this.#runAutocommit(conn, prepared)
+          : await this.#runTransactional(conn, prepared);
+        this.#emit({ type: "applied", filename: migration.filename, executionTimeMs });
+        return { filename: migration.filename, executionTimeMs, attempts: attempt };
+      } catch (error) {
+        const cause = error instanceof StatementFailure ? error.cause : error;
+        const retryable = cause instanceof QueryError && RETRYABLE.has(cause.sqlstate ?? "") &&
+          !(error instanceof StatementFailure && error.invalidIndexes.length > 0);
+        if (!retryable || attempt > this.#lockRetries) throw error;
+        const base = Math.min(this.#lockRetryDelayMs * 2 ** (attempt - 1), MAX_RETRY_DELAY_MS);
+        const delayMs = Math.round(base * (0.5 + Math.random() / 2));
+        this.#emit({
+          type: "retry",
+          filename: migration.filename,
+          attempt,
+          delayMs,
+          message: (cause as QueryError).message,
+        });
+        await sleep(delayMs);
+        attempt++;
+      }
+    }
+  }
+
+  #timeoutMs(): number {
+    return this.#statementTimeoutMs === null || this.#statementTimeoutMs === 0
+      ? MAX_TIMER_MS
+      : Math.min(this.#statementTimeoutMs + 5000, MAX_TIMER_MS);
+  }
+
+  async #runTransactional(conn: Connection, prepared: PreparedMigration): Promise<number> {
+    const { migration, statements } = prepared;
+    const timeoutMs = this.#timeoutMs();
+    return await conn.transaction(async (tx) => {
+      const start = performance.now();
+      await tx.execute(
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
+        [`${this.#lockTimeoutMs}ms`, `${this.#statementTimeoutMs ?? 0}ms`],
+      );
+      for (const statement of statements) {
+        try {
+          await tx.execute(statement.text, [], { timeoutMs });
+        } catch (error) {
+          throw new StatementFailure(error, statement, []);
+        }
+      }
+      const executionTimeMs = Math.max(1, Math.round(performance.now() - start));
+      await tx.execute(
+        `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
+          `VALUES ($1, $2, $3, $4)`,
+        [migration.filename, migration.checksum, this.#module, executionTimeMs],
+      );
+      return executionTimeMs;
+    });
+  }
+
+  async #runAutocommit(conn: Connection, prepared: PreparedMigration): Promise<number> {
+    const { migration, statements } = prepared;
+    const timeoutMs = this.#timeoutMs();
+    const saved = await conn.fetchOne<{ lock: string; statement: string }>(
+      "SELECT current_setting('lock_timeout') AS lock, " +
+        "current_setting('statement_timeout') AS statement",
+    );
+    const invalidBefore = new Set(await this.#invalidIndexes(conn));
+    const start = performance.now();
+    let current: string | undefined;
+    try {
+      await conn.execute("SELECT set_config('statement_timeout', $1, false)", [
+        `${this.#statementTimeoutMs ?? 0}ms`,
+      ]);
+      for (const statement of statements) {
+        const lockTimeout = CONCURRENTLY.test(statement.text) ? "0" : `${this.#lockTimeoutMs}ms`;
+        if (lockTimeout !== current) {
+          await conn.execute("SELECT set_config('lock_timeout', $1, false)", [lockTimeout]);
+          current = lockTimeout;
+        }
+        try {
+          await conn.execute(statement.text, [], { timeoutMs });
+        } catch (error) {
+          const after = await this.#invalidIndexes(conn).catch(() => [] as string[]);
+          throw new StatementFailure(error, statement, after.filter((i) => !invalidBefore.has(i)));
+        }
+      }
+    } finally {
+      await conn.execute(
+        "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, false)",
+        [saved?.lock ?? "0", saved?.statement ?? "0"],
+      ).catch(() => {});
+    }
+    const executionTimeMs = Math.max(1, Math.round(performance.now() - start));
+    await conn.execute(
+      `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
+        `VALUES ($1, $2, $3, $4)`,
+      [migration.filename, migration.checksum, this.#module, executionTimeMs],
+    );
+    return executionTimeMs;
+  }
+
+  async #invalidIndexes(q: Queries): Promise<string[]> {
+    const rows = await q.fetchAll<{ name: string }>(
+      `SELECT format('%I.%I', n.nspname, c.relname) AS name
+         FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indexrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE NOT i.indisvalid AND n.nspname = coalesce($1::text, current_schema())`,
+      [this.#db.schema ?? null],
+    );
+    return rows.map((row) => row.name);
+  }
+
+  /** Adds the module and schema to a MigrationError thrown by a helper. */
+  #decorate(error: unknown): unknown {
+    if (!(error instanceof MigrationError) || error.module !== undefined) return error;
+    return new MigrationError(
+      error.message,
+      this.#details(error.filename, error.line),
+      { cause: error.cause },
+    );
+  }
+
+  #failed(error: unknown, migration: Migration, partial: MigrationResult | undefined): unknown {
+    if (error instanceof MigrationError) {
+      if (partial === undefined || error.partialResult !== undefined) return this.#decorate(error);
+      partial.failure = { filename: migration.filename, line: error.line, message: error.message };
+      return new MigrationError(
+        error.message,
+        this.#details(error.filename ?? migration.filename, error.line, partial),
+        { cause: error.cause },
+      );
+    }
+    const failure = error instanceof StatementFailure ? error : undefined;
+    const cause = failure?.cause ?? error;
+    const serverMessage = cause instanceof Error ? cause.message : String(cause);
+    const sqlstate = cause instanceof QueryError ? cause.sqlstate : undefined;
+    let line: number | undefined;
+    if (failure !== undefined) {
+      line = failure.statement.line;
+      if (cause instanceof QueryError && cause.position !== undefined) {
+        line += lineOfPosition(cause.sql ?? failure.statement.text, cause.position) - 1;
+      }
+    }
+    if (partial !== undefined) {
+      partial.failure = { filename: migration.filename, line, message: serverMessage, sqlstate };
+    }
+    const where = line === undefined ? "" : ` at line ${line}`;
+    const state = sqlstate === undefined ? "" : ` (SQLSTATE ${sqlstate})`;
+    const invalid = failure !== undefined && failure.invalidIndexes.length > 0
+      ? `. It left the INVALID index ${failure.invalidIndexes.join(", ")}: drop it with ` +
+        `DROP INDEX CONCURRENTLY before running the migration again`
+      : "";
+    const undone = migration.noTransaction
+      ? ". The file runs outside a transaction: its statements before this one stay applied"
+      : ". Nothing of this file was applied";
+    const retried = cause instanceof QueryError && RETRYABLE.has(sqlstate ?? "")
+      ? ` after ${this.#lockRetries + 1} attempts (raise 'lockTimeoutMs' or 'lockRetries', ` +
+        `or run it when the tables are less busy)`
+      : "";
+    return new MigrationError(
+      `Cannot apply migration '${migration.filename}' of module '${this.#module}'` +
+        `${this.#where()}: the statement${where} failed${retried}: ${serverMessage}${state}` +
+        `${invalid}${undone}`,
+      this.#details(migration.filename, line, partial),
+      { cause },
+    );
+  }
+}
+
+/** A manager or connection: query methods and `transaction()`. */
+type Transactional = Queries & {
+  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T>;
+};
+
+interface PreparedMigration {
+  migration: Migration;
+  statements: SqlStatement[];
+}
+
+/** A statement of a migration failed; carries which one. */
+class StatementFailure extends Error {
+  constructor(
+    override readonly cause: unknown,
+    readonly statement: SqlStatement,
+    readonly invalidIndexes: string[],
+  ) {
+    super(cause instanceof Error ? cause.message : String(cause));
+  }
+}
+
+function toMigration(file: ParsedMigrationFile): Migration {
+  return {
+    filename: file.filename,
+    version: file.version,
+    checksum: file.checksum,
+    content: file.content,
+    noTransaction: file.noTransaction,
+  };
+}
+
+function isMissingTable(error: unknown): boolean {
+  return error instanceof QueryError && (error.sqlstate === "42P01" || error.sqlstate === "3F000");
+}
+
+function checkCount(value: number | undefined, field: string, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
+    throw new ConfigurationError(
+      field,
+      `Cannot create a Migrator: '${field}' must be a number of 0 or more; got ${String(value)}`,
+    );
+  }
+  return Math.floor(value);
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
+}
