@@ -43,6 +43,8 @@ export class PgdbmError extends Error {
   readonly code: PgdbmErrorCode;
 
   /**
+   * Makes an error with a code.
+   *
    * @param code The stable code.
    * @param message What went wrong and what to do next.
    * @param options The `cause`, when there is one.
@@ -63,6 +65,8 @@ export class ConfigurationError extends PgdbmError {
   readonly field: string;
 
   /**
+   * Makes the error.
+   *
    * @param field The option that is wrong.
    * @param message What is wrong and what to do.
    */
@@ -96,6 +100,8 @@ export class ConnectionError extends PgdbmError {
   readonly attempts: number;
 
   /**
+   * Makes the error.
+   *
    * @param target Where the connection was tried.
    * @param attempts How many attempts were made.
    * @param message What went wrong and what to check.
@@ -121,6 +127,8 @@ export class ConnectionError extends PgdbmError {
  */
 export class PoolError extends PgdbmError {
   /**
+   * Makes the error.
+   *
    * @param message What went wrong and what to do.
    * @param code One of the pool codes.
    */
@@ -186,6 +194,8 @@ export class QueryError extends PgdbmError implements ServerErrorFields {
   readonly constraint?: string;
 
   /**
+   * Makes the error.
+   *
    * @param message The server's message, or what went wrong.
    * @param sql The expanded SQL.
    * @param params The parameters as given; they are masked here.
@@ -216,6 +226,8 @@ export class QueryError extends PgdbmError implements ServerErrorFields {
 /** A schema or identifier is not a valid PostgreSQL identifier, or a schema operation failed. */
 export class SchemaError extends PgdbmError {
   /**
+   * Makes the error.
+   *
    * @param message What is wrong and what to do.
    */
   constructor(message: string, options?: PgdbmErrorOptions) {
@@ -251,6 +263,8 @@ export class MigrationError extends PgdbmError {
   readonly partialResult?: unknown;
 
   /**
+   * Makes the error.
+   *
    * @param message What went wrong and what to do.
    * @param details Where it happened.
    */
@@ -278,6 +292,8 @@ export class ValidationError extends PgdbmError {
   readonly issues: readonly ValidationIssue[];
 
   /**
+   * Makes the error.
+   *
    * @param message What failed.
    * @param issues The validator's issues.
    */
@@ -293,6 +309,8 @@ export class TimeoutError extends PgdbmError {
   readonly timeoutMs?: number;
 
   /**
+   * Makes the error.
+   *
    * @param message What timed out.
    * @param timeoutMs The timeout that expired.
    */

@@ -88,6 +88,8 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
   readonly #owner: boolean;
 
   /**
+   * Makes a manager; a standalone one opens its pool in `connect()`.
+   *
    * @param options A {@link DatabaseConfig} for a standalone manager, or
    *   `{ pool, schema }` for one over a shared pool.
    * @throws {ConfigurationError} When an option is invalid, or a pool is combined with

@@ -63,6 +63,8 @@ export abstract class Queries {
   readonly #schema: string | undefined;
 
   /**
+   * Builds the query methods over a runner; subclasses call it.
+   *
    * @param runner Where the SQL runs.
    * @param schema The schema templates expand to.
    */
@@ -297,11 +299,6 @@ export abstract class Queries {
       [schema, table],
     );
     return row?.exists === true;
-  }
-
-  /** The runner, for subclasses. */
-  protected get runner(): Runner {
-    return this.#runner;
   }
 }
 

@@ -114,6 +114,8 @@ export class Transaction extends Queries {
   readonly #runner: LeaseRunner;
 
   /**
+   * Wraps a transaction's connection; made by `transaction()`, not by users.
+   *
    * @param runner The transaction's connection.
    * @param schema The schema templates expand to.
    */
@@ -173,6 +175,8 @@ export class Connection extends Queries {
   readonly #raw: RawConnection;
 
   /**
+   * Wraps a leased connection; made by `acquire()`, not by users.
+   *
    * @param runner The leased connection.
    * @param schema The schema templates expand to.
    */
