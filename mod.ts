@@ -36,6 +36,37 @@ export type {
   StandardSchemaV1,
 } from "./src/standard_schema.ts";
 export { expandTemplate } from "./src/template.ts";
+export { Migrator } from "./src/migrate.ts";
+export type {
+  AppliedMigration,
+  AppliedMigrationResult,
+  ApplyPendingOptions,
+  CreateMigrationOptions,
+  DriftedMigration,
+  Migration,
+  MigrationEvent,
+  MigrationFailure,
+  MigrationResult,
+  MigrationStatus,
+  MigratorOptions,
+} from "./src/migrate.ts";
+export { checkSchemas, migrateSchemas } from "./src/migrate_fleet.ts";
+export type {
+  CheckSchemasOptions,
+  FleetProgress,
+  FleetResult,
+  FleetStatusReport,
+  MigrateSchemasOptions,
+  SchemaMigrationResult,
+  SchemaStatus,
+} from "./src/migrate_fleet.ts";
+export { writeMigrationManifest } from "./src/migration_source.ts";
+export type {
+  MigrationFile,
+  MigrationSource,
+  MigrationSourceOptions,
+  UrlSourceOptions,
+} from "./src/migration_source.ts";
 export {
   ConfigurationError,
   ConnectionError,

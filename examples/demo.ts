@@ -1,11 +1,12 @@
 /**
  * The demo application: one shared pool, two services (`users`, `orders`) each in its own
- * schema, the same `{{tables.name}}` SQL serving both.
+ * schema, their tables created by migrations (`migrations/users`, `migrations/orders`) at
+ * start, the same `{{tables.name}}` SQL serving both.
  *
  *   deno task demo                      # embedded PostgreSQL (PGlite), no server needed
  *   DATABASE_URL=postgres://… deno task demo
  */
-import { createSharedPool, DatabaseManager, type Pool } from "../mod.ts";
+import { createSharedPool, DatabaseManager, Migrator, type Pool } from "../mod.ts";
 
 const url = Deno.env.get("DATABASE_URL") ?? "pglite:memory";
 const where = url.startsWith("pglite:") ? "embedded PostgreSQL (PGlite)" : "DATABASE_URL";
@@ -16,20 +17,16 @@ try {
   const users = new DatabaseManager({ pool, schema: "demo_users" });
   const orders = new DatabaseManager({ pool, schema: "demo_orders" });
 
-  for (const service of [users, orders]) await service.ensureSchema();
-  await users.execute(`
-    CREATE TABLE IF NOT EXISTS {{tables.accounts}} (
-      id serial PRIMARY KEY,
-      email text UNIQUE NOT NULL,
-      name text NOT NULL
-    )`);
-  await orders.execute(`
-    CREATE TABLE IF NOT EXISTS {{tables.orders}} (
-      id serial PRIMARY KEY,
-      account_id int NOT NULL,
-      total numeric(10, 2) NOT NULL,
-      placed_at timestamptz NOT NULL DEFAULT now()
-    )`);
+  for (const [service, name] of [[users, "users"], [orders, "orders"]] as const) {
+    await service.ensureSchema();
+    const migrator = new Migrator(service, {
+      migrationsPath: new URL(`../migrations/${name}/`, import.meta.url).pathname,
+      moduleName: name,
+    });
+    const result = await migrator.applyPending();
+    const applied = result.applied.map((m) => m.filename).join(", ") || "none";
+    console.log(`${name}: migrations ${result.status} (applied: ${applied})`);
+  }
   console.log("users SQL:  ", users.prepareQuery("SELECT * FROM {{tables.accounts}}"));
   console.log("orders SQL: ", orders.prepareQuery("SELECT * FROM {{tables.orders}}"));
 
