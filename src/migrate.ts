@@ -543,34 +543,22 @@ export class Migrator {
         );
       }
     }
-    return await this.#db.acquire(async (conn) => {
-      await this.#ensureTable(conn);
-      await this.#lock(conn);
-      try {
-        const applied = (await this.#readApplied(conn)) ?? [];
-        const plan = this.#plan(files, applied);
-        this.#refuseDrift(plan.drifted);
-        this.#reportMissing(plan.missing);
-        const prepared = plan.pending.map((m) => this.#prepare(m));
-        const done: AppliedMigrationResult[] = [];
-        for (const migration of prepared) {
-          try {
-            done.push(await this.#apply(conn, migration));
-          } catch (error) {
-            const partial = this.#result("failed", applied, done, plan, started);
-            throw this.#failed(error, migration.migration, partial);
-          }
+    return await this.#locked(async (conn) => {
+      const applied = (await this.#readApplied(conn)) ?? [];
+      const plan = this.#plan(files, applied);
+      this.#refuseDrift(plan.drifted);
+      this.#reportMissing(plan.missing);
+      const prepared = plan.pending.map((m) => this.#prepare(m));
+      const done: AppliedMigrationResult[] = [];
+      for (const migration of prepared) {
+        try {
+          done.push(await this.#apply(conn, migration));
+        } catch (error) {
+          const partial = this.#result("failed", applied, done, plan, started);
+          throw this.#failed(error, migration.migration, partial);
         }
-        return this.#result(
-          done.length > 0 ? "success" : "up_to_date",
-          applied,
-          done,
-          plan,
-          started,
-        );
-      } finally {
-        await this.#unlock(conn);
       }
+      return this.#result(done.length > 0 ? "success" : "up_to_date", applied, done, plan, started);
     });
   }
 
@@ -584,24 +572,19 @@ export class Migrator {
    */
   async applyMigration(migration: Migration): Promise<AppliedMigrationResult> {
     const prepared = this.#prepare(migration);
-    return await this.#db.acquire(async (conn) => {
-      await this.#ensureTable(conn);
-      await this.#lock(conn);
+    return await this.#locked(async (conn) => {
+      const applied = (await this.#readApplied(conn)) ?? [];
+      if (applied.some((row) => row.filename === migration.filename)) {
+        throw new MigrationError(
+          `Cannot apply migration '${migration.filename}' of module '${this.#module}'` +
+            `${this.#where()}: it is already applied; use rollbackMigration() first to run it again`,
+          this.#details(migration.filename),
+        );
+      }
       try {
-        const applied = (await this.#readApplied(conn)) ?? [];
-        if (applied.some((row) => row.filename === migration.filename)) {
-          throw new MigrationError(
-            `Cannot apply migration '${migration.filename}' of module '${this.#module}'${this.#where()}: it is already applied; use rollbackMigration() first to run it again`,
-            this.#details(migration.filename),
-          );
-        }
-        try {
-          return await this.#apply(conn, prepared);
-        } catch (error) {
-          throw this.#failed(error, migration, undefined);
-        }
-      } finally {
-        await this.#unlock(conn);
+        return await this.#apply(conn, prepared);
+      } catch (error) {
+        throw this.#failed(error, migration, undefined);
       }
     });
   }
@@ -873,6 +856,27 @@ export class Migrator {
     });
   }
 
+  /**
+   * Runs `fn` on a leased connection that holds the (schema, module) lock, with the history
+   * table in place. Session settings a migration changed with a plain `SET` (pg_dump
+   * files set `search_path` to '', say) are put back before the connection returns to
+   * the pool, so they never leak into the application's queries.
+   */
+  async #locked<T>(fn: (conn: Connection) => Promise<T>): Promise<T> {
+    return await this.#db.acquire(async (conn) => {
+      await this.#ensureTable(conn);
+      await this.#lock(conn);
+      let before: Map<string, string> | undefined;
+      try {
+        before = await sessionSettings(conn);
+        return await fn(conn);
+      } finally {
+        if (before !== undefined) await restoreSessionSettings(conn, before).catch(() => {});
+        await this.#unlock(conn);
+      }
+    });
+  }
+
   async #unlock(conn: Connection): Promise<void> {
     // When this fails the connection is broken, and its session (and lock) ends with it.
     await conn.fetchValue("SELECT pg_advisory_unlock(hashtext($1), hashtext($2))", this.#lockKey())
@@ -1088,6 +1092,42 @@ class StatementFailure extends Error {
   ) {
     super(cause instanceof Error ? cause.message : String(cause));
   }
+}
+
+/** Settings changed by `SET` in this session (not those sent when connecting). */
+async function sessionSettings(conn: Connection): Promise<Map<string, string>> {
+  const rows = await conn.fetchAll<{ name: string; setting: string }>(
+    "SELECT name, setting FROM pg_settings WHERE source = 'session'",
+  );
+  return new Map(rows.map((row) => [row.name, row.setting]));
+}
+
+/** Puts the session's settings back as `before` had them. */
+async function restoreSessionSettings(
+  conn: Connection,
+  before: Map<string, string>,
+): Promise<void> {
+  const after = await sessionSettings(conn);
+  const names: string[] = [];
+  const values: (string | null)[] = [];
+  for (const [name, value] of after) {
+    if (before.get(name) !== value) {
+      names.push(name);
+      values.push(before.get(name) ?? null);
+    }
+  }
+  for (const [name, value] of before) {
+    if (!after.has(name)) {
+      names.push(name);
+      values.push(value);
+    }
+  }
+  if (names.length === 0) return;
+  // set_config(name, NULL, false) is RESET name.
+  await conn.execute(
+    "SELECT set_config(n, v, false) FROM unnest($1::text[], $2::text[]) AS s(n, v)",
+    [names, values],
+  );
 }
 
 function toMigration(file: ParsedMigrationFile): Migration {

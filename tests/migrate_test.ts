@@ -705,6 +705,38 @@ Deno.test("Migrator finishes cleanly after a process was killed in the middle of
   });
 });
 
+Deno.test("Migrator puts back session settings a migration changed with SET", async () => {
+  await withSchema(async ({ db }) => {
+    const defaults = await db.fetchOne(
+      "SELECT current_setting('search_path') AS path, " +
+        "current_setting('work_mem') AS mem, current_setting('lock_timeout') AS lock",
+    );
+    const migrator = new Migrator(db, {
+      migrations: {
+        // What pg_dump writes at the top of a schema dump.
+        "001_dump.sql": [
+          "SET lock_timeout = 0;",
+          "SELECT pg_catalog.set_config('search_path', '', false);",
+          "SET work_mem = '7MB';",
+          "CREATE TABLE {{tables.dumped}} (id int);",
+        ].join("\n"),
+        "002_more.sql": "-- pgdbm:no-transaction\nSET work_mem = '9MB';\nSELECT 1;",
+      },
+      moduleName: "m",
+    });
+    await migrator.applyPending();
+    assert.equal(await db.tableExists("dumped"), true);
+    // One connection in the pool: the migration ran on the connection that serves this.
+    assert.deepEqual(
+      await db.fetchOne(
+        "SELECT current_setting('search_path') AS path, " +
+          "current_setting('work_mem') AS mem, current_setting('lock_timeout') AS lock",
+      ),
+      defaults,
+    );
+  }, 1);
+});
+
 Deno.test("Migrator uses a custom migrationsTable in the manager's schema", async () => {
   await withSchema(async ({ db, schema }) => {
     const migrator = new Migrator(db, {
