@@ -1,0 +1,144 @@
+/**
+ * What every command of the pgdbm CLI shares: the context it runs in, flag access, the
+ * connection flags, opening the pool, and confirmations.
+ *
+ * @module
+ */
+
+import type { FlagSpec, ParsedCommand } from "./_cli_args.ts";
+import { UsageError } from "./_cli_args.ts";
+import {
+  type CliConfig,
+  loadConfig,
+  type ResolvedUrl,
+  resolveUrl,
+  secretsOf,
+} from "./_cli_config.ts";
+import type { Output, ResolvedIo } from "./_cli_output.ts";
+import { createSharedPool, type Pool } from "./pool.ts";
+
+/** What a command runs with. */
+export interface CliContext {
+  /** The process's streams and surroundings. */
+  io: ResolvedIo;
+  /** Where it writes. */
+  out: Output;
+}
+
+/**
+ * A command failed after doing part of its work: `cause` is the error, `details` are
+ * added to the JSON document, `notes` are printed on stderr after the message.
+ */
+export class CommandFailure extends Error {
+  /** Fields merged into the `--json` error document. */
+  readonly details: Record<string, unknown>;
+  /** Lines printed after the error message. */
+  readonly notes: string[];
+
+  constructor(cause: unknown, details: Record<string, unknown>, notes: string[] = []) {
+    super(cause instanceof Error ? cause.message : String(cause), { cause });
+    this.name = "CommandFailure";
+    this.details = details;
+    this.notes = notes;
+  }
+}
+
+/** `--json`. */
+export const JSON_FLAG: FlagSpec = {
+  name: "json",
+  description: "Print one JSON document on stdout instead of text",
+};
+
+/** `--config` and `--env`. */
+export const CONNECTION_FLAGS: FlagSpec[] = [
+  {
+    name: "config",
+    value: "PATH",
+    description: "The configuration file (default: ./pgdbm.json when it exists)",
+  },
+  {
+    name: "env",
+    value: "NAME",
+    description: "The environment of pgdbm.json (default: $PGDBM_ENV, else 'default')",
+  },
+];
+
+/** The last value of a flag, or `undefined`. */
+export function flagValue(input: ParsedCommand, name: string): string | undefined {
+  return input.flags.get(name)?.at(-1);
+}
+
+/** Every value of a repeatable flag. */
+export function flagValues(input: ParsedCommand, name: string): string[] {
+  return input.flags.get(name) ?? [];
+}
+
+/** True when a switch is given. */
+export function hasFlag(input: ParsedCommand, name: string): boolean {
+  return input.flags.has(name);
+}
+
+/** Reads the configuration the flags point at. */
+export async function readConfig(context: CliContext, input: ParsedCommand): Promise<CliConfig> {
+  return await loadConfig(context.io.cwd, flagValue(input, "config"));
+}
+
+/** Resolves the database URL and registers its password for scrubbing. */
+export function databaseUrl(
+  context: CliContext,
+  config: CliConfig,
+  input: ParsedCommand,
+): ResolvedUrl {
+  const target = resolveUrl(config, flagValue(input, "env"), (name) => context.io.env(name));
+  context.out.addSecrets(secretsOf(target.url));
+  return target;
+}
+
+/**
+ * Opens a small pool for the command.
+ *
+ * @param attempts Connection attempts (the library's retry policy when left out).
+ */
+export async function openPool(
+  context: CliContext,
+  url: string,
+  attempts?: number,
+): Promise<Pool> {
+  context.out.addSecrets(secretsOf(url));
+  return await createSharedPool({
+    connectionString: url,
+    minConnections: 1,
+    maxConnections: 4,
+    serverSettings: { application_name: "pgdbm-cli" },
+    logger: { warn: (message) => context.out.error(`Warning: ${message}`) },
+    ...(attempts === undefined ? {} : { retry: { attempts } }),
+  });
+}
+
+/**
+ * Asks the person at the terminal to type `name` to go on, unless `--yes` was given.
+ *
+ * @returns `true` to go on, `false` when the answer did not match.
+ * @throws {UsageError} When stdin is not a terminal and `--yes` was not given.
+ */
+export async function confirm(
+  context: CliContext,
+  input: ParsedCommand,
+  what: string,
+  name: string,
+  command: string,
+): Promise<boolean> {
+  if (hasFlag(input, "yes")) return true;
+  if (!context.io.stdinIsTerminal) {
+    throw new UsageError(
+      `Refusing to drop ${what} '${name}' without confirmation: stdin is not a terminal, so ` +
+        `no one can type its name. Pass --yes to drop it: '${command} --yes'`,
+    );
+  }
+  const answer = await context.out.ask(
+    `This drops ${what} '${name}' and everything in it. Type its name to confirm: `,
+  );
+  if (answer?.trim() === name) return true;
+  context.out.error(`Not dropped: the answer did not match '${name}'.`);
+  return false;
+}
