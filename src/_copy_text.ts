@@ -1,0 +1,253 @@
+/**
+ * Encoding of JavaScript values into the text format of `COPY … FROM STDIN`: one line
+ * per row, values separated by tabs, `\N` for NULL, and backslash escapes for the
+ * characters the format reserves. Private to pgdbm.
+ *
+ * @module
+ */
+
+/** Characters that need a COPY escape (backslash, tab, LF, CR, backspace, FF, VT) or are refused (NUL). */
+// deno-lint-ignore no-control-regex -- NUL is matched on purpose, to refuse it
+const COPY_SPECIAL = /[\\\t\n\r\b\f\v\u0000]/;
+// deno-lint-ignore no-control-regex -- NUL is matched on purpose, to refuse it
+const COPY_SPECIAL_ALL = /[\\\t\n\r\b\f\v\u0000]/g;
+/** Characters that need a backslash inside a double-quoted array element. */
+const ARRAY_SPECIAL = /["\\]/;
+const ARRAY_SPECIAL_ALL = /["\\]/g;
+const CHUNK_SIZE = 65536;
+
+const COPY_ESCAPES: Readonly<Record<string, string>> = {
+  "\\": "\\\\",
+  "\t": "\\t",
+  "\n": "\\n",
+  "\r": "\\r",
+  "\b": "\\b",
+  "\f": "\\f",
+  "\v": "\\v",
+};
+
+const HEX_BYTES: readonly string[] = Array.from(
+  { length: 256 },
+  (_, byte) => byte.toString(16).padStart(2, "0"),
+);
+
+function copyEscapeChar(char: string): string {
+  const escaped = COPY_ESCAPES[char];
+  if (escaped === undefined) {
+    throw new RangeError(
+      "Cannot copy a string containing a NUL character (\\u0000): PostgreSQL text cannot " +
+        "store it; remove it or store the value as bytea",
+    );
+  }
+  return escaped;
+}
+
+function copyEscape(text: string): string {
+  return COPY_SPECIAL.test(text) ? text.replace(COPY_SPECIAL_ALL, copyEscapeChar) : text;
+}
+
+function hexOf(bytes: Uint8Array): string {
+  let hex = "\\x";
+  for (let i = 0; i < bytes.length; i++) hex += HEX_BYTES[bytes[i]];
+  return hex;
+}
+
+function typeName(value: unknown): string {
+  if (typeof value !== "object" || value === null) return typeof value;
+  const name = Object.getPrototypeOf(value)?.constructor?.name;
+  return typeof name === "string" && name !== "" ? name : "object";
+}
+
+function isJsonObject(value: object): boolean {
+  const proto = Object.getPrototypeOf(value);
+  return proto === Object.prototype || proto === null ||
+    typeof (value as { toJSON?: unknown }).toJSON === "function";
+}
+
+/** The text PostgreSQL should receive for a non-null value, before any COPY escaping. */
+function textOf(value: unknown): string {
+  switch (typeof value) {
+    case "string":
+      return value;
+    case "number":
+    case "bigint":
+      return String(value);
+    case "boolean":
+      return value ? "t" : "f";
+    case "object": {
+      if (value instanceof Date) {
+        if (Number.isNaN(value.getTime())) {
+          throw new RangeError(
+            "Cannot copy an invalid Date: pass a Date with a valid time or null",
+          );
+        }
+        return value.toISOString();
+      }
+      if (value instanceof Uint8Array) return hexOf(value);
+      if (Array.isArray(value)) return arrayLiteral(value);
+      if (value !== null && isJsonObject(value)) return JSON.stringify(value);
+    }
+  }
+  throw new TypeError(
+    `Cannot copy a value of type '${typeName(value)}': pass a string, number, bigint, ` +
+      `boolean, Date, Uint8Array, array, plain object, null or undefined`,
+  );
+}
+
+/** A PostgreSQL array literal with every element double-quoted, before COPY escaping. */
+function arrayLiteral(values: readonly unknown[]): string {
+  let literal = "{";
+  for (let i = 0; i < values.length; i++) {
+    if (i > 0) literal += ",";
+    const value = values[i];
+    if (value === null || value === undefined) {
+      literal += "NULL";
+    } else if (Array.isArray(value)) {
+      literal += arrayLiteral(value);
+    } else {
+      const text = textOf(value);
+      literal += ARRAY_SPECIAL.test(text)
+        ? `"${text.replace(ARRAY_SPECIAL_ALL, "\\$&")}"`
+        : `"${text}"`;
+    }
+  }
+  return literal + "}";
+}
+
+/**
+ * Encodes one value as a field of `COPY … FROM STDIN` in text format.
+ *
+ * `null` and `undefined` become `\N`; strings are escaped (`\\`, `\t`, `\n`, `\r`, `\b`,
+ * `\f`, `\v`); numbers, bigints and booleans (`t`/`f`) are written as PostgreSQL reads
+ * them (`NaN`, `Infinity`, `-Infinity` included); a `Date` is written with
+ * `toISOString()`; a `Uint8Array` as bytea hex (`\\x…`); an array as an array literal
+ * (`{"a","b",NULL}`, nested arrays nested); a plain object (or one with `toJSON`) as JSON.
+ *
+ * @param value The value of one column.
+ * @returns The field text, escaped for COPY.
+ * @throws {TypeError} When the value is a function, a symbol, or an object that is none of
+ * the above (such as a `Map`).
+ * @throws {RangeError} When a string contains a NUL character or a `Date` is invalid.
+ *
+ * @example Encode a few values
+ * ```ts
+ * import { encodeCopyValue } from "./_copy_text.ts";
+ * import assert from "node:assert/strict";
+ * assert.equal(encodeCopyValue("a\tb"), "a\\tb");
+ * assert.equal(encodeCopyValue(null), "\\N");
+ * assert.equal(encodeCopyValue(["x", null]), '{"x",NULL}');
+ * ```
+ */
+export function encodeCopyValue(value: unknown): string {
+  if (typeof value === "string") return copyEscape(value);
+  if (typeof value === "number") return String(value);
+  if (value === null || value === undefined) return "\\N";
+  return copyEscape(textOf(value));
+}
+
+function isAsyncIterable(
+  records: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>,
+): records is AsyncIterable<readonly unknown[]> {
+  return typeof (records as Partial<AsyncIterable<unknown>>)[Symbol.asyncIterator] === "function";
+}
+
+/** Builds rows into chunks of about {@link CHUNK_SIZE} characters. */
+class ChunkBuilder {
+  #columns: number | undefined;
+  #row = 0;
+  #chunk = "";
+
+  constructor(columns: number | undefined) {
+    this.#columns = columns;
+  }
+
+  /** Appends one row; returns a full chunk when one is ready, else `undefined`. */
+  add(record: readonly unknown[]): string | undefined {
+    const row = ++this.#row;
+    if (!Array.isArray(record)) {
+      throw new TypeError(
+        `Cannot copy row ${row}: expected an array of column values; got ${typeName(record)}`,
+      );
+    }
+    const length = record.length;
+    if (this.#columns === undefined) this.#columns = length;
+    if (length !== this.#columns) {
+      throw new RangeError(
+        `Cannot copy row ${row}: expected ${this.#columns} values (one per column); ` +
+          `got ${length}`,
+      );
+    }
+    let line = "";
+    let column = 0;
+    try {
+      for (; column < length; column++) {
+        if (column > 0) line += "\t";
+        line += encodeCopyValue(record[column]);
+      }
+    } catch (error) {
+      const message = `Cannot copy row ${row}, column ${column + 1}: ${(error as Error).message}`;
+      throw error instanceof RangeError
+        ? new RangeError(message, { cause: error })
+        : new TypeError(message, { cause: error });
+    }
+    this.#chunk += line + "\n";
+    if (this.#chunk.length < CHUNK_SIZE) return undefined;
+    const full = this.#chunk;
+    this.#chunk = "";
+    return full;
+  }
+
+  /** Returns what is left, or `undefined` when nothing is. */
+  rest(): string | undefined {
+    const rest = this.#chunk;
+    this.#chunk = "";
+    return rest === "" ? undefined : rest;
+  }
+}
+
+/**
+ * Encodes rows for `COPY … FROM STDIN` in text format: one `value\tvalue\n` line per row
+ * (see {@link encodeCopyValue}), yielded in chunks of about 64 KiB.
+ *
+ * @param records The rows, each an array of column values; an array, an iterable or an
+ * async iterable. Rows are read lazily, as chunks are consumed.
+ * @param columnCount How many values each row must have; `undefined` takes the length of
+ * the first row.
+ * @returns An async generator of text chunks, each ending at a row boundary.
+ * @throws {RangeError} When a row has the wrong number of values (the message gives the
+ * 1-based row number and the expected count), when `columnCount` is not a positive
+ * integer, or when a value is out of range (see {@link encodeCopyValue}).
+ * @throws {TypeError} When a row is not an array or a value cannot be encoded.
+ *
+ * @example Encode two rows
+ * ```ts
+ * import { encodeCopyRows } from "./_copy_text.ts";
+ * import assert from "node:assert/strict";
+ * const chunks = await Array.fromAsync(encodeCopyRows([[1, "a"], [2, null]], 2));
+ * assert.deepEqual(chunks, ["1\ta\n2\t\\N\n"]);
+ * ```
+ */
+export async function* encodeCopyRows(
+  records: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>,
+  columnCount: number | undefined,
+): AsyncGenerator<string> {
+  if (columnCount !== undefined && !(Number.isInteger(columnCount) && columnCount > 0)) {
+    throw new RangeError(
+      `Cannot copy rows: 'columnCount' must be a positive integer or undefined; got ${columnCount}`,
+    );
+  }
+  const builder = new ChunkBuilder(columnCount);
+  if (isAsyncIterable(records)) {
+    for await (const record of records) {
+      const chunk = builder.add(record);
+      if (chunk !== undefined) yield chunk;
+    }
+  } else {
+    for (const record of records) {
+      const chunk = builder.add(record);
+      if (chunk !== undefined) yield chunk;
+    }
+  }
+  const rest = builder.rest();
+  if (rest !== undefined) yield rest;
+}
