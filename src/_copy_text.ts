@@ -155,6 +155,11 @@ function isAsyncIterable(
 class ChunkBuilder {
   #columns: number | undefined;
   #row = 0;
+
+  /** Rows encoded so far. */
+  get rows(): number {
+    return this.#row;
+  }
   #chunk = "";
 
   constructor(columns: number | undefined) {
@@ -213,6 +218,7 @@ class ChunkBuilder {
  * async iterable. Rows are read lazily, as chunks are consumed.
  * @param columnCount How many values each row must have; `undefined` takes the length of
  * the first row.
+ * @param counter Receives the number of rows encoded once every row was read.
  * @returns An async generator of text chunks, each ending at a row boundary.
  * @throws {RangeError} When a row has the wrong number of values (the message gives the
  * 1-based row number and the expected count), when `columnCount` is not a positive
@@ -230,6 +236,7 @@ class ChunkBuilder {
 export async function* encodeCopyRows(
   records: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>,
   columnCount: number | undefined,
+  counter: { rows: number } = { rows: 0 },
 ): AsyncGenerator<string> {
   if (columnCount !== undefined && !(Number.isInteger(columnCount) && columnCount > 0)) {
     throw new RangeError(
@@ -249,5 +256,6 @@ export async function* encodeCopyRows(
     }
   }
   const rest = builder.rest();
+  counter.rows = builder.rows;
   if (rest !== undefined) yield rest;
 }

@@ -132,35 +132,43 @@ class PostgresConnection implements DriverConnection {
 
   async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
     if (this.#closed) return closedQuery(sql, []).result.then(() => 0);
-    const query = this.#sql.unsafe(sql);
+    const query = this.#sql.unsafe(sql) as PgQuery & { reject: (error: unknown) => void };
+    // postgres.js resolves a COPY query with its stream, then loses a later server error
+    // (the stream neither finishes nor errors): catch it where the query is rejected.
+    let serverError: (error: unknown) => void = () => {};
+    const failed = new Promise<never>((_, reject) => serverError = reject);
+    failed.catch(() => {});
+    const reject = query.reject;
+    query.reject = (error) => {
+      serverError(error);
+      reject(error);
+    };
     try {
       const stream = await query.writable();
       const finished = new Promise<void>((resolve, reject) => {
         stream.once("finish", resolve);
         stream.once("error", reject);
       });
+      finished.catch(() => {});
       try {
         for await (const chunk of chunks) {
           if (!stream.write(chunk)) {
-            await new Promise<void>((resolve, reject) => {
-              const onError = (error: Error) => reject(error);
-              stream.once("error", onError);
-              stream.once("drain", () => {
-                stream.off("error", onError);
-                resolve();
-              });
-            });
+            await Promise.race([
+              new Promise<void>((resolve) => stream.once("drain", resolve)),
+              finished,
+              failed,
+            ]);
           }
         }
       } catch (error) {
         stream.destroy(error instanceof Error ? error : new Error(String(error)));
-        await finished.catch(() => {});
+        await Promise.race([finished, failed]).catch(() => {});
         throw error;
       }
       stream.end();
-      await finished;
-      const result = await query;
-      return result.count ?? 0;
+      await Promise.race([finished, failed]);
+      const done = await query;
+      return (done as { count?: number }).count ?? 0;
     } catch (error) {
       if (error instanceof RangeError || error instanceof TypeError) throw error;
       throw this.toQueryError(error, sql, []);

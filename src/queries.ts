@@ -53,6 +53,7 @@ export interface Runner {
 
 const RETURNING = /\breturning\b/i;
 const TRAILING = /[\s;]+$/;
+const STRING_LITERAL = /'(?:[^']|'')*'/g;
 
 /**
  * The query methods. Every method expands `{{tables.name}}` and `{{schema}}` for this
@@ -141,7 +142,9 @@ export abstract class Queries {
     options?: QueryOptions,
   ): Promise<T | null> {
     let text = this.prepareQuery(sql);
-    if (!RETURNING.test(text)) text = text.replace(TRAILING, "") + " RETURNING id";
+    if (!RETURNING.test(text.replace(STRING_LITERAL, "''"))) {
+      text = text.replace(TRAILING, "") + " RETURNING id";
+    }
     const { rows } = await this.#runner.query(text, params, options);
     if (rows.length === 0) return null;
     const row = rows[0];
@@ -280,7 +283,9 @@ export abstract class Queries {
     const list = columns.length > 0 ? ` (${columns.map((c) => `"${c}"`).join(", ")})` : "";
     const sql = `COPY ${this.prepareQuery(`{{tables.${table}}}`)}${list} FROM STDIN`;
     const count = columns.length > 0 ? columns.length : undefined;
-    return await this.#runner.copyIn(sql, encodeCopyRows(records, count));
+    const counter = { rows: 0 };
+    await this.#runner.copyIn(sql, encodeCopyRows(records, count, counter));
+    return counter.rows;
   }
 
   /**

@@ -12,9 +12,8 @@ const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
 const PLACEHOLDER = /\{\{(tables\.[^}]*|schema)\}\}(\.)?/g;
 const MAX_TEXTS_PER_SCHEMA = 2000;
 const MAX_SCHEMAS = 5000;
-const NO_SCHEMA = "\u0000";
-
 const cache = new Map<string, Map<string, string>>();
+const unqualified = new Map<string, string>();
 
 /**
  * Checks that `name` is a plain PostgreSQL identifier (`^[A-Za-z_][A-Za-z0-9_]{0,62}$`).
@@ -59,8 +58,8 @@ export function assertIdentifier(name: unknown, what: string): asserts name is s
  * ```
  */
 export function expandTemplate(sql: string, schema?: string | null): string {
-  const key = schema ?? NO_SCHEMA;
-  let texts = cache.get(key);
+  const key = schema ?? undefined;
+  let texts = key === undefined ? unqualified : cache.get(key);
   const hit = texts?.get(sql);
   if (hit !== undefined) return hit;
   if (typeof sql !== "string") {
@@ -71,14 +70,20 @@ export function expandTemplate(sql: string, schema?: string | null): string {
   if (texts === undefined) {
     if (cache.size >= MAX_SCHEMAS) cache.delete(cache.keys().next().value!);
     texts = new Map();
-    cache.set(key, texts);
+    cache.set(key!, texts);
   }
   if (texts.size >= MAX_TEXTS_PER_SCHEMA) texts.delete(texts.keys().next().value!);
   texts.set(sql, expanded);
   return expanded;
 }
 
-/** Quotes a validated identifier the way pgdbm does. */
+/**
+ * Quotes an identifier the way pgdbm does, after checking it.
+ *
+ * @param name The identifier.
+ * @returns `"name"`.
+ * @throws {SchemaError} When `name` is not a valid identifier.
+ */
 export function quoteIdentifier(name: string): string {
   assertIdentifier(name, "identifier");
   return `"${name}"`;
