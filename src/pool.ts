@@ -81,6 +81,7 @@ const MAX_TRACKED_STATEMENTS = 5000;
 interface Slot {
   conn: DriverConnection;
   running: Set<InFlight>;
+  prepared: Set<string>;
   slowRunning: number;
   leased: boolean;
   draining: boolean;
@@ -237,9 +238,10 @@ export class ConnectionPool implements Pool {
     this.#prepared.set(name, sql);
     const statement = prepareStatement(name, sql);
     await Promise.all(
-      this.#slots.filter((slot) => !slot.leased).map((slot) =>
-        this.#run(slot, statement, [], undefined, false)
-      ),
+      this.#slots.filter((slot) => !slot.leased).map((slot) => {
+        slot.prepared.add(name);
+        return this.#run(slot, statement, [], undefined, false);
+      }),
     );
   }
 
@@ -296,11 +298,21 @@ export class ConnectionPool implements Pool {
     }
   }
 
-  /** Returns a leased slot. */
+  /** Returns a leased slot, preparing the statements added while it was leased. */
   release(slot: Slot, discard: boolean): void {
     slot.leased = false;
     if (discard || slot.conn.closed) slot.retiring = true;
+    else this.#prepareMissing(slot);
     this.#afterWork(slot);
+  }
+
+  #prepareMissing(slot: Slot): void {
+    if (slot.prepared.size === this.#prepared.size) return;
+    for (const [name, sql] of this.#prepared) {
+      if (slot.prepared.has(name)) continue;
+      slot.prepared.add(name);
+      this.#run(slot, prepareStatement(name, sql), [], undefined, false).catch(() => {});
+    }
   }
 
   #run(
@@ -552,6 +564,7 @@ export class ConnectionPool implements Pool {
       const slot: Slot = {
         conn,
         running: new Set(),
+        prepared: new Set(this.#prepared.keys()),
         slowRunning: 0,
         leased: false,
         draining: false,

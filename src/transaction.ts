@@ -11,7 +11,8 @@ import { PoolError } from "./errors.ts";
 import type { Lease, QueryOptions } from "./pool.ts";
 import { abortedCommitError, Queries, type Runner } from "./queries.ts";
 
-const BEGIN_STATEMENT = /^\s*(begin|start\s+transaction)\b/i;
+/** Anything that may open a transaction (over-matching only costs a harmless ROLLBACK). */
+const BEGIN_STATEMENT = /\b(begin|start\s+transaction)\b/i;
 
 /** Runs SQL on one leased connection until it is closed (the callback returned). */
 export class LeaseRunner implements Runner {

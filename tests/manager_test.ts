@@ -17,26 +17,11 @@ import {
 } from "../mod.ts";
 import {
   observe,
-  SERVER_AVAILABLE,
   serverTest,
   TEST_URL,
   uniqueName,
   withManager,
 } from "./_server.ts";
-
-const RUN_KNOWN_BUGS = Deno.env.get("PGDBM_RUN_KNOWN_BUGS") === "1";
-
-/**
- * Registers a server test that fails today because of a library bug (named in `bug`): it
- * is ignored unless PGDBM_RUN_KNOWN_BUGS=1, so the fix can be checked by running it.
- */
-function knownBugTest(name: string, bug: string, fn: () => Promise<void>): void {
-  Deno.test({
-    name: RUN_KNOWN_BUGS ? name : `${name} (ignored: known library bug, ${bug})`,
-    ignore: !SERVER_AVAILABLE || !RUN_KNOWN_BUGS,
-    fn,
-  });
-}
 
 /** Resolves for everyone once `n` callers have arrived (to hold `n` connections at once). */
 function barrier(n: number): () => Promise<void> {
@@ -720,9 +705,8 @@ serverTest(
   },
 );
 
-knownBugTest(
+serverTest(
   "DatabaseManager.addPreparedStatement() reaches a connection that was leased when it was added",
-  "leased connections are skipped and never get the statement",
   async () => {
     await withManager(async (db) => {
       let releaseHolder!: () => void;
@@ -1270,9 +1254,8 @@ serverTest(
   },
 );
 
-knownBugTest(
+serverTest(
   "DatabaseManager.acquire() rolls back a transaction opened after a comment or another statement",
-  "only a statement starting with BEGIN / START TRANSACTION is noticed",
   async () => {
     await withManager(async (db) => {
       await db.execute("CREATE TABLE {{tables.items}} (id int)");
