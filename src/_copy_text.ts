@@ -151,6 +151,36 @@ function isAsyncIterable(
   return typeof (records as Partial<AsyncIterable<unknown>>)[Symbol.asyncIterator] === "function";
 }
 
+/** Characters that need an escape, except the tab (checked per value). */
+// deno-lint-ignore no-control-regex -- NUL is matched on purpose, to refuse it
+const LINE_SPECIAL = /[\\\n\r\b\f\v\u0000]/;
+
+/**
+ * The common case in one pass: a row of plain strings, finite numbers and nulls with
+ * nothing to escape. Returns `undefined` when the row needs the general encoder.
+ */
+function fastLine(record: readonly unknown[], length: number): string | undefined {
+  let line = "";
+  let texts = "";
+  for (let column = 0; column < length; column++) {
+    const value = record[column];
+    if (column > 0) line += "\t";
+    if (typeof value === "string") {
+      if (value.includes("\t")) return undefined;
+      line += value;
+      texts += value;
+    } else if (typeof value === "number") {
+      if (!Number.isFinite(value)) return undefined;
+      line += value;
+    } else if (value === null || value === undefined) {
+      line += "\\N";
+    } else {
+      return undefined;
+    }
+  }
+  return LINE_SPECIAL.test(texts) ? undefined : line + "\n";
+}
+
 /** Builds rows into chunks of about {@link CHUNK_SIZE} characters. */
 class ChunkBuilder {
   #columns: number | undefined;
@@ -182,6 +212,14 @@ class ChunkBuilder {
           `got ${length}`,
       );
     }
+    this.#chunk += fastLine(record, length) ?? this.#slowLine(record, length, row);
+    if (this.#chunk.length < CHUNK_SIZE) return undefined;
+    const full = this.#chunk;
+    this.#chunk = "";
+    return full;
+  }
+
+  #slowLine(record: readonly unknown[], length: number, row: number): string {
     let line = "";
     let column = 0;
     try {
@@ -195,11 +233,7 @@ class ChunkBuilder {
         ? new RangeError(message, { cause: error })
         : new TypeError(message, { cause: error });
     }
-    this.#chunk += line + "\n";
-    if (this.#chunk.length < CHUNK_SIZE) return undefined;
-    const full = this.#chunk;
-    this.#chunk = "";
-    return full;
+    return line + "\n";
   }
 
   /** Returns what is left, or `undefined` when nothing is. */
