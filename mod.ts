@@ -60,7 +60,12 @@ export type {
   SchemaMigrationResult,
   SchemaStatus,
 } from "./src/migrate_fleet.ts";
-export { writeMigrationManifest } from "./src/migration_source.ts";
+export {
+  createDirectorySource,
+  createRecordSource,
+  createUrlSource,
+  writeMigrationManifest,
+} from "./src/migration_source.ts";
 export type {
   MigrationFile,
   MigrationSource,

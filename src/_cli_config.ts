@@ -319,7 +319,9 @@ export function resolveUrl(
       if (value === undefined) {
         throw new UsageError(
           `No database URL: environment '${name}' of '${file}' reads it from the variable ` +
-            `${variable}, which is not set. Set ${variable} (or DATABASE_URL) to a URL such as ` +
+            `${variable}, which is not set. Set ${
+              variable === "DATABASE_URL" ? variable : `${variable} (or DATABASE_URL)`
+            } to a URL such as ` +
             `postgres://user@localhost:5432/app`,
         );
       }

@@ -68,16 +68,14 @@ export async function withManager(
   config: DatabaseConfig = {},
 ): Promise<void> {
   const pool = await createSharedPool({ connectionString: TEST_URL, ...config });
-  const db = new DatabaseManager({ pool, schema: uniqueName("pgdbm") });
+  const schema = uniqueName("pgdbm");
+  const db = new DatabaseManager({ pool, schema });
   try {
     await db.ensureSchema();
     await fn(db, pool);
   } finally {
-    try {
-      await db.dropSchema({ cascade: true });
-    } finally {
-      await pool.close();
-    }
+    await pool.close();
+    await observe((sql) => sql.unsafe(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`));
   }
 }
 
