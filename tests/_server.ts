@@ -43,7 +43,10 @@ if (unavailable !== undefined) {
 export const SERVER_AVAILABLE: boolean = unavailable === undefined;
 
 /** Registers a test that needs the server; skipped (ignored, with the reason) without one. */
-export function serverTest(name: string, fn: (t: Deno.TestContext) => Promise<void>): void {
+export function serverTest(
+  name: string,
+  fn: (t: Deno.TestContext) => void | Promise<void>,
+): void {
   Deno.test({
     name: SERVER_AVAILABLE ? name : `${name} (skipped: no PostgreSQL server at PGDBM_TEST_URL)`,
     ignore: !SERVER_AVAILABLE,

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { once } from "node:events";
 import postgres from "postgres";
 import { encodeCopyRows, encodeCopyValue } from "../src/_copy_text.ts";
+import { serverTest } from "./_server.ts";
 
 const TEST_URL = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 
@@ -338,7 +339,7 @@ function normalize(row: Record<string, unknown>): unknown[] {
   });
 }
 
-Deno.test("encodeCopyRows() round-trips awkward values through COPY FROM STDIN", async () => {
+serverTest("encodeCopyRows() round-trips awkward values through COPY FROM STDIN", async () => {
   await withCopyTable(async (sql, table) => {
     await copyIn(sql, table, AWKWARD_ROWS);
     const rows = await sql.unsafe(`SELECT ${SELECT_COLUMNS} FROM ${table} ORDER BY id`);
@@ -370,7 +371,7 @@ Deno.test("encodeCopyRows() round-trips awkward values through COPY FROM STDIN",
   });
 });
 
-Deno.test("encodeCopyRows() round-trips many rows sent in several chunks", async () => {
+serverTest("encodeCopyRows() round-trips many rows sent in several chunks", async () => {
   await withCopyTable(async (sql, table) => {
     const rows = Array.from({ length: 5000 }, (_, i) => [
       i,

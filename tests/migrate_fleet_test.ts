@@ -4,6 +4,7 @@ import { MigrationError } from "../src/errors.ts";
 import { DatabaseManager } from "../src/manager.ts";
 import { createSharedPool, type Pool } from "../src/pool.ts";
 import { checkSchemas, type FleetProgress, migrateSchemas } from "../src/migrate_fleet.ts";
+import { serverTest } from "./_server.ts";
 
 const URL_ = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 const FLEET = fileURLToPath(new URL("./fixtures/migrations/fleet/", import.meta.url));
@@ -48,7 +49,7 @@ async function historyCount(pool: Pool, schema: string): Promise<number> {
   ))!;
 }
 
-Deno.test("migrateSchemas() migrates 200 tenant schemas over one pool with progress", async () => {
+serverTest("migrateSchemas() migrates 200 tenant schemas over one pool with progress", async () => {
   await withTenants(200, async (pool, tenants) => {
     const progress: FleetProgress[] = [];
     let maxUsed = 0;
@@ -92,7 +93,7 @@ Deno.test("migrateSchemas() migrates 200 tenant schemas over one pool with progr
   });
 });
 
-Deno.test("migrateSchemas() reports one tenant's failure and migrates the others", async () => {
+serverTest("migrateSchemas() reports one tenant's failure and migrates the others", async () => {
   await withTenants(6, async (pool, tenants) => {
     // This tenant already has an incompatible table, so its first migration fails.
     const broken = new DatabaseManager({ pool, schema: tenants[2] });
@@ -119,7 +120,7 @@ Deno.test("migrateSchemas() reports one tenant's failure and migrates the others
   });
 });
 
-Deno.test("migrateSchemas() resumes an interrupted run where it stopped", async () => {
+serverTest("migrateSchemas() resumes an interrupted run where it stopped", async () => {
   await withTenants(12, async (pool, tenants) => {
     const controller = new AbortController();
     const first = await migrateSchemas(pool, tenants, {
@@ -156,7 +157,7 @@ Deno.test("migrateSchemas() resumes an interrupted run where it stopped", async 
   });
 });
 
-Deno.test("checkSchemas() lists tenants that are up to date, behind or drifted", async () => {
+serverTest("checkSchemas() lists tenants that are up to date, behind or drifted", async () => {
   await withTenants(5, async (pool, tenants) => {
     const migrations: Record<string, string> = {};
     for (const name of FLEET_FILES) migrations[name] = await Deno.readTextFile(FLEET + name);
@@ -197,7 +198,7 @@ Deno.test("checkSchemas() lists tenants that are up to date, behind or drifted",
   });
 });
 
-Deno.test("migrateSchemas({ dryRun }) reports pending files and changes nothing", async () => {
+serverTest("migrateSchemas({ dryRun }) reports pending files and changes nothing", async () => {
   await withTenants(3, async (pool, tenants) => {
     const db = new DatabaseManager({ pool });
     const result = await migrateSchemas(db, tenants, {
@@ -216,7 +217,7 @@ Deno.test("migrateSchemas({ dryRun }) reports pending files and changes nothing"
   });
 });
 
-Deno.test("migrateSchemas() refuses an invalid source before touching any schema", async () => {
+serverTest("migrateSchemas() refuses an invalid source before touching any schema", async () => {
   await withTenants(2, async (pool, tenants) => {
     await assert.rejects(
       migrateSchemas(pool, tenants, {

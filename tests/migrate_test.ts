@@ -6,6 +6,7 @@ import { DatabaseManager } from "../src/manager.ts";
 import { createSharedPool, type Pool } from "../src/pool.ts";
 import { type MigrationEvent, Migrator } from "../src/migrate.ts";
 import { migrationChecksum } from "../src/_migration_files.ts";
+import { serverTest } from "./_server.ts";
 
 const URL_ = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 const FIXTURES = new URL("./fixtures/migrations/", import.meta.url);
@@ -47,193 +48,211 @@ async function historyRows(db: DatabaseManager, table = "schema_migrations") {
   );
 }
 
-Deno.test("Migrator.applyPending() applies files in version order with pgdbm's history table", async () => {
-  await withSchema(async ({ db, schema }) => {
-    const migrator = new Migrator(db, { migrationsPath: fixture("basic"), moduleName: "blog" });
-    const result = await migrator.applyPending();
-    assert.equal(result.status, "success");
-    assert.equal(result.module, "blog");
-    assert.equal(result.schema, schema);
-    assert.deepEqual(result.applied.map((m) => m.filename), [
-      "1_users.sql",
-      "2_posts.sql",
-      "10_function.sql",
-    ]);
-    assert.ok(result.applied.every((m) => m.executionTimeMs >= 1 && m.attempts === 1));
-    assert.deepEqual(result.skipped, []);
-    assert.equal(result.total, 3);
-    // The DO block ran and the trigger (a $$ body with semicolons) trimmed the name.
-    assert.equal(await db.fetchValue("SELECT name FROM {{tables.users}}"), "seed;user");
-    assert.equal(
-      await db.fetchValue(
-        "SELECT column_default FROM information_schema.columns " +
-          "WHERE table_schema = $1 AND table_name = 'posts' AND column_name = 'body'",
+serverTest(
+  "Migrator.applyPending() applies files in version order with pgdbm's history table",
+  async () => {
+    await withSchema(async ({ db, schema }) => {
+      const migrator = new Migrator(db, { migrationsPath: fixture("basic"), moduleName: "blog" });
+      const result = await migrator.applyPending();
+      assert.equal(result.status, "success");
+      assert.equal(result.module, "blog");
+      assert.equal(result.schema, schema);
+      assert.deepEqual(result.applied.map((m) => m.filename), [
+        "1_users.sql",
+        "2_posts.sql",
+        "10_function.sql",
+      ]);
+      assert.ok(result.applied.every((m) => m.executionTimeMs >= 1 && m.attempts === 1));
+      assert.deepEqual(result.skipped, []);
+      assert.equal(result.total, 3);
+      // The DO block ran and the trigger (a $$ body with semicolons) trimmed the name.
+      assert.equal(await db.fetchValue("SELECT name FROM {{tables.users}}"), "seed;user");
+      assert.equal(
+        await db.fetchValue(
+          "SELECT column_default FROM information_schema.columns " +
+            "WHERE table_schema = $1 AND table_name = 'posts' AND column_name = 'body'",
+          [schema],
+        ),
+        "'semi;colon'::text",
+      );
+      const history = await historyRows(db);
+      assert.deepEqual(history.map((h) => [h.filename, h.module_name]), [
+        ["1_users.sql", "blog"],
+        ["2_posts.sql", "blog"],
+        ["10_function.sql", "blog"],
+      ]);
+      const users = await Deno.readTextFile(join(fixture("basic"), "1_users.sql"));
+      assert.equal(history[0].checksum, await migrationChecksum(users));
+      // pgdbm's columns, in pgdbm's order, in the manager's schema.
+      const columns = await db.fetchAll<{ column_name: string; data_type: string }>(
+        "SELECT column_name, data_type FROM information_schema.columns " +
+          "WHERE table_schema = $1 AND table_name = 'schema_migrations' ORDER BY ordinal_position",
         [schema],
-      ),
-      "'semi;colon'::text",
-    );
-    const history = await historyRows(db);
-    assert.deepEqual(history.map((h) => [h.filename, h.module_name]), [
-      ["1_users.sql", "blog"],
-      ["2_posts.sql", "blog"],
-      ["10_function.sql", "blog"],
-    ]);
-    const users = await Deno.readTextFile(join(fixture("basic"), "1_users.sql"));
-    assert.equal(history[0].checksum, await migrationChecksum(users));
-    // pgdbm's columns, in pgdbm's order, in the manager's schema.
-    const columns = await db.fetchAll<{ column_name: string; data_type: string }>(
-      "SELECT column_name, data_type FROM information_schema.columns " +
-        "WHERE table_schema = $1 AND table_name = 'schema_migrations' ORDER BY ordinal_position",
-      [schema],
-    );
-    assert.deepEqual(columns.map((c) => `${c.column_name}:${c.data_type}`), [
-      "id:integer",
-      "filename:character varying",
-      "checksum:character varying",
-      "module_name:character varying",
-      "applied_at:timestamp without time zone",
-      "applied_by:character varying",
-      "execution_time_ms:integer",
-    ]);
-    await assert.rejects(
-      db.execute(
-        "INSERT INTO {{tables.schema_migrations}} (filename, checksum, module_name) " +
-          "VALUES ('1_users.sql', 'x', 'blog')",
-      ),
-      (error: unknown) => error instanceof QueryError && error.sqlstate === "23505",
-    );
+      );
+      assert.deepEqual(columns.map((c) => `${c.column_name}:${c.data_type}`), [
+        "id:integer",
+        "filename:character varying",
+        "checksum:character varying",
+        "module_name:character varying",
+        "applied_at:timestamp without time zone",
+        "applied_by:character varying",
+        "execution_time_ms:integer",
+      ]);
+      await assert.rejects(
+        db.execute(
+          "INSERT INTO {{tables.schema_migrations}} (filename, checksum, module_name) " +
+            "VALUES ('1_users.sql', 'x', 'blog')",
+        ),
+        (error: unknown) => error instanceof QueryError && error.sqlstate === "23505",
+      );
 
-    const again = await migrator.applyPending();
-    assert.equal(again.status, "up_to_date");
-    assert.deepEqual(again.applied, []);
-    assert.deepEqual(again.skipped, ["1_users.sql", "2_posts.sql", "10_function.sql"]);
-    assert.equal(again.total, 3);
-  });
-});
+      const again = await migrator.applyPending();
+      assert.equal(again.status, "up_to_date");
+      assert.deepEqual(again.applied, []);
+      assert.deepEqual(again.skipped, ["1_users.sql", "2_posts.sql", "10_function.sql"]);
+      assert.equal(again.total, 3);
+    });
+  },
+);
 
-Deno.test("Migrator.applyPending({ dryRun }) reports pending files and creates nothing", async () => {
-  await withSchema(async ({ db, schema }) => {
-    const migrator = new Migrator(db, { migrationsPath: fixture("basic"), moduleName: "blog" });
-    const result = await migrator.applyPending({ dryRun: true });
-    assert.equal(result.status, "dry_run");
-    assert.deepEqual(result.pending, ["1_users.sql", "2_posts.sql", "10_function.sql"]);
-    assert.deepEqual(result.applied, []);
-    assert.equal(result.total, 3);
-    assert.equal(
-      await db.fetchValue("SELECT count(*)::int FROM pg_namespace WHERE nspname = $1", [schema]),
-      0,
-    );
-    await migrator.applyPending();
-    const none = await migrator.applyPending({ dryRun: true });
-    assert.equal(none.status, "dry_run");
-    assert.deepEqual(none.pending, []);
-    assert.equal(none.total, 3);
-  });
-});
+serverTest(
+  "Migrator.applyPending({ dryRun }) reports pending files and creates nothing",
+  async () => {
+    await withSchema(async ({ db, schema }) => {
+      const migrator = new Migrator(db, { migrationsPath: fixture("basic"), moduleName: "blog" });
+      const result = await migrator.applyPending({ dryRun: true });
+      assert.equal(result.status, "dry_run");
+      assert.deepEqual(result.pending, ["1_users.sql", "2_posts.sql", "10_function.sql"]);
+      assert.deepEqual(result.applied, []);
+      assert.equal(result.total, 3);
+      assert.equal(
+        await db.fetchValue("SELECT count(*)::int FROM pg_namespace WHERE nspname = $1", [schema]),
+        0,
+      );
+      await migrator.applyPending();
+      const none = await migrator.applyPending({ dryRun: true });
+      assert.equal(none.status, "dry_run");
+      assert.deepEqual(none.pending, []);
+      assert.equal(none.total, 3);
+    });
+  },
+);
 
-Deno.test("Migrator query methods report files, applied, pending, history and status", async () => {
-  await withSchema(async ({ db, schema }) => {
-    const migrations: Record<string, string> = {
-      "001_a.sql": "CREATE TABLE {{tables.a}} (id int);",
-      "002_b.sql": "CREATE TABLE {{tables.b}} (id int);",
-    };
-    const migrator = new Migrator(db, { migrations, moduleName: "m" });
-    assert.equal(migrator.moduleName, "m");
-    assert.equal(migrator.schema, schema);
-    assert.equal(migrator.migrationsTable, "schema_migrations");
-    assert.deepEqual(await migrator.getApplied(), []);
-    assert.deepEqual(await migrator.getHistory(), []);
-    const status0 = await migrator.getStatus();
-    assert.equal(status0.initialized, false);
-    assert.equal(status0.upToDate, false);
+serverTest(
+  "Migrator query methods report files, applied, pending, history and status",
+  async () => {
+    await withSchema(async ({ db, schema }) => {
+      const migrations: Record<string, string> = {
+        "001_a.sql": "CREATE TABLE {{tables.a}} (id int);",
+        "002_b.sql": "CREATE TABLE {{tables.b}} (id int);",
+      };
+      const migrator = new Migrator(db, { migrations, moduleName: "m" });
+      assert.equal(migrator.moduleName, "m");
+      assert.equal(migrator.schema, schema);
+      assert.equal(migrator.migrationsTable, "schema_migrations");
+      assert.deepEqual(await migrator.getApplied(), []);
+      assert.deepEqual(await migrator.getHistory(), []);
+      const status0 = await migrator.getStatus();
+      assert.equal(status0.initialized, false);
+      assert.equal(status0.upToDate, false);
 
-    const files = await migrator.findMigrationFiles();
-    assert.deepEqual(files.map((f) => [f.filename, f.version, f.noTransaction]), [
-      ["001_a.sql", "1", false],
-      ["002_b.sql", "2", false],
-    ]);
-    assert.equal(files[0].checksum, await migrationChecksum(migrations["001_a.sql"]));
-    await migrator.ensureMigrationsTable();
-    await migrator.ensureMigrationsTable();
-    assert.equal((await migrator.getStatus()).initialized, true);
+      const files = await migrator.findMigrationFiles();
+      assert.deepEqual(files.map((f) => [f.filename, f.version, f.noTransaction]), [
+        ["001_a.sql", "1", false],
+        ["002_b.sql", "2", false],
+      ]);
+      assert.equal(files[0].checksum, await migrationChecksum(migrations["001_a.sql"]));
+      await migrator.ensureMigrationsTable();
+      await migrator.ensureMigrationsTable();
+      assert.equal((await migrator.getStatus()).initialized, true);
 
-    await migrator.applyMigration(files[0]);
-    await assert.rejects(migrator.applyMigration(files[0]), /already applied/);
-    assert.deepEqual((await migrator.getPending()).map((m) => m.filename), ["002_b.sql"]);
-    const applied = await migrator.getApplied();
-    assert.equal(applied.length, 1);
-    assert.equal(applied[0].filename, "001_a.sql");
-    assert.equal(applied[0].moduleName, "m");
-    assert.ok(applied[0].appliedAt instanceof Date);
-    assert.equal(typeof applied[0].appliedBy, "string");
+      await migrator.applyMigration(files[0]);
+      await assert.rejects(migrator.applyMigration(files[0]), /already applied/);
+      assert.deepEqual((await migrator.getPending()).map((m) => m.filename), ["002_b.sql"]);
+      const applied = await migrator.getApplied();
+      assert.equal(applied.length, 1);
+      assert.equal(applied[0].filename, "001_a.sql");
+      assert.equal(applied[0].moduleName, "m");
+      assert.ok(applied[0].appliedAt instanceof Date);
+      assert.equal(typeof applied[0].appliedBy, "string");
 
-    await migrator.applyPending();
-    const history = await migrator.getHistory(1);
-    assert.deepEqual(history.map((h) => h.filename), ["002_b.sql"]);
-    assert.deepEqual((await migrator.getHistory()).map((h) => h.filename), [
-      "002_b.sql",
-      "001_a.sql",
-    ]);
-    await assert.rejects(migrator.getHistory(0), RangeError);
-    const status = await migrator.getStatus();
-    assert.equal(status.upToDate, true);
-    assert.deepEqual(status.pending, []);
-    assert.deepEqual(status.drifted, []);
-    assert.deepEqual(status.missing, []);
-  });
-});
+      await migrator.applyPending();
+      const history = await migrator.getHistory(1);
+      assert.deepEqual(history.map((h) => h.filename), ["002_b.sql"]);
+      assert.deepEqual((await migrator.getHistory()).map((h) => h.filename), [
+        "002_b.sql",
+        "001_a.sql",
+      ]);
+      await assert.rejects(migrator.getHistory(0), RangeError);
+      const status = await migrator.getStatus();
+      assert.equal(status.upToDate, true);
+      assert.deepEqual(status.pending, []);
+      assert.deepEqual(status.drifted, []);
+      assert.deepEqual(status.missing, []);
+    });
+  },
+);
 
-Deno.test("Migrator.applyPending() refuses drift, shows both checksums and applies nothing", async () => {
-  await withSchema(async ({ db }) => {
-    const migrations: Record<string, string> = {
-      "001_a.sql": "CREATE TABLE {{tables.a}} (id int);",
-    };
-    const migrator = new Migrator(db, { migrations, moduleName: "m" });
-    await migrator.applyPending();
-    const applied = await migrationChecksum(migrations["001_a.sql"]);
-    migrations["001_a.sql"] = "CREATE TABLE {{tables.a}} (id bigint);";
-    migrations["002_b.sql"] = "CREATE TABLE {{tables.b}} (id int);";
-    const current = await migrationChecksum(migrations["001_a.sql"]);
-    for (const call of [() => migrator.applyPending(), () => migrator.getPending()]) {
-      await assert.rejects(call(), (error: unknown) => {
-        assert.ok(error instanceof MigrationError);
-        assert.equal(error.filename, "001_a.sql");
-        assert.equal(error.module, "m");
-        assert.equal(error.schema, db.schema);
-        assert.ok(error.message.includes(applied), error.message);
-        assert.ok(error.message.includes(current), error.message);
-        return true;
-      });
-    }
-    assert.equal(await db.tableExists("b"), false);
-    const status = await migrator.getStatus();
-    assert.deepEqual(status.drifted, [
-      { filename: "001_a.sql", appliedChecksum: applied, currentChecksum: current },
-    ]);
-    assert.equal(status.upToDate, false);
-    assert.deepEqual(status.pending.map((m) => m.filename), ["002_b.sql"]);
-  });
-});
+serverTest(
+  "Migrator.applyPending() refuses drift, shows both checksums and applies nothing",
+  async () => {
+    await withSchema(async ({ db }) => {
+      const migrations: Record<string, string> = {
+        "001_a.sql": "CREATE TABLE {{tables.a}} (id int);",
+      };
+      const migrator = new Migrator(db, { migrations, moduleName: "m" });
+      await migrator.applyPending();
+      const applied = await migrationChecksum(migrations["001_a.sql"]);
+      migrations["001_a.sql"] = "CREATE TABLE {{tables.a}} (id bigint);";
+      migrations["002_b.sql"] = "CREATE TABLE {{tables.b}} (id int);";
+      const current = await migrationChecksum(migrations["001_a.sql"]);
+      for (const call of [() => migrator.applyPending(), () => migrator.getPending()]) {
+        await assert.rejects(call(), (error: unknown) => {
+          assert.ok(error instanceof MigrationError);
+          assert.equal(error.filename, "001_a.sql");
+          assert.equal(error.module, "m");
+          assert.equal(error.schema, db.schema);
+          assert.ok(error.message.includes(applied), error.message);
+          assert.ok(error.message.includes(current), error.message);
+          return true;
+        });
+      }
+      assert.equal(await db.tableExists("b"), false);
+      const status = await migrator.getStatus();
+      assert.deepEqual(status.drifted, [
+        { filename: "001_a.sql", appliedChecksum: applied, currentChecksum: current },
+      ]);
+      assert.equal(status.upToDate, false);
+      assert.deepEqual(status.pending.map((m) => m.filename), ["002_b.sql"]);
+    });
+  },
+);
 
-Deno.test("Migrator.applyPending() treats CRLF-only and outer whitespace edits as unchanged", async () => {
-  await withSchema(async ({ db }) => {
-    const dir = await Deno.makeTempDir();
-    try {
-      const path = join(dir, "001_a.sql");
-      await Deno.writeTextFile(path, "CREATE TABLE {{tables.a}} (\n  id int\n);\n");
-      const migrator = new Migrator(db, { migrationsPath: dir, moduleName: "m" });
-      assert.equal((await migrator.applyPending()).status, "success");
-      await Deno.writeTextFile(path, "\r\n  CREATE TABLE {{tables.a}} (\r\n  id int\r\n);\r\n\r\n");
-      assert.equal((await migrator.applyPending()).status, "up_to_date");
-      await Deno.writeTextFile(path, "CREATE TABLE {{tables.a}} (\r\n  id  int\r\n);\r\n");
-      await assert.rejects(migrator.applyPending(), /changed after it was applied/);
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
-  });
-});
+serverTest(
+  "Migrator.applyPending() treats CRLF-only and outer whitespace edits as unchanged",
+  async () => {
+    await withSchema(async ({ db }) => {
+      const dir = await Deno.makeTempDir();
+      try {
+        const path = join(dir, "001_a.sql");
+        await Deno.writeTextFile(path, "CREATE TABLE {{tables.a}} (\n  id int\n);\n");
+        const migrator = new Migrator(db, { migrationsPath: dir, moduleName: "m" });
+        assert.equal((await migrator.applyPending()).status, "success");
+        await Deno.writeTextFile(
+          path,
+          "\r\n  CREATE TABLE {{tables.a}} (\r\n  id int\r\n);\r\n\r\n",
+        );
+        assert.equal((await migrator.applyPending()).status, "up_to_date");
+        await Deno.writeTextFile(path, "CREATE TABLE {{tables.a}} (\r\n  id  int\r\n);\r\n");
+        await assert.rejects(migrator.applyPending(), /changed after it was applied/);
+      } finally {
+        await Deno.remove(dir, { recursive: true });
+      }
+    });
+  },
+);
 
-Deno.test("Migrator.applyPending() reports applied migrations whose file is gone", async () => {
+serverTest("Migrator.applyPending() reports applied migrations whose file is gone", async () => {
   await withSchema(async ({ db }) => {
     const migrations: Record<string, string> = {
       "001_a.sql": "CREATE TABLE {{tables.a}} (id int);",
@@ -260,69 +279,75 @@ Deno.test("Migrator.applyPending() reports applied migrations whose file is gone
   });
 });
 
-Deno.test("Migrator.applyPending() leaves nothing of a file whose statement fails midway", async () => {
-  await withSchema(async ({ db, schema }) => {
-    const migrator = new Migrator(db, { migrationsPath: fixture("failing"), moduleName: "f" });
-    const error = await migrator.applyPending().then(
-      () => assert.fail("expected a MigrationError"),
-      (e: unknown) => e,
-    );
-    assert.ok(error instanceof MigrationError, String(error));
-    assert.equal(error.filename, "002_fails_midway.sql");
-    assert.equal(error.module, "f");
-    assert.equal(error.schema, schema);
-    assert.equal(error.line, 5);
-    assert.match(error.message, /002_fails_midway\.sql/);
-    assert.match(error.message, /module 'f'/);
-    assert.match(error.message, new RegExp(`schema '${schema}'`));
-    assert.match(error.message, /line 5/);
-    assert.match(error.message, /duplicate key value violates unique constraint/);
-    assert.ok(error.cause instanceof QueryError);
-    assert.equal(error.cause.sqlstate, "23505");
-    const partial = error.partialResult as {
-      status: string;
-      applied: { filename: string }[];
-      failure: { filename: string; line: number; sqlstate: string };
-    };
-    assert.equal(partial.status, "failed");
-    assert.deepEqual(partial.applied.map((m) => m.filename), ["001_ok.sql"]);
-    assert.equal(partial.failure.filename, "002_fails_midway.sql");
-    assert.equal(partial.failure.line, 5);
-    assert.equal(partial.failure.sqlstate, "23505");
-    // The earlier file stays; nothing of the failed file (nor later ones) remains.
-    assert.equal(await db.tableExists("first"), true);
-    assert.equal(await db.tableExists("second"), false);
-    assert.equal(await db.tableExists("never"), false);
-    assert.deepEqual((await historyRows(db)).map((h) => h.filename), ["001_ok.sql"]);
-  });
-});
-
-Deno.test("MigrationError.line points at the server's error position in a long statement", async () => {
-  await withSchema(async ({ db }) => {
-    const migrator = new Migrator(db, {
-      migrations: {
-        "001_typo.sql": [
-          "CREATE TABLE {{tables.ok}} (id int);",
-          "",
-          "CREATE TABLE {{tables.broken}} (",
-          "  id int,",
-          "  name txet",
-          ");",
-        ].join("\n"),
-      },
-      moduleName: "m",
-    });
-    await assert.rejects(migrator.applyPending(), (error: unknown) => {
-      assert.ok(error instanceof MigrationError);
+serverTest(
+  "Migrator.applyPending() leaves nothing of a file whose statement fails midway",
+  async () => {
+    await withSchema(async ({ db, schema }) => {
+      const migrator = new Migrator(db, { migrationsPath: fixture("failing"), moduleName: "f" });
+      const error = await migrator.applyPending().then(
+        () => assert.fail("expected a MigrationError"),
+        (e: unknown) => e,
+      );
+      assert.ok(error instanceof MigrationError, String(error));
+      assert.equal(error.filename, "002_fails_midway.sql");
+      assert.equal(error.module, "f");
+      assert.equal(error.schema, schema);
       assert.equal(error.line, 5);
-      assert.match(error.message, /type "txet" does not exist/);
-      return true;
+      assert.match(error.message, /002_fails_midway\.sql/);
+      assert.match(error.message, /module 'f'/);
+      assert.match(error.message, new RegExp(`schema '${schema}'`));
+      assert.match(error.message, /line 5/);
+      assert.match(error.message, /duplicate key value violates unique constraint/);
+      assert.ok(error.cause instanceof QueryError);
+      assert.equal(error.cause.sqlstate, "23505");
+      const partial = error.partialResult as {
+        status: string;
+        applied: { filename: string }[];
+        failure: { filename: string; line: number; sqlstate: string };
+      };
+      assert.equal(partial.status, "failed");
+      assert.deepEqual(partial.applied.map((m) => m.filename), ["001_ok.sql"]);
+      assert.equal(partial.failure.filename, "002_fails_midway.sql");
+      assert.equal(partial.failure.line, 5);
+      assert.equal(partial.failure.sqlstate, "23505");
+      // The earlier file stays; nothing of the failed file (nor later ones) remains.
+      assert.equal(await db.tableExists("first"), true);
+      assert.equal(await db.tableExists("second"), false);
+      assert.equal(await db.tableExists("never"), false);
+      assert.deepEqual((await historyRows(db)).map((h) => h.filename), ["001_ok.sql"]);
     });
-    assert.equal(await db.tableExists("ok"), false);
-  });
-});
+  },
+);
 
-Deno.test("Migrator runs $$ bodies and strings containing semicolons intact", async () => {
+serverTest(
+  "MigrationError.line points at the server's error position in a long statement",
+  async () => {
+    await withSchema(async ({ db }) => {
+      const migrator = new Migrator(db, {
+        migrations: {
+          "001_typo.sql": [
+            "CREATE TABLE {{tables.ok}} (id int);",
+            "",
+            "CREATE TABLE {{tables.broken}} (",
+            "  id int,",
+            "  name txet",
+            ");",
+          ].join("\n"),
+        },
+        moduleName: "m",
+      });
+      await assert.rejects(migrator.applyPending(), (error: unknown) => {
+        assert.ok(error instanceof MigrationError);
+        assert.equal(error.line, 5);
+        assert.match(error.message, /type "txet" does not exist/);
+        return true;
+      });
+      assert.equal(await db.tableExists("ok"), false);
+    });
+  },
+);
+
+serverTest("Migrator runs $$ bodies and strings containing semicolons intact", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {
       migrations: {
@@ -352,7 +377,7 @@ Deno.test("Migrator runs $$ bodies and strings containing semicolons intact", as
   });
 });
 
-Deno.test("Migrator handles files wrapped in BEGIN;/COMMIT; as pgdbm writes them", async () => {
+serverTest("Migrator handles files wrapped in BEGIN;/COMMIT; as pgdbm writes them", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {
       migrationsPath: fixture("pgdbm_wrapped"),
@@ -384,7 +409,7 @@ Deno.test("Migrator handles files wrapped in BEGIN;/COMMIT; as pgdbm writes them
   });
 });
 
-Deno.test("Migrator refuses a file with a COMMIT inside before applying anything", async () => {
+serverTest("Migrator refuses a file with a COMMIT inside before applying anything", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {
       migrations: {
@@ -408,28 +433,31 @@ Deno.test("Migrator refuses a file with a COMMIT inside before applying anything
   });
 });
 
-Deno.test("Migrator refuses invalid sources: repeated versions, no version, empty file", async () => {
-  await withSchema(async ({ db }) => {
-    for (
-      const [dir, pattern] of [
-        ["duplicate_versions", /'001_a\.sql' and '1_b\.sql' have the same version 1/],
-        ["unversioned", /'schema\.sql'.*has no version/],
-        ["empty_file", /'001_empty\.sql'.*is empty/],
-      ] as const
-    ) {
-      const migrator = new Migrator(db, { migrationsPath: fixture(dir), moduleName: "m" });
-      await assert.rejects(migrator.applyPending(), (error: unknown) => {
-        assert.ok(error instanceof MigrationError, String(error));
-        assert.match(error.message, pattern);
-        assert.equal(error.module, "m");
-        return true;
-      });
-    }
-    assert.equal(await db.tableExists("a"), false);
-  });
-});
+serverTest(
+  "Migrator refuses invalid sources: repeated versions, no version, empty file",
+  async () => {
+    await withSchema(async ({ db }) => {
+      for (
+        const [dir, pattern] of [
+          ["duplicate_versions", /'001_a\.sql' and '1_b\.sql' have the same version 1/],
+          ["unversioned", /'schema\.sql'.*has no version/],
+          ["empty_file", /'001_empty\.sql'.*is empty/],
+        ] as const
+      ) {
+        const migrator = new Migrator(db, { migrationsPath: fixture(dir), moduleName: "m" });
+        await assert.rejects(migrator.applyPending(), (error: unknown) => {
+          assert.ok(error instanceof MigrationError, String(error));
+          assert.match(error.message, pattern);
+          assert.equal(error.module, "m");
+          return true;
+        });
+      }
+      assert.equal(await db.tableExists("a"), false);
+    });
+  },
+);
 
-Deno.test("Migrator runs -- pgdbm:no-transaction files statement by statement", async () => {
+serverTest("Migrator runs -- pgdbm:no-transaction files statement by statement", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {
       migrationsPath: fixture("no_transaction"),
@@ -456,26 +484,29 @@ Deno.test("Migrator runs -- pgdbm:no-transaction files statement by statement", 
   });
 });
 
-Deno.test("Migrator reports an INVALID index left by a failed no-transaction migration", async () => {
-  await withSchema(async ({ db, schema }) => {
-    const migrator = new Migrator(db, {
-      migrationsPath: fixture("invalid_index"),
-      moduleName: "events",
+serverTest(
+  "Migrator reports an INVALID index left by a failed no-transaction migration",
+  async () => {
+    await withSchema(async ({ db, schema }) => {
+      const migrator = new Migrator(db, {
+        migrationsPath: fixture("invalid_index"),
+        moduleName: "events",
+      });
+      await assert.rejects(migrator.applyPending(), (error: unknown) => {
+        assert.ok(error instanceof MigrationError, String(error));
+        assert.equal(error.filename, "002_unique_kind.sql");
+        assert.equal(error.line, 3);
+        assert.match(error.message, /could not create unique index/);
+        assert.ok(error.message.includes(`INVALID index ${schema}.events_kind_key`), error.message);
+        assert.match(error.message, /DROP INDEX CONCURRENTLY/);
+        return true;
+      });
+      assert.deepEqual((await historyRows(db)).map((h) => h.filename), ["001_events.sql"]);
     });
-    await assert.rejects(migrator.applyPending(), (error: unknown) => {
-      assert.ok(error instanceof MigrationError, String(error));
-      assert.equal(error.filename, "002_unique_kind.sql");
-      assert.equal(error.line, 3);
-      assert.match(error.message, /could not create unique index/);
-      assert.ok(error.message.includes(`INVALID index ${schema}.events_kind_key`), error.message);
-      assert.match(error.message, /DROP INDEX CONCURRENTLY/);
-      return true;
-    });
-    assert.deepEqual((await historyRows(db)).map((h) => h.filename), ["001_events.sql"]);
-  });
-});
+  },
+);
 
-Deno.test("Migrator retries a migration that times out behind a long-held lock", async () => {
+serverTest("Migrator retries a migration that times out behind a long-held lock", async () => {
   await withSchema(async ({ db, pool }) => {
     await db.ensureSchema();
     await db.execute("CREATE TABLE {{tables.busy}} (id int)");
@@ -537,7 +568,7 @@ Deno.test("Migrator retries a migration that times out behind a long-held lock",
   });
 });
 
-Deno.test("Migrator fails with SQLSTATE 55P03 when the lock is never released", async () => {
+serverTest("Migrator fails with SQLSTATE 55P03 when the lock is never released", async () => {
   await withSchema(async ({ db, pool }) => {
     await db.ensureSchema();
     await db.execute("CREATE TABLE {{tables.busy}} (id int)");
@@ -564,7 +595,7 @@ Deno.test("Migrator fails with SQLSTATE 55P03 when the lock is never released", 
   });
 });
 
-Deno.test("Migrator waits for another holder of the (schema, module) advisory lock", async () => {
+serverTest("Migrator waits for another holder of the (schema, module) advisory lock", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {
       migrations: { "001_a.sql": "CREATE TABLE {{tables.a}} (id int);" },
@@ -593,7 +624,7 @@ Deno.test("Migrator waits for another holder of the (schema, module) advisory lo
   });
 });
 
-Deno.test("Migrator keeps two modules of one schema apart in one history table", async () => {
+serverTest("Migrator keeps two modules of one schema apart in one history table", async () => {
   await withSchema(async ({ db }) => {
     const users = new Migrator(db, {
       migrationsPath: fixture("modules/users"),
@@ -619,25 +650,28 @@ Deno.test("Migrator keeps two modules of one schema apart in one history table",
   });
 });
 
-Deno.test("Migrator applies each migration once when many run at once in one process", async () => {
-  await withSchema(async ({ db }) => {
-    const migrationsPath = fixture("race");
-    const runs = await Promise.all(
-      Array.from(
-        { length: 5 },
-        () => new Migrator(db, { migrationsPath, moduleName: "race" }).applyPending(),
-      ),
-    );
-    const applied = runs.flatMap((r) => r.applied.map((m) => m.filename)).sort();
-    assert.deepEqual(applied, ["001_log.sql", "002_slow.sql", "003_index.sql", "004_final.sql"]);
-    const log = await db.fetchAll<{ filename: string }>(
-      "SELECT filename FROM {{tables.applied_log}} ORDER BY filename",
-    );
-    assert.deepEqual(log.map((l) => l.filename), applied);
-  }, 8);
-});
+serverTest(
+  "Migrator applies each migration once when many run at once in one process",
+  async () => {
+    await withSchema(async ({ db }) => {
+      const migrationsPath = fixture("race");
+      const runs = await Promise.all(
+        Array.from(
+          { length: 5 },
+          () => new Migrator(db, { migrationsPath, moduleName: "race" }).applyPending(),
+        ),
+      );
+      const applied = runs.flatMap((r) => r.applied.map((m) => m.filename)).sort();
+      assert.deepEqual(applied, ["001_log.sql", "002_slow.sql", "003_index.sql", "004_final.sql"]);
+      const log = await db.fetchAll<{ filename: string }>(
+        "SELECT filename FROM {{tables.applied_log}} ORDER BY filename",
+      );
+      assert.deepEqual(log.map((l) => l.filename), applied);
+    }, 8);
+  },
+);
 
-Deno.test("Migrator applies each migration exactly once across racing processes", async () => {
+serverTest("Migrator applies each migration exactly once across racing processes", async () => {
   await withSchema(async ({ db }) => {
     const script = fileURLToPath(new URL("./fixtures/migrate_race.ts", import.meta.url));
     const children = Array.from({ length: 5 }, () =>
@@ -665,47 +699,53 @@ Deno.test("Migrator applies each migration exactly once across racing processes"
   });
 });
 
-Deno.test("Migrator finishes cleanly after a process was killed in the middle of a run", async () => {
-  await withSchema(async ({ db }) => {
-    const script = fileURLToPath(new URL("./fixtures/migrate_race.ts", import.meta.url));
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", script, URL_, db.schema!, "killed", fixture("killed")],
-      stdout: "piped",
-      stderr: "null",
-    }).spawn();
-    const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-    let seen = "";
-    while (!seen.includes('"filename":"002_slow.sql"')) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      seen += value;
-    }
-    // Let the statements of 002 reach the server, then kill the process outright.
-    await new Promise((resolve) => setTimeout(resolve, 300));
-    child.kill("SIGKILL");
-    await reader.cancel();
-    const status = await child.status;
-    assert.equal(status.success, false);
-    assert.ok(seen.includes('"filename":"002_slow.sql"'), seen);
+serverTest(
+  "Migrator finishes cleanly after a process was killed in the middle of a run",
+  async () => {
+    await withSchema(async ({ db }) => {
+      const script = fileURLToPath(new URL("./fixtures/migrate_race.ts", import.meta.url));
+      const child = new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", script, URL_, db.schema!, "killed", fixture("killed")],
+        stdout: "piped",
+        stderr: "null",
+      }).spawn();
+      const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+      let seen = "";
+      while (!seen.includes('"filename":"002_slow.sql"')) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        seen += value;
+      }
+      // Let the statements of 002 reach the server, then kill the process outright.
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      child.kill("SIGKILL");
+      await reader.cancel();
+      const status = await child.status;
+      assert.equal(status.success, false);
+      assert.ok(seen.includes('"filename":"002_slow.sql"'), seen);
 
-    const migrator = new Migrator(db, { migrationsPath: fixture("killed"), moduleName: "killed" });
-    // The killed run's open transaction is invisible: 001 is applied, nothing of 002.
-    assert.deepEqual((await migrator.getApplied()).map((a) => a.filename), ["001_first.sql"]);
-    assert.equal(await db.tableExists("half"), false);
-    const result = await migrator.applyPending();
-    assert.deepEqual(result.applied.map((m) => m.filename), ["002_slow.sql", "003_after.sql"]);
-    assert.deepEqual(result.skipped, ["001_first.sql"]);
-    assert.deepEqual(
-      (await db.fetchAll<{ id: number }>("SELECT id FROM {{tables.half}} ORDER BY id")).map((r) =>
-        r.id
-      ),
-      [1, 2],
-    );
-    assert.equal((await historyRows(db)).length, 3);
-  });
-});
+      const migrator = new Migrator(db, {
+        migrationsPath: fixture("killed"),
+        moduleName: "killed",
+      });
+      // The killed run's open transaction is invisible: 001 is applied, nothing of 002.
+      assert.deepEqual((await migrator.getApplied()).map((a) => a.filename), ["001_first.sql"]);
+      assert.equal(await db.tableExists("half"), false);
+      const result = await migrator.applyPending();
+      assert.deepEqual(result.applied.map((m) => m.filename), ["002_slow.sql", "003_after.sql"]);
+      assert.deepEqual(result.skipped, ["001_first.sql"]);
+      assert.deepEqual(
+        (await db.fetchAll<{ id: number }>("SELECT id FROM {{tables.half}} ORDER BY id")).map((r) =>
+          r.id
+        ),
+        [1, 2],
+      );
+      assert.equal((await historyRows(db)).length, 3);
+    });
+  },
+);
 
-Deno.test("Migrator puts back session settings a migration changed with SET", async () => {
+serverTest("Migrator puts back session settings a migration changed with SET", async () => {
   await withSchema(async ({ db }) => {
     const defaults = await db.fetchOne(
       "SELECT current_setting('search_path') AS path, " +
@@ -737,7 +777,7 @@ Deno.test("Migrator puts back session settings a migration changed with SET", as
   }, 1);
 });
 
-Deno.test("Migrator uses a custom migrationsTable in the manager's schema", async () => {
+serverTest("Migrator uses a custom migrationsTable in the manager's schema", async () => {
   await withSchema(async ({ db, schema }) => {
     const migrator = new Migrator(db, {
       migrations: { "001_a.sql": "CREATE TABLE {{tables.a}} (id int);" },
@@ -751,48 +791,57 @@ Deno.test("Migrator uses a custom migrationsTable in the manager's schema", asyn
   });
 });
 
-Deno.test("Migrator.rollbackMigration() removes only the history row so the file runs again", async () => {
-  await withSchema(async ({ db }) => {
-    const migrations = { "001_a.sql": "CREATE TABLE IF NOT EXISTS {{tables.a}} (id int);" };
-    const migrator = new Migrator(db, { migrations, moduleName: "m" });
-    assert.equal(await migrator.rollbackMigration("001_a.sql"), false);
-    await migrator.applyPending();
-    assert.equal(await migrator.rollbackMigration("001_a.sql"), true);
-    assert.equal(await migrator.rollbackMigration("001_a.sql"), false);
-    assert.equal(await db.tableExists("a"), true);
-    assert.deepEqual((await migrator.getPending()).map((m) => m.filename), ["001_a.sql"]);
-    assert.equal((await migrator.applyPending()).status, "success");
-  });
-});
+serverTest(
+  "Migrator.rollbackMigration() removes only the history row so the file runs again",
+  async () => {
+    await withSchema(async ({ db }) => {
+      const migrations = { "001_a.sql": "CREATE TABLE IF NOT EXISTS {{tables.a}} (id int);" };
+      const migrator = new Migrator(db, { migrations, moduleName: "m" });
+      assert.equal(await migrator.rollbackMigration("001_a.sql"), false);
+      await migrator.applyPending();
+      assert.equal(await migrator.rollbackMigration("001_a.sql"), true);
+      assert.equal(await migrator.rollbackMigration("001_a.sql"), false);
+      assert.equal(await db.tableExists("a"), true);
+      assert.deepEqual((await migrator.getPending()).map((m) => m.filename), ["001_a.sql"]);
+      assert.equal((await migrator.applyPending()).status, "success");
+    });
+  },
+);
 
-Deno.test("Migrator.createMigration() writes a timestamped file into the folder only", async () => {
-  const dir = await Deno.makeTempDir();
-  const pool = await createSharedPool({ connectionString: URL_, maxConnections: 1 });
-  try {
-    const db = new DatabaseManager({ pool, schema: uniqueSchema() });
-    const migrator = new Migrator(db, { migrationsPath: join(dir, "migrations"), moduleName: "m" });
-    const now = new Date(Date.UTC(2025, 9, 25, 12, 0, 0));
-    const path = await migrator.createMigration("add_users", "CREATE TABLE x (id int);", { now });
-    assert.equal(path, join(dir, "migrations", "20251025120000_add_users.sql"));
-    assert.equal(await Deno.readTextFile(path), "CREATE TABLE x (id int);");
-    // The same second again: the next free second, so versions stay unique.
-    const second = await migrator.createMigration("more", "SELECT 1;", { now });
-    assert.equal(second, join(dir, "migrations", "20251025120001_more.sql"));
-    await assert.rejects(migrator.createMigration("../escape", "SELECT 1;"), MigrationError);
-    await assert.rejects(migrator.createMigration("a b", "SELECT 1;"), MigrationError);
-    const inMemory = new Migrator(db, { migrations: {}, moduleName: "m" });
-    await assert.rejects(inMemory.createMigration("x", "SELECT 1;"), /only a directory/);
-    assert.deepEqual(
-      [...Deno.readDirSync(join(dir, "migrations"))].map((e) => e.name).sort(),
-      ["20251025120000_add_users.sql", "20251025120001_more.sql"],
-    );
-  } finally {
-    await pool.close();
-    await Deno.remove(dir, { recursive: true });
-  }
-});
+serverTest(
+  "Migrator.createMigration() writes a timestamped file into the folder only",
+  async () => {
+    const dir = await Deno.makeTempDir();
+    const pool = await createSharedPool({ connectionString: URL_, maxConnections: 1 });
+    try {
+      const db = new DatabaseManager({ pool, schema: uniqueSchema() });
+      const migrator = new Migrator(db, {
+        migrationsPath: join(dir, "migrations"),
+        moduleName: "m",
+      });
+      const now = new Date(Date.UTC(2025, 9, 25, 12, 0, 0));
+      const path = await migrator.createMigration("add_users", "CREATE TABLE x (id int);", { now });
+      assert.equal(path, join(dir, "migrations", "20251025120000_add_users.sql"));
+      assert.equal(await Deno.readTextFile(path), "CREATE TABLE x (id int);");
+      // The same second again: the next free second, so versions stay unique.
+      const second = await migrator.createMigration("more", "SELECT 1;", { now });
+      assert.equal(second, join(dir, "migrations", "20251025120001_more.sql"));
+      await assert.rejects(migrator.createMigration("../escape", "SELECT 1;"), MigrationError);
+      await assert.rejects(migrator.createMigration("a b", "SELECT 1;"), MigrationError);
+      const inMemory = new Migrator(db, { migrations: {}, moduleName: "m" });
+      await assert.rejects(inMemory.createMigration("x", "SELECT 1;"), /only a directory/);
+      assert.deepEqual(
+        [...Deno.readDirSync(join(dir, "migrations"))].map((e) => e.name).sort(),
+        ["20251025120000_add_users.sql", "20251025120001_more.sql"],
+      );
+    } finally {
+      await pool.close();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
 
-Deno.test("new Migrator() validates its options before any SQL", () => {
+serverTest("new Migrator() validates its options before any SQL", () => {
   const db = new DatabaseManager({ connectionString: URL_, schema: "never_used" });
   const check = (options: unknown, field: string): void => {
     assert.throws(
