@@ -6,6 +6,8 @@
  * @module
  */
 
+import { byteaToHex } from "./_bytea.ts";
+
 /** Characters that need a COPY escape (backslash, tab, LF, CR, backspace, FF, VT) or are refused (NUL). */
 // deno-lint-ignore no-control-regex -- NUL is matched on purpose, to refuse it
 const COPY_SPECIAL = /[\\\t\n\r\b\f\v\u0000]/;
@@ -26,11 +28,6 @@ const COPY_ESCAPES: Readonly<Record<string, string>> = {
   "\v": "\\v",
 };
 
-const HEX_BYTES: readonly string[] = Array.from(
-  { length: 256 },
-  (_, byte) => byte.toString(16).padStart(2, "0"),
-);
-
 function copyEscapeChar(char: string): string {
   const escaped = COPY_ESCAPES[char];
   if (escaped === undefined) {
@@ -44,12 +41,6 @@ function copyEscapeChar(char: string): string {
 
 function copyEscape(text: string): string {
   return COPY_SPECIAL.test(text) ? text.replace(COPY_SPECIAL_ALL, copyEscapeChar) : text;
-}
-
-function hexOf(bytes: Uint8Array): string {
-  let hex = "\\x";
-  for (let i = 0; i < bytes.length; i++) hex += HEX_BYTES[bytes[i]];
-  return hex;
 }
 
 function typeName(value: unknown): string {
@@ -83,7 +74,7 @@ function textOf(value: unknown): string {
         }
         return value.toISOString();
       }
-      if (value instanceof Uint8Array) return hexOf(value);
+      if (value instanceof Uint8Array) return byteaToHex(value);
       if (Array.isArray(value)) return arrayLiteral(value);
       if (value !== null && isJsonObject(value)) return JSON.stringify(value);
     }

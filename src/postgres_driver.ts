@@ -12,6 +12,7 @@ import type { ResolvedConfig, ResolvedSsl } from "./config.ts";
 import type { Driver, DriverConnection, DriverResult, Row, RunningQuery } from "./driver.ts";
 import { QueryError, type ServerErrorFields } from "./errors.ts";
 import { parseArrayBody } from "./_pg_array.ts";
+import { byteaFromHex, byteaToHex } from "./_bytea.ts";
 
 type Sql = ReturnType<typeof postgres>;
 type PgQuery = ReturnType<Sql["unsafe"]>;
@@ -62,8 +63,8 @@ function connectionOptions(config: ResolvedConfig): postgres.Options<Record<stri
       bytea: {
         to: 17,
         from: [17],
-        serialize: (x: Uint8Array) => "\\x" + toHex(x),
-        parse: (x: string) => fromHex(x),
+        serialize: byteaToHex,
+        parse: byteaFromHex,
       },
     } as unknown as Record<string, never>,
   };
@@ -303,20 +304,4 @@ function closedQuery(sql: string, params: readonly unknown[]): RunningQuery {
     ),
   );
   return { result, cancel: () => Promise.resolve() };
-}
-
-const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"));
-
-function toHex(bytes: Uint8Array): string {
-  let out = "";
-  for (let i = 0; i < bytes.length; i++) out += HEX[bytes[i]];
-  return out;
-}
-
-function fromHex(text: string): Uint8Array {
-  const bytes = new Uint8Array((text.length - 2) / 2);
-  for (let i = 0; i < bytes.length; i++) {
-    bytes[i] = parseInt(text.substr(2 + i * 2, 2), 16);
-  }
-  return bytes;
 }
