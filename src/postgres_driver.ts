@@ -7,6 +7,7 @@
  * @module
  */
 
+import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import postgres from "postgres";
 import type { ResolvedConfig, ResolvedSsl } from "./config.ts";
 import type { Driver, DriverConnection, DriverResult, Row, RunningQuery } from "./driver.ts";
@@ -56,7 +57,7 @@ function connectionOptions(config: ResolvedConfig): postgres.Options<Record<stri
     max_lifetime: null,
     connect_timeout: config.connectTimeoutMs / 1000,
     prepare: config.prepare,
-    ssl: tlsOptions(config.ssl) as postgres.Options<Record<string, never>>["ssl"],
+    ssl: tlsOptions(config.ssl, config.host) as postgres.Options<Record<string, never>>["ssl"],
     connection: config.serverSettings as postgres.Options<Record<string, never>>["connection"],
     onnotice: () => {},
     types: {
@@ -70,14 +71,21 @@ function connectionOptions(config: ResolvedConfig): postgres.Options<Record<stri
   };
 }
 
-function tlsOptions(ssl: ResolvedSsl | undefined): boolean | TlsOptions {
+/**
+ * TLS options for one libpq-style mode. `verify-full` checks the certificate against the
+ * configured host itself: the TLS layer skips the name check when the host is an IP
+ * address (it sends no server name then), which would make verify-full verify-ca.
+ */
+function tlsOptions(ssl: ResolvedSsl | undefined, host: string): boolean | TlsOptions {
   if (ssl === undefined) return false;
   const options: TlsOptions = { rejectUnauthorized: ssl.mode !== "require" };
   if (ssl.ca !== undefined) options.ca = ssl.ca;
   if (ssl.cert !== undefined) options.cert = ssl.cert;
   if (ssl.key !== undefined) options.key = ssl.key;
   if (ssl.keyPassword !== undefined) options.passphrase = ssl.keyPassword;
-  if (ssl.mode === "verify-ca") options.checkServerIdentity = () => undefined;
+  options.checkServerIdentity = ssl.mode === "verify-full"
+    ? (_name: string, cert: PeerCertificate) => checkServerIdentity(host, cert)
+    : () => undefined;
   return options;
 }
 

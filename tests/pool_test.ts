@@ -866,27 +866,6 @@ Deno.test("ConnectionError never contains a password given as an option", async 
 // ---------------------------------------------------------------------------------------
 // TLS and Unix sockets
 
-Deno.test({
-  name: SSL_ON
-    ? "createSharedPool() connects with sslmode=require and rejects verify-full of a self-signed certificate"
-    : "createSharedPool() TLS (skipped: the server has ssl = off or is not reachable)",
-  ignore: !SSL_ON,
-  fn: async () => {
-    await withPool({ connectionString: withSslMode(TEST_URL, "require") }, async (db) => {
-      const ssl = await db.fetchValue<boolean>(
-        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-      );
-      assert.equal(ssl, true);
-    });
-    const url = new URL(withSslMode(TEST_URL, "verify-full"));
-    url.password = PASSWORD;
-    const error = await createSharedPool({ connectionString: url.href, retry: { attempts: 1 } })
-      .then(() => undefined, (e) => e);
-    assert.ok(error instanceof ConnectionError, `expected ConnectionError, got ${error}`);
-    assertNoPassword(error);
-  },
-});
-
 serverTest(
   SSL_ON
     ? "createSharedPool() connects without TLS when the URL says sslmode=disable"
