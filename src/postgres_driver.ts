@@ -275,15 +275,15 @@ class PostgresRunningQuery implements RunningQuery {
   }
 }
 
+/** Copies rows into a plain array (a loop: slice() on postgres.js's Array subclass is slow). */
 function toDriverResult(result: postgres.RowList<Row[]> | postgres.RowList<Row[]>[]): DriverResult {
   const last = (result as { command?: unknown }).command === undefined
     ? (result as postgres.RowList<Row[]>[])[(result as unknown[]).length - 1]
     : result as postgres.RowList<Row[]>;
-  return {
-    rows: last.length === 0 ? [] : last.slice(),
-    command: last.command ?? "",
-    rowCount: last.count ?? last.length,
-  };
+  const length = last.length;
+  const rows: Row[] = new Array(length);
+  for (let i = 0; i < length; i++) rows[i] = last[i];
+  return { rows, command: last.command ?? "", rowCount: last.count ?? length };
 }
 
 function serverFields(e: Record<string, unknown>): ServerErrorFields {
