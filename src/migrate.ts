@@ -939,26 +939,34 @@ export class Migrator {
   async #runTransactional(conn: Connection, prepared: PreparedMigration): Promise<number> {
     const { migration, statements } = prepared;
     const timeoutMs = this.#timeoutMs();
+    // Everything is sent at once and pipelined on the connection: one round trip for the
+    // whole file. The first statement that fails is the one reported; the server answers
+    // every later one with 25P02, and the transaction rolls back. The history row measures
+    // the time since BEGIN on the server (now() is the transaction's start).
     return await conn.transaction(async (tx) => {
       const start = performance.now();
-      await tx.execute(
+      const settings = tx.execute(
         "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
         [`${this.#lockTimeoutMs}ms`, `${this.#statementTimeoutMs ?? 0}ms`],
       );
-      for (const statement of statements) {
-        try {
-          await tx.execute(statement.text, [], { timeoutMs });
-        } catch (error) {
-          throw new StatementFailure(error, statement, []);
+      const sent = statements.map((statement) => tx.execute(statement.text, [], { timeoutMs }));
+      const history = tx.execute(
+        `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
+          "VALUES ($1, $2, $3, " +
+          "greatest(1, round(extract(epoch FROM clock_timestamp() - now()) * 1000))::int)",
+        [migration.filename, migration.checksum, this.#module],
+      );
+      const [first, ...results] = await Promise.allSettled([settings, ...sent, history]);
+      if (first.status === "rejected") throw first.reason;
+      for (let i = 0; i < statements.length; i++) {
+        const result = results[i];
+        if (result.status === "rejected") {
+          throw new StatementFailure(result.reason, statements[i], []);
         }
       }
-      const executionTimeMs = Math.max(1, Math.round(performance.now() - start));
-      await tx.execute(
-        `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
-          `VALUES ($1, $2, $3, $4)`,
-        [migration.filename, migration.checksum, this.#module, executionTimeMs],
-      );
-      return executionTimeMs;
+      const last = results[statements.length];
+      if (last.status === "rejected") throw last.reason;
+      return Math.max(1, Math.round(performance.now() - start));
     });
   }
 
