@@ -173,6 +173,21 @@ Deno.test("DatabaseManager and Migrator run on the embedded PostgreSQL (pglite:m
     );
 
     await t.step(
+      "a standalone pglite:memory manager is a database of its own, with no warning",
+      async () => {
+        const warnings: string[] = [];
+        await using other = new DatabaseManager({
+          connectionString: "pglite:memory",
+          schema: "users",
+          logger: { warn: (message) => warnings.push(message) },
+        });
+        await other.connect();
+        assert.equal(await other.tableExists("items"), false);
+        assert.deepEqual(warnings, []);
+      },
+    );
+
+    await t.step(
       "an aborted signal rejects with TimeoutError before anything is sent",
       async () => {
         const controller = new AbortController();
