@@ -589,7 +589,9 @@ export class ConnectionPool implements Pool {
     const { attempts, delayMs, backoff, maxDelayMs } = this.config.retry;
     let delay = delayMs;
     let lastError: unknown;
+    let made = 0;
     for (let attempt = 1; attempt <= attempts; attempt++) {
+      made = attempt;
       try {
         const conn = await this.#driver.connect();
         try {
@@ -606,8 +608,8 @@ export class ConnectionPool implements Pool {
         return conn;
       } catch (error) {
         lastError = error;
-        if (!isRetryable(error)) break;
-        if (attempt < attempts && !this.#closed) {
+        if (!isRetryable(error) || this.#closed) break;
+        if (attempt < attempts) {
           await new Promise((resolve) => setTimeout(resolve, delay));
           delay = Math.min(delay * backoff, maxDelayMs);
         }
@@ -616,9 +618,11 @@ export class ConnectionPool implements Pool {
     const reason = lastError instanceof Error ? lastError.message : String(lastError);
     throw new ConnectionError(
       this.config,
-      attempts,
-      `Cannot connect to ${describeTarget(this.config)}: ${reason}. Check that the server is ` +
-        "running and that the host, port, database, user and password are right",
+      made,
+      `Cannot connect to ${describeTarget(this.config)} (${made} attempt${made === 1 ? "" : "s"}` +
+        `${isRetryable(lastError) ? "" : "; not retried, retrying cannot help"}): ${reason}. ` +
+        "Check that the server is running and that the host, port, database, user and password " +
+        "are right",
       { cause: lastError },
     );
   }

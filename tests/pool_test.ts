@@ -527,6 +527,24 @@ Deno.test("createSharedPool() does not retry when attempts is 1", async () => {
   assert.ok(performance.now() - start < 1500, "it waited for a retry delay");
 });
 
+serverTest(
+  "createSharedPool() does not retry what retrying cannot fix (a missing database)",
+  async () => {
+    const start = performance.now();
+    const url = new URL(TEST_URL);
+    url.pathname = `/${uniqueName("missing_db")}`;
+    const error = await createSharedPool({
+      connectionString: url.href,
+      retry: { attempts: 3, delayMs: 2000 },
+    }).then(() => undefined, (e) => e);
+    assert.ok(error instanceof ConnectionError, `expected ConnectionError, got ${error}`);
+    assert.equal(error.attempts, 1);
+    assert.match(error.message, /does not exist/);
+    assert.match(error.message, /not retried/);
+    assert.ok(performance.now() - start < 1500, "it waited for a retry delay");
+  },
+);
+
 serverTest("Pool replaces a connection whose backend was terminated", async () => {
   await withPool({ minConnections: 1, maxConnections: 1 }, async (db, pool, app) => {
     const pid = (await db.fetchValue<number>("SELECT pg_backend_pid()"))!;
