@@ -59,6 +59,11 @@ export interface DriverConnection {
   onClose(listener: () => void): void;
   /** Ends the session after the statements already sent; idempotent. */
   close(): Promise<void>;
+  /**
+   * Ends the session now, for a session that stopped answering: statements in flight
+   * reject. Drivers that cannot interrupt a statement end it as `close()` does.
+   */
+  terminate(): Promise<void>;
 }
 
 /** Opens sessions to one server. */

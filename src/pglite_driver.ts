@@ -373,6 +373,11 @@ class PgliteConnection implements DriverConnection {
     }
     return this.#closing;
   }
+
+  /** PGlite cannot interrupt a statement: the session ends after it, as with `close()`. */
+  terminate(): Promise<void> {
+    return this.close();
+  }
 }
 
 /** Runs one statement: extended protocol with params, simple protocol without. */

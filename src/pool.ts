@@ -76,6 +76,7 @@ const STALL_MS = 10;
 const SLOW_MS = 20;
 const PIPELINE_LIMIT = 250;
 const TICK_MS = 250;
+const CANCEL_GRACE_MS = 1000;
 const MAX_TRACKED_STATEMENTS = 5000;
 
 interface Slot {
@@ -98,6 +99,7 @@ interface InFlight {
   deadline: number;
   slow: boolean;
   start: number;
+  cancelledAt?: number;
   fail?: (error: Error) => void;
 }
 
@@ -217,13 +219,32 @@ export class ConnectionPool implements Pool {
     };
   }
 
-  /** Runs one autocommit statement on a shared connection, pipelined with others. */
+  /**
+   * Runs one autocommit statement on a shared connection, pipelined with others. With
+   * `prepare: false` (PgBouncer in transaction mode) a statement with parameters gets a
+   * connection of its own instead: postgres.js sends it without a Sync, and PgBouncer may
+   * hand the server connection to another client between the two, which hangs the query.
+   */
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
     if (this.#closed) return Promise.reject(this.#closedError());
+    if (!this.config.prepare && params.length > 0) return this.#queryAlone(sql, params, options);
     const slow = this.#durations.get(sql)?.slow === true;
     const slot = slow ? this.#pickQuiet() : this.#pickShared();
     if (slot !== undefined) return this.#run(slot, sql, params, options, slow);
     return this.#wait(false).then((waited) => this.#run(waited, sql, params, options, slow));
+  }
+
+  async #queryAlone(
+    sql: string,
+    params: readonly unknown[],
+    options: QueryOptions | undefined,
+  ): Promise<DriverResult> {
+    const lease = await this.lease();
+    try {
+      return await lease.query(sql, params, options);
+    } finally {
+      lease.release();
+    }
   }
 
   /** Leases a connection for a transaction or `acquire()`. */
@@ -367,7 +388,10 @@ export class ConnectionPool implements Pool {
   }
 
   #failure(entry: InFlight, error: unknown): unknown {
-    if (error instanceof QueryError && error.sqlstate === "57014" && entry.deadline < 0) {
+    // A statement we cancelled ends with 57014, or with a lost session when the pool had
+    // to end a session that ignored the cancel.
+    const state = error instanceof QueryError ? error.sqlstate ?? "" : "";
+    if (entry.deadline < 0 && (state === "57014" || state.startsWith("08"))) {
       return timeoutError(this.config.commandTimeoutMs);
     }
     return error;
@@ -376,6 +400,7 @@ export class ConnectionPool implements Pool {
   #cancel(entry: InFlight, error: Error): void {
     if (entry.deadline < 0) return;
     entry.deadline = -1;
+    entry.cancelledAt = performance.now();
     entry.running.cancel().then(() => entry.fail?.(error));
   }
 
@@ -641,11 +666,20 @@ export class ConnectionPool implements Pool {
 
   #tick(): void {
     const now = performance.now();
-    for (const slot of this.#slots) {
+    for (const slot of [...this.#slots]) {
+      let hung = false;
       for (const entry of slot.running) {
-        if (entry.deadline >= 0 && now > entry.deadline) {
-          this.#cancel(entry, timeoutError(this.config.commandTimeoutMs));
+        if (entry.deadline >= 0) {
+          if (now > entry.deadline) this.#cancel(entry, timeoutError(this.config.commandTimeoutMs));
+        } else if (now - entry.cancelledAt! > CANCEL_GRACE_MS) {
+          hung = true;
         }
+      }
+      // The cancel request changed nothing (a pooler that lost the query, a dead network):
+      // end the session, so that its statements reject instead of hanging forever.
+      if (hung) {
+        slot.retiring = true;
+        slot.conn.terminate();
       }
     }
     const idleLimit = now - this.config.idleTimeoutMs;

@@ -19,6 +19,8 @@ type Sql = ReturnType<typeof postgres>;
 type PgQuery = ReturnType<Sql["unsafe"]>;
 type TlsOptions = Record<string, unknown>;
 
+const SQLSTATE = /^[0-9A-Z]{5}$/;
+
 const CONNECTION_LOST_CODES = new Set([
   "CONNECTION_CLOSED",
   "CONNECTION_DESTROYED",
@@ -214,6 +216,12 @@ class PostgresConnection implements DriverConnection {
         { cause: error },
       );
     }
+    if (code !== undefined && SQLSTATE.test(code)) {
+      // postgres.js's own errors in SQLSTATE form, such as 57014 for a query cancelled
+      // while it still waited in postgres.js's queue.
+      const message = (e.message ?? "").replace(`${code}: `, "");
+      return new QueryError(message, sql, params, { sqlstate: code }, { cause: error });
+    }
     return new QueryError(
       `Cannot run the query: ${e?.message ?? String(error)}`,
       sql,
@@ -221,6 +229,12 @@ class PostgresConnection implements DriverConnection {
       {},
       { cause: error },
     );
+  }
+
+  /** Ends the session at once: statements in flight reject. */
+  terminate(): Promise<void> {
+    this.#markClosed();
+    return this.#sql.end({ timeout: 0 }).catch(() => {});
   }
 
   #lose(): void {
@@ -271,7 +285,14 @@ class PostgresRunningQuery implements RunningQuery {
   }
 
   cancel(): Promise<void> {
-    return Promise.resolve(this.#query.cancel()).then(() => {}, () => {});
+    // Query.cancel() drops the promise of the cancel request, so a failed request (the
+    // server or a pooler resetting it) would be an unhandled rejection: call the canceller
+    // itself and keep its promise.
+    const query = this.#query as PgQuery & { canceller: ((q: PgQuery) => Promise<void>) | null };
+    const canceller = query.canceller;
+    if (typeof canceller !== "function") return Promise.resolve();
+    query.canceller = null;
+    return Promise.resolve(canceller(query)).then(() => {}, () => {});
   }
 }
 

@@ -545,6 +545,25 @@ serverTest(
   },
 );
 
+serverTest("prepare: false runs mixed traffic without named statements", async () => {
+  await withManager(async (db) => {
+    const values = await Promise.all(
+      Array.from(
+        { length: 200 },
+        (_, i) =>
+          i % 10 === 0
+            ? db.fetchValue<number>(`SELECT ${i}`)
+            : db.fetchValue<number>("SELECT $1::int", [i]),
+      ),
+    );
+    assert.deepEqual(values, Array.from({ length: 200 }, (_, i) => i));
+    const named = await db.acquire((conn) =>
+      conn.fetchValue<string>("SELECT count(*) FROM pg_prepared_statements")
+    );
+    assert.equal(named, "0");
+  }, { prepare: false });
+});
+
 serverTest("Pool replaces a connection whose backend was terminated", async () => {
   await withPool({ minConnections: 1, maxConnections: 1 }, async (db, pool, app) => {
     const pid = (await db.fetchValue<number>("SELECT pg_backend_pid()"))!;
