@@ -867,20 +867,46 @@ export class Migrator {
       await this.#ensureTable(conn);
       await this.#lock(conn);
       let before: Map<string, string> | undefined;
+      let result: T | undefined;
+      let failed = false;
       try {
         before = await sessionSettings(conn);
-        return await fn(conn);
+        result = await fn(conn);
+        return result;
+      } catch (error) {
+        failed = true;
+        throw error;
       } finally {
         if (before !== undefined) await restoreSessionSettings(conn, before).catch(() => {});
-        await this.#unlock(conn);
+        const released = await this.#unlock(conn);
+        if (!released && !failed) throw this.#sessionLost(result);
       }
     });
   }
 
-  async #unlock(conn: Connection): Promise<void> {
+  /** Releases the lock; `false` when this session did not hold it (a pooler moved us). */
+  async #unlock(conn: Connection): Promise<boolean> {
     // When this fails the connection is broken, and its session (and lock) ends with it.
-    await conn.fetchValue("SELECT pg_advisory_unlock(hashtext($1), hashtext($2))", this.#lockKey())
-      .catch(() => {});
+    const released = await conn.fetchValue<boolean>(
+      "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))",
+      this.#lockKey(),
+    ).catch(() => true);
+    return released !== false;
+  }
+
+  /**
+   * The error for statements that ran on another server session than the one holding the
+   * lock: a pooler in transaction mode (PgBouncer) sits between pgdbm and PostgreSQL.
+   */
+  #sessionLost(partialResult?: unknown): MigrationError {
+    return new MigrationError(
+      `Cannot keep the migration lock of module '${this.#module}'${this.#where()}: the ` +
+        "statements ran on another server session than the one holding it, which happens " +
+        "behind a pooler in transaction mode (PgBouncer). The lock may stay held until that " +
+        "server connection closes. Run migrations on a URL that goes directly to PostgreSQL " +
+        "(or through a session-mode pool)",
+      this.#details(undefined, undefined, partialResult),
+    );
   }
 
   #lockKey(): [string, string] {
@@ -945,9 +971,12 @@ export class Migrator {
     // the time since BEGIN on the server (now() is the transaction's start).
     return await conn.transaction(async (tx) => {
       const start = performance.now();
+      // The transaction must run in the session that holds the lock: taking the same lock
+      // again succeeds only there (1 / false is a division by zero, which stops the batch).
       const settings = tx.execute(
-        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
-        [`${this.#lockTimeoutMs}ms`, `${this.#statementTimeoutMs ?? 0}ms`],
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true), " +
+          "1 / pg_try_advisory_xact_lock(hashtext($3), hashtext($4))::int",
+        [`${this.#lockTimeoutMs}ms`, `${this.#statementTimeoutMs ?? 0}ms`, ...this.#lockKey()],
       );
       const sent = statements.map((statement) => tx.execute(statement.text, [], { timeoutMs }));
       const history = tx.execute(
@@ -957,7 +986,10 @@ export class Migrator {
         [migration.filename, migration.checksum, this.#module],
       );
       const [first, ...results] = await Promise.allSettled([settings, ...sent, history]);
-      if (first.status === "rejected") throw first.reason;
+      if (first.status === "rejected") {
+        const lost = first.reason instanceof QueryError && first.reason.sqlstate === "22012";
+        throw lost ? this.#sessionLost() : first.reason;
+      }
       for (let i = 0; i < statements.length; i++) {
         const result = results[i];
         if (result.status === "rejected") {
