@@ -867,20 +867,18 @@ export class Migrator {
       await this.#ensureTable(conn);
       await this.#lock(conn);
       let before: Map<string, string> | undefined;
-      let result: T | undefined;
-      let failed = false;
+      let result: T;
       try {
         before = await sessionSettings(conn);
         result = await fn(conn);
-        return result;
       } catch (error) {
-        failed = true;
-        throw error;
-      } finally {
         if (before !== undefined) await restoreSessionSettings(conn, before).catch(() => {});
-        const released = await this.#unlock(conn);
-        if (!released && !failed) throw this.#sessionLost(result);
+        await this.#unlock(conn);
+        throw error;
       }
+      await restoreSessionSettings(conn, before).catch(() => {});
+      if (!await this.#unlock(conn)) throw this.#sessionLost(result);
+      return result;
     });
   }
 

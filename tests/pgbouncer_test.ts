@@ -16,9 +16,10 @@
  *   such queries a connection of their own when `prepare` is false.)
  * - With the default `prepare: true` a transaction fails with SQLSTATE 26000 once it lands
  *   on another server connection, and concurrent queries hang.
- * - The Migrator works when nothing else runs, but its session-level advisory lock is not
- *   safe: when its unlock lands on another server connection the lock stays with the first
- *   one, and later runs of the module fail until PgBouncer closes that server connection.
+ * - The Migrator works when nothing else runs. Its session-level advisory lock is not safe
+ *   through transaction mode: when its unlock lands on another server connection the lock
+ *   stays with the first one, so the run fails with a MigrationError saying so (and later
+ *   runs of the module wait until PgBouncer closes that server connection).
  */
 import assert from "node:assert/strict";
 import postgres from "postgres";
