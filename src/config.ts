@@ -156,10 +156,12 @@ export interface DatabaseConfig {
    */
   lockTimeoutMs?: number | null;
   /**
-   * Extra server settings for every connection (`application_name`, `timezone`…).
+   * Extra server settings for every connection (`application_name`, `timezone`…); `null`
+   * sends nothing for that name, not even pgdbm's default (for PgBouncer, which refuses
+   * startup settings it does not know: `{ jit: null }`).
    * @default {{ jit: "off" }}
    */
-  serverSettings?: Record<string, string>;
+  serverSettings?: Record<string, string | null>;
   /**
    * SQL run on every new connection.
    * @default {[]}
@@ -404,7 +406,10 @@ export function resolveConfig(config: DatabaseConfig): ResolvedConfig {
     serverSettings.idle_in_transaction_session_timeout = String(idleInTransactionMs);
   }
   if (lockTimeoutMs !== null) serverSettings.lock_timeout = String(lockTimeoutMs);
-  Object.assign(serverSettings, userSettings);
+  for (const [name, setting] of Object.entries(userSettings)) {
+    if (setting === null) delete serverSettings[name];
+    else serverSettings[name] = setting;
+  }
 
   const resolved: ResolvedConfig = {
     kind: embedded ? "embedded" : "network",
@@ -747,7 +752,7 @@ function booleanOption(config: DatabaseConfig, name: keyof DatabaseConfig): bool
   );
 }
 
-function serverSettingsOption(value: unknown): Record<string, string> {
+function serverSettingsOption(value: unknown): Record<string, string | null> {
   if (value === undefined) return {};
   if (!isPlainObject(value)) {
     throw new ConfigurationError(
@@ -756,7 +761,7 @@ function serverSettingsOption(value: unknown): Record<string, string> {
         `such as { timezone: "UTC" }; got ${show(value)}`,
     );
   }
-  const settings: Record<string, string> = {};
+  const settings: Record<string, string | null> = {};
   for (const [name, setting] of Object.entries(value)) {
     if (!SETTING_NAME.test(name)) {
       throw new ConfigurationError(
@@ -765,10 +770,11 @@ function serverSettingsOption(value: unknown): Record<string, string> {
           `got ${show(name)}`,
       );
     }
-    if (typeof setting !== "string" || setting.includes("\0")) {
+    if (setting !== null && (typeof setting !== "string" || setting.includes("\0"))) {
       throw new ConfigurationError(
         "serverSettings",
-        `${PREFIX}: 'serverSettings.${name}' must be a string without NUL characters; ` +
+        `${PREFIX}: 'serverSettings.${name}' must be a string without NUL characters, or null ` +
+          `to send none; ` +
           `got ${show(setting)}`,
       );
     }

@@ -490,3 +490,14 @@ Deno.test("describeTarget() and poolKey() describe a server without its password
   const sameDb = resolveClean({ connectionString: "postgres://other:pw@127.0.0.1/test" });
   assert.equal(poolKey(sameDb), poolKey(config));
 });
+
+Deno.test("resolveConfig() sends no setting whose serverSettings value is null", () => {
+  const config = resolveConfig({
+    connectionString: "postgres://app@db/app",
+    statementTimeoutMs: null,
+    lockTimeoutMs: null,
+    idleInTransactionSessionTimeoutMs: null,
+    serverSettings: { jit: null, application_name: null, timezone: "UTC" },
+  });
+  assert.deepEqual(config.serverSettings, { timezone: "UTC" });
+});

@@ -220,8 +220,25 @@ Deno.test({
               })
                 .then((pool) => pool.close(), (e) => e);
               assert.ok(error instanceof ConnectionError, `expected ConnectionError, got ${error}`);
-              // jit=off is always sent, so no pgdbm option avoids this.
+              // jit=off is sent unless serverSettings says jit: null.
               assert.match(error.message, /unsupported startup parameter: jit/);
+            }
+            // Sending none of them works without ignore_startup_parameters.
+            const pool = await createSharedPool({
+              ...config,
+              statementTimeoutMs: null,
+              idleInTransactionSessionTimeoutMs: null,
+              lockTimeoutMs: null,
+              serverSettings: { jit: null },
+              retry: { attempts: 1 },
+            });
+            try {
+              assert.equal(
+                await new DatabaseManager({ pool }).fetchValue("SELECT $1::int", [7]),
+                7,
+              );
+            } finally {
+              await pool.close();
             }
             for (const name of IGNORED) {
               const error = await startupProbe(bouncer.url(), { [name]: "0" }).catch((e) => e);
