@@ -6,6 +6,7 @@
  */
 
 import { ConfigurationError } from "./errors.ts";
+import type { QueryHook } from "./query_event.ts";
 import { assertIdentifier } from "./template.ts";
 
 /** TLS verification modes, as in libpq's `sslmode`. */
@@ -181,6 +182,30 @@ export interface DatabaseConfig {
    * @default {console}
    */
   logger?: Logger;
+  /**
+   * Called after every statement a manager, transaction or connection runs, with the
+   * expanded SQL, the parameters masked, its duration and row count (see `QueryMonitor` in
+   * `@pgdbm/pgdbm/monitoring` for history and slow queries). It must not throw; it runs on
+   * the query path, so keep it cheap.
+   */
+  onQuery?: QueryHook;
+  /**
+   * Connection strings of streaming replicas. Reads outside transactions (`fetchOne`,
+   * `fetchAll`, `fetchValue`, `fetchAsModel`, `fetchAllAsModel`) go to a healthy one, round
+   * robin; everything else goes to the primary. Every other option is the primary's.
+   * @default {[]}
+   */
+  replicas?: string[];
+  /**
+   * A replica whose replay lags the primary by more than this is skipped until it catches
+   * up; left out, lag is not checked.
+   */
+  maxReplicaLagMs?: number;
+  /**
+   * A replica that failed is skipped this long, then tried again.
+   * @default {5000}
+   */
+  replicaRetryMs?: number;
 }
 
 /**
@@ -253,6 +278,14 @@ export interface ResolvedConfig {
   prepare: boolean;
   /** Where warnings go. */
   logger: Logger;
+  /** The statement hook, or `undefined`. */
+  onQuery?: QueryHook;
+  /** The replicas, each a full configuration (with no replicas of its own). */
+  replicas: ResolvedConfig[];
+  /** Lag beyond which a replica is skipped, or `undefined` (not checked). */
+  maxReplicaLagMs?: number;
+  /** How long a failed replica is skipped. */
+  replicaRetryMs: number;
 }
 
 const PREFIX = "Cannot create the pool";
@@ -285,6 +318,10 @@ const OPTION_NAMES: readonly string[] = [
   "retry",
   "prepare",
   "logger",
+  "onQuery",
+  "replicas",
+  "maxReplicaLagMs",
+  "replicaRetryMs",
 ];
 const SSL_OPTION_NAMES: readonly string[] = ["mode", "ca", "cert", "key", "keyPassword"];
 const RETRY_OPTION_NAMES: readonly string[] = ["attempts", "delayMs", "backoff", "maxDelayMs"];
@@ -430,7 +467,13 @@ export function resolveConfig(config: DatabaseConfig): ResolvedConfig {
     retry: retryOption(config.retry),
     prepare: booleanOption(config, "prepare") ?? true,
     logger: loggerOption(config.logger),
+    replicas: [],
+    replicaRetryMs: durationOption(config, "replicaRetryMs") ?? 5_000,
   };
+  const onQuery = hookOption(config.onQuery);
+  if (onQuery !== undefined) resolved.onQuery = onQuery;
+  const maxReplicaLagMs = durationOption(config, "maxReplicaLagMs");
+  if (maxReplicaLagMs !== undefined) resolved.maxReplicaLagMs = maxReplicaLagMs;
   if (target?.kind === "embedded" && target.dataDir !== undefined) {
     resolved.embeddedDataDir = target.dataDir;
   }
@@ -438,7 +481,68 @@ export function resolveConfig(config: DatabaseConfig): ResolvedConfig {
   const ssl = embedded ? undefined : resolveSsl(config.ssl, url, env);
   if (ssl !== undefined) resolved.ssl = ssl;
   Object.defineProperty(resolved, "password", { value: password, enumerable: false });
+  resolved.replicas = replicasOption(config.replicas, resolved);
   return resolved;
+}
+
+/** Each replica: the primary's configuration with the replica's server, user and password. */
+function replicasOption(value: unknown, primary: ResolvedConfig): ResolvedConfig[] {
+  if (value === undefined) return [];
+  if (!Array.isArray(value) || value.some((url) => typeof url !== "string")) {
+    throw new ConfigurationError(
+      "replicas",
+      `${PREFIX}: 'replicas' must be an array of connection strings ` +
+        `(["postgres://user@replica1/db"]); got ${show(value)}`,
+    );
+  }
+  if (value.length > 0 && primary.kind === "embedded") {
+    throw new ConfigurationError(
+      "replicas",
+      `${PREFIX}: 'replicas' cannot be used with the embedded PostgreSQL (pglite:); ` +
+        "connect to a server to read from replicas",
+    );
+  }
+  return value.map((url: string) => {
+    let target: Target;
+    try {
+      target = parseConnectionString(url);
+    } catch (error) {
+      throw new ConfigurationError(
+        "replicas",
+        `${PREFIX}: a replica's connection string is invalid: ${(error as Error).message}`,
+      );
+    }
+    if (target.kind !== "network") {
+      throw new ConfigurationError(
+        "replicas",
+        `${PREFIX}: each of 'replicas' must be a postgres:// URL; got ${maskConnectionString(url)}`,
+      );
+    }
+    const parts = target.parts;
+    const replica: ResolvedConfig = {
+      ...primary,
+      host: parts.host ?? primary.host,
+      port: parts.port === undefined
+        ? primary.port
+        : checkPort(parsePort(parts.port), "'port' in a replica's connection string", parts.port),
+      database: parts.database ?? primary.database,
+      user: parts.user ?? primary.user,
+      replicas: [],
+    };
+    Object.defineProperty(replica, "password", {
+      value: parts.password ?? primary.password,
+      enumerable: false,
+    });
+    return replica;
+  });
+}
+
+function hookOption(value: unknown): QueryHook | undefined {
+  if (value === undefined || typeof value === "function") return value as QueryHook | undefined;
+  throw new ConfigurationError(
+    "onQuery",
+    `${PREFIX}: 'onQuery' must be a function (event) => void; got ${show(value)}`,
+  );
 }
 
 /**

@@ -22,6 +22,8 @@ export interface DriverResult {
   command: string;
   /** Rows affected or returned, as the command tag reports it. */
   rowCount: number;
+  /** Set to `"replica"` by the pool when a read replica answered. */
+  node?: "replica";
 }
 
 /** A statement on its way: its result, and a way to cancel it on the server. */

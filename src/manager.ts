@@ -56,6 +56,8 @@ interface PoolHolder {
 
 /** Marks options built by `withSchema()`: a view over another manager's pool. */
 const VIEW_OF: unique symbol = Symbol("pgdbm.viewOf");
+/** Marks options built by `onPrimary()`: every read goes to the primary. */
+const PRIMARY_ONLY: unique symbol = Symbol("pgdbm.primaryOnly");
 
 const SHARED_PATTERN = "  const pool = await createSharedPool({ connectionString });\n" +
   '  const users = new DatabaseManager({ pool, schema: "users" });\n' +
@@ -86,6 +88,7 @@ const SHARED_PATTERN = "  const pool = await createSharedPool({ connectionString
 export class DatabaseManager extends Queries implements AsyncDisposable {
   readonly #holder: PoolHolder;
   readonly #owner: boolean;
+  readonly #primaryOnly: boolean;
 
   /**
    * Makes a manager; a standalone one opens its pool in `connect()`.
@@ -98,6 +101,7 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
    */
   constructor(options: DatabaseConfig | SharedPoolOptions) {
     const view = (options as { [VIEW_OF]?: PoolHolder })?.[VIEW_OF];
+    const primaryOnly = (options as { [PRIMARY_ONLY]?: boolean })?.[PRIMARY_ONLY] === true;
     const shared = view !== undefined ||
       (options !== null && typeof options === "object" && "pool" in options);
     const holder: PoolHolder = view ??
@@ -106,9 +110,10 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
         : { config: resolveConfig(options as DatabaseConfig) });
     const schema = shared ? (options as SharedPoolOptions).schema : holder.config!.schema;
     if (shared && schema !== undefined && schema !== null) assertIdentifier(schema, "schema");
-    super(new PoolRunner(holder), schema ?? undefined);
+    super(new PoolRunner(holder, primaryOnly), schema ?? undefined);
     this.#holder = holder;
     this.#owner = !shared;
+    this.#primaryOnly = primaryOnly;
   }
 
   /**
@@ -177,8 +182,29 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
    */
   withSchema(schema: string): DatabaseManager {
     assertIdentifier(schema, "schema");
-    const options = { schema, [VIEW_OF]: this.#holder } as unknown as SharedPoolOptions;
-    return new DatabaseManager(options);
+    return this.#view(schema, this.#primaryOnly);
+  }
+
+  /**
+   * A manager for the same schema and pool whose reads all go to the primary, even when
+   * the pool has `replicas`: for reading what was just written. Cheap, nothing is opened;
+   * without replicas it behaves exactly like this manager.
+   *
+   * @returns A manager that does not own the pool.
+   *
+   * @example Read your own write (needs a server)
+   * ```ts ignore
+   * await db.execute("INSERT INTO {{tables.users}} (email) VALUES ($1)", [email]);
+   * const user = await db.onPrimary().fetchOne("SELECT * FROM {{tables.users}} WHERE email = $1", [email]);
+   * ```
+   */
+  onPrimary(): DatabaseManager {
+    return this.#view(this.schema, true);
+  }
+
+  #view(schema: string | undefined, primaryOnly: boolean): DatabaseManager {
+    const options = { schema, [VIEW_OF]: this.#holder, [PRIMARY_ONLY]: primaryOnly };
+    return new DatabaseManager(options as unknown as SharedPoolOptions);
   }
 
   /**
@@ -281,6 +307,10 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
       idle: 0,
       used: 0,
       waiting: 0,
+      queries: 0,
+      errors: 0,
+      acquireWaitMs: { p50: 0, p99: 0 },
+      replicas: [],
     };
     return {
       ...base,
@@ -295,15 +325,27 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
 /** Autocommit queries on the shared pool; batches and COPY lease a connection. */
 class PoolRunner implements Runner {
   readonly #holder: PoolHolder;
+  readonly #primaryOnly: boolean;
 
-  constructor(holder: PoolHolder) {
+  constructor(holder: PoolHolder, primaryOnly: boolean) {
     this.#holder = holder;
+    this.#primaryOnly = primaryOnly;
+  }
+
+  get config(): ResolvedConfig | undefined {
+    return this.#holder.pool?.config;
   }
 
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
     const pool = this.#holder.pool;
     if (pool === undefined) return Promise.reject(notConnectedError());
     return pool.query(sql, params, options);
+  }
+
+  read(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
+    const pool = this.#holder.pool;
+    if (pool === undefined) return Promise.reject(notConnectedError());
+    return this.#primaryOnly ? pool.query(sql, params, options) : pool.read(sql, params, options);
   }
 
   async batch(sql: string, paramsList: readonly (readonly unknown[])[]): Promise<number> {

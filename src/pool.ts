@@ -18,6 +18,9 @@ import {
 import type { Driver, DriverConnection, DriverResult, RunningQuery } from "./driver.ts";
 import { ConnectionError, PoolError, QueryError, TimeoutError } from "./errors.ts";
 import { createPostgresDriver } from "./postgres_driver.ts";
+import { ReplicaSet, type ReplicaStats } from "./_replicas.ts";
+
+export type { ReplicaStats };
 
 /** Per-call options of every query method. */
 export interface QueryOptions {
@@ -25,6 +28,20 @@ export interface QueryOptions {
   timeoutMs?: number;
   /** Cancel the query on the server when this signal aborts. */
   signal?: AbortSignal;
+  /**
+   * Send a read to the primary even when the pool has replicas (to read what was just
+   * written).
+   * @default {false}
+   */
+  primary?: boolean;
+}
+
+/** Percentiles of the time callers waited for a connection. */
+export interface WaitPercentiles {
+  /** Median, in milliseconds. */
+  p50: number;
+  /** 99th percentile, in milliseconds. */
+  p99: number;
 }
 
 /** Live statistics of a pool. */
@@ -43,6 +60,17 @@ export interface PoolStats {
   used: number;
   /** Callers waiting for a connection. */
   waiting: number;
+  /** Statements run since the pool opened (on the primary). */
+  queries: number;
+  /** Statements that failed since the pool opened (on the primary). */
+  errors: number;
+  /**
+   * Time transactions, `acquire()` calls and queued queries waited for a connection, over
+   * the last 1,024 of them.
+   */
+  acquireWaitMs: WaitPercentiles;
+  /** One entry per read replica (empty without `replicas`). */
+  replicas: ReplicaStats[];
 }
 
 /**
@@ -62,6 +90,8 @@ export interface Pool {
 
 /** A connection leased to one transaction or `acquire()` callback. */
 export interface Lease {
+  /** The configuration of the pool the connection belongs to. */
+  readonly config: ResolvedConfig;
   /** The session's server process id. */
   readonly pid: number;
   /** Runs a statement on the leased connection. */
@@ -78,6 +108,7 @@ const PIPELINE_LIMIT = 250;
 const TICK_MS = 250;
 const CANCEL_GRACE_MS = 1000;
 const MAX_TRACKED_STATEMENTS = 5000;
+const WAIT_WINDOW = 1024;
 
 interface Slot {
   conn: DriverConnection;
@@ -152,6 +183,11 @@ export class ConnectionPool implements Pool {
   readonly #waiters: Waiter[] = [];
   readonly #prepared = new Map<string, string>();
   readonly #durations = new Map<string, StatementTiming>();
+  readonly #waits = new Float64Array(WAIT_WINDOW);
+  #waitCount = 0;
+  #queries = 0;
+  #errors = 0;
+  #replicas?: ReplicaSet;
   #opening = 0;
   #turnAt = 0;
   #turnProbe = false;
@@ -183,6 +219,13 @@ export class ConnectionPool implements Pool {
     try {
       await pool.#openSlot();
       await Promise.all(Array.from({ length: pool.#minSize - 1 }, () => pool.#openSlot()));
+      if (config.replicas.length > 0) {
+        pool.#replicas = new ReplicaSet(
+          config,
+          (replica) =>
+            ConnectionPool.open({ ...replica, retry: { ...replica.retry, attempts: 1 } }),
+        );
+      }
     } catch (error) {
       await pool.close();
       throw error;
@@ -216,7 +259,35 @@ export class ConnectionPool implements Pool {
       idle,
       used: this.#slots.length - idle,
       waiting: this.#waiters.length,
+      queries: this.#queries,
+      errors: this.#errors,
+      acquireWaitMs: this.#waitPercentiles(),
+      replicas: this.#replicas?.stats() ?? [],
     };
+  }
+
+  #waitPercentiles(): WaitPercentiles {
+    const n = Math.min(this.#waitCount, WAIT_WINDOW);
+    if (n === 0) return { p50: 0, p99: 0 };
+    const sorted = this.#waits.slice(0, n).sort();
+    // Nearest rank: the smallest value with at least p of the samples at or below it.
+    return { p50: sorted[Math.ceil(n * 0.5) - 1], p99: sorted[Math.ceil(n * 0.99) - 1] };
+  }
+
+  #recordWait(ms: number): void {
+    this.#waits[this.#waitCount++ % WAIT_WINDOW] = ms;
+  }
+
+  /**
+   * Runs a read: on a healthy replica when the pool has replicas (unless
+   * `options.primary`), else like {@link query}.
+   */
+  read(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
+    if (this.#replicas === undefined || options?.primary === true) {
+      return this.query(sql, params, options);
+    }
+    if (this.#closed) return Promise.reject(this.#closedError());
+    return this.#replicas.read(this, sql, params, options);
   }
 
   /**
@@ -231,7 +302,11 @@ export class ConnectionPool implements Pool {
     const slow = this.#durations.get(sql)?.slow === true;
     const slot = slow ? this.#pickQuiet() : this.#pickShared();
     if (slot !== undefined) return this.#run(slot, sql, params, options, slow);
-    return this.#wait(false).then((waited) => this.#run(waited, sql, params, options, slow));
+    const start = performance.now();
+    return this.#wait(false).then((waited) => {
+      this.#recordWait(performance.now() - start);
+      return this.#run(waited, sql, params, options, slow);
+    });
   }
 
   async #queryAlone(
@@ -250,7 +325,14 @@ export class ConnectionPool implements Pool {
   /** Leases a connection for a transaction or `acquire()`. */
   async lease(): Promise<Lease> {
     if (this.#closed) throw this.#closedError();
-    const slot = this.#pickIdle() ?? await this.#wait(true);
+    let slot = this.#pickIdle();
+    if (slot === undefined) {
+      const start = performance.now();
+      slot = await this.#wait(true);
+      this.#recordWait(performance.now() - start);
+    } else {
+      this.#recordWait(0);
+    }
     return new SlotLease(this, slot);
   }
 
@@ -278,6 +360,7 @@ export class ConnectionPool implements Pool {
         await new Promise<void>((resolve) => this.#drained = resolve);
       }
       clearInterval(this.#ticker);
+      await this.#replicas?.close();
       await Promise.all(this.#slots.splice(0).map((slot) => slot.conn.close()));
       await this.#driver.close();
       const key = poolKey(this.config);
@@ -352,6 +435,7 @@ export class ConnectionPool implements Pool {
     slot.running.add(entry);
     if (slow) slot.slowRunning++;
     const signal = options?.signal;
+    this.#queries++;
     if (options?.timeoutMs === undefined && signal === undefined) {
       return running.result.then(
         (result) => {
@@ -360,6 +444,7 @@ export class ConnectionPool implements Pool {
         },
         (error) => {
           this.#settle(slot, entry);
+          this.#errors++;
           throw this.#failure(entry, error);
         },
       );
@@ -382,6 +467,7 @@ export class ConnectionPool implements Pool {
         resolve(result);
       }, (error) => {
         done();
+        this.#errors++;
         reject(this.#failure(entry, error));
       });
     });
@@ -711,6 +797,10 @@ class SlotLease implements Lease {
   constructor(pool: ConnectionPool, slot: Slot) {
     this.#pool = pool;
     this.#slot = slot;
+  }
+
+  get config(): ResolvedConfig {
+    return this.#pool.config;
   }
 
   get pid(): number {

@@ -7,6 +7,9 @@
  */
 
 import { encodeCopyRows } from "./_copy_text.ts";
+import { instrumented } from "./_instrument.ts";
+import { activeTracer } from "./_telemetry.ts";
+import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult, Row } from "./driver.ts";
 import { QueryError, ValidationError } from "./errors.ts";
 import type { QueryOptions } from "./pool.ts";
@@ -43,8 +46,12 @@ export type CopyRecords = Iterable<readonly unknown[]> | AsyncIterable<readonly 
 
 /** Where a query object sends its SQL. Internal. */
 export interface Runner {
+  /** The configuration of the pool, for the hook and spans; `undefined` before connecting. */
+  readonly config: ResolvedConfig | undefined;
   /** Runs one statement. */
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
+  /** Runs one read: on a replica when the pool has them and this is not a transaction. */
+  read(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
   /** Runs one statement for each parameter list, pipelined and atomically. */
   batch(sql: string, paramsList: readonly (readonly unknown[])[]): Promise<number>;
   /** Streams COPY text. */
@@ -80,6 +87,31 @@ export abstract class Queries {
   }
 
   /**
+   * Sends one statement (a read to `read`), reporting it to the `onQuery` hook and to
+   * OpenTelemetry when either is in use.
+   */
+  #send(
+    sql: string,
+    params: readonly unknown[],
+    options: QueryOptions | undefined,
+    read: boolean,
+  ): Promise<DriverResult> {
+    const runner = this.#runner;
+    const tracer = activeTracer();
+    if (tracer === undefined && runner.config?.onQuery === undefined) {
+      return read ? runner.read(sql, params, options) : runner.query(sql, params, options);
+    }
+    return instrumented(
+      runner.config,
+      tracer,
+      this.#schema,
+      sql,
+      params,
+      () => read ? runner.read(sql, params, options) : runner.query(sql, params, options),
+    );
+  }
+
+  /**
    * Expands templates without running anything (for debugging and logs).
    *
    * @param sql SQL with `{{tables.name}}` / `{{schema}}` placeholders.
@@ -106,7 +138,7 @@ export abstract class Queries {
     params: readonly unknown[] = [],
     options?: QueryOptions,
   ): Promise<ExecuteResult> {
-    const result = await this.#runner.query(this.prepareQuery(sql), params, options);
+    const result = await this.#send(this.prepareQuery(sql), params, options, false);
     return { command: result.command, rowCount: result.rowCount };
   }
 
@@ -124,7 +156,16 @@ export abstract class Queries {
       throw new TypeError("Cannot run executeMany(): 'paramsList' must be an array of arrays");
     }
     if (paramsList.length === 0) return 0;
-    return await this.#runner.batch(this.prepareQuery(sql), paramsList);
+    const text = this.prepareQuery(sql);
+    const runner = this.#runner;
+    const tracer = activeTracer();
+    if (tracer === undefined && runner.config?.onQuery === undefined) {
+      return await runner.batch(text, paramsList);
+    }
+    const result = await instrumented(runner.config, tracer, this.#schema, text, [], async () => ({
+      rowCount: await runner.batch(text, paramsList),
+    }));
+    return result.rowCount;
   }
 
   /**
@@ -145,7 +186,7 @@ export abstract class Queries {
     if (!RETURNING.test(text.replace(STRING_LITERAL, "''"))) {
       text = text.replace(TRAILING, "") + " RETURNING id";
     }
-    const { rows } = await this.#runner.query(text, params, options);
+    const { rows } = await this.#send(text, params, options, false);
     if (rows.length === 0) return null;
     const row = rows[0];
     return ("id" in row ? row.id : Object.values(row)[0]) as T;
@@ -164,7 +205,7 @@ export abstract class Queries {
     params: readonly unknown[] = [],
     options?: QueryOptions,
   ): Promise<T | null> {
-    const { rows } = await this.#runner.query(this.prepareQuery(sql), params, options);
+    const { rows } = await this.#send(this.prepareQuery(sql), params, options, true);
     return (rows[0] ?? null) as T | null;
   }
 
@@ -181,7 +222,7 @@ export abstract class Queries {
     params: readonly unknown[] = [],
     options?: QueryOptions,
   ): Promise<T[]> {
-    const { rows } = await this.#runner.query(this.prepareQuery(sql), params, options);
+    const { rows } = await this.#send(this.prepareQuery(sql), params, options, true);
     return rows as T[];
   }
 
@@ -199,7 +240,7 @@ export abstract class Queries {
     params: readonly unknown[] = [],
     options?: FetchValueOptions,
   ): Promise<T | null> {
-    const { rows } = await this.#runner.query(this.prepareQuery(sql), params, options);
+    const { rows } = await this.#send(this.prepareQuery(sql), params, options, true);
     const row = rows[0];
     if (row === undefined) return null;
     const column = options?.column ?? 0;
@@ -284,7 +325,17 @@ export abstract class Queries {
     const sql = `COPY ${this.prepareQuery(`{{tables.${table}}}`)}${list} FROM STDIN`;
     const count = columns.length > 0 ? columns.length : undefined;
     const counter = { rows: 0 };
-    await this.#runner.copyIn(sql, encodeCopyRows(records, count, counter));
+    const runner = this.#runner;
+    const copy = () => runner.copyIn(sql, encodeCopyRows(records, count, counter));
+    const tracer = activeTracer();
+    if (tracer === undefined && runner.config?.onQuery === undefined) {
+      await copy();
+    } else {
+      await instrumented(runner.config, tracer, this.#schema, sql, [], async () => {
+        await copy();
+        return { rowCount: counter.rows };
+      });
+    }
     return counter.rows;
   }
 
@@ -302,6 +353,7 @@ export abstract class Queries {
       "SELECT EXISTS (SELECT 1 FROM information_schema.tables " +
         "WHERE table_schema = $1 AND table_name = $2) AS exists",
       [schema, table],
+      { primary: true },
     );
     return row?.exists === true;
   }

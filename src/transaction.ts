@@ -6,6 +6,7 @@
  * @module
  */
 
+import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult } from "./driver.ts";
 import { PoolError } from "./errors.ts";
 import type { Lease, QueryOptions } from "./pool.ts";
@@ -38,6 +39,10 @@ export class LeaseRunner implements Runner {
     return this.#lease;
   }
 
+  get config(): ResolvedConfig {
+    return this.#lease.config;
+  }
+
   /** Whether a statement run through this runner may have opened a transaction. */
   get beganOwnTransaction(): boolean {
     return this.#beganOwnTransaction;
@@ -62,6 +67,11 @@ export class LeaseRunner implements Runner {
     if (!this.#open) return Promise.reject(finishedError());
     if (!this.#inTransaction && BEGIN_STATEMENT.test(sql)) this.#beganOwnTransaction = true;
     return this.#lease.query(sql, params, options);
+  }
+
+  /** On a leased connection every statement runs on it, reads included. */
+  read(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
+    return this.query(sql, params, options);
   }
 
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {

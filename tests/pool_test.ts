@@ -622,6 +622,10 @@ serverTest("Pool.getStats() counts size, idle, used and waiting live", async () 
         idle: 1,
         used: 0,
         waiting: 0,
+        queries: 0,
+        errors: 0,
+        acquireWaitMs: { p50: 0, p99: 0 },
+        replicas: [],
       });
       const holds = [gate(), gate(), gate(), gate()];
       let entered = 0;
@@ -659,9 +663,16 @@ serverTest("Pool.getStats() counts size, idle, used and waiting live", async () 
       }
       assert.deepEqual(await Promise.all(txs), [0, 1, 2, 3]);
       const after = pool.getStats();
+      assert.equal(after.queries, 12, "BEGIN, SELECT and COMMIT of four transactions");
+      assert.equal(after.errors, 0);
+      // Two waited for a connection to open, the fourth for one to come free.
+      assert.ok(after.acquireWaitMs.p50 < after.acquireWaitMs.p99, "the fourth waited longest");
+      assert.ok(after.acquireWaitMs.p99 >= 45, `the fourth waited: ${after.acquireWaitMs.p99}`);
       assert.equal(after.used, 0);
       assert.equal(after.idle, after.size);
       assert.equal(after.size, 3);
+      await assert.rejects(db.execute("SELECT 1/0"));
+      assert.equal(pool.getStats().errors, 1);
     },
   );
 });

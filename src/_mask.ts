@@ -1,0 +1,262 @@
+/**
+ * Masks query parameters for the `onQuery` hook: long strings shortened, bytes summarized,
+ * and values under sensitive keys or bound to sensitive columns replaced by `"<hidden>"`.
+ * Which `$n` positions a statement binds to sensitive columns is worked out once per SQL
+ * text and cached, so masking costs little more than a copy of the parameter array.
+ *
+ * @module
+ */
+
+/** What replaces a sensitive value. */
+export const HIDDEN = "<hidden>";
+
+/** Strings longer than this are shortened. */
+export const MAX_STRING_LENGTH = 200;
+
+/** Names of keys and columns whose values are never shown. "author" is not "auth". */
+const SENSITIVE_NAME =
+  /passw(?:or)?d|pwd|secret|token|api_?key|credential|private_?key|auth(?!or(?!i))/i;
+
+const MAX_DEPTH = 8;
+const CACHE_SIZE = 512;
+const MAX_CACHED_SQL_LENGTH = 16_384;
+const NONE: readonly number[] = Object.freeze([]);
+
+const STRING_LITERAL = /'(?:[^']|'')*'/g;
+const IDENTIFIER = String.raw`(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)`;
+const QUALIFIED = String.raw`${IDENTIFIER}(?:\s*\.\s*${IDENTIFIER})*`;
+const FUNCTION_CALLS = String.raw`(?:[\w.]+\s*\(\s*)*`;
+/** `column = $n`, `column <> fn($n`, `column LIKE $n`. */
+const COLUMN_THEN_PARAM = new RegExp(
+  String.raw`(${QUALIFIED})\s*(?:=|<>|!=|\blike\b|\bilike\b)\s*${FUNCTION_CALLS}\$(\d+)`,
+  "gi",
+);
+/** `$n = column`. */
+const PARAM_THEN_COLUMN = new RegExp(String.raw`\$(\d+)\s*(?:=|<>|!=)\s*(${QUALIFIED})`, "gi");
+/** `column IN ($1, $2)`. */
+const COLUMN_IN_LIST = new RegExp(String.raw`(${QUALIFIED})\s+in\s*\(([^()]*)\)`, "gi");
+/** `INSERT INTO t (a, b) VALUES`. */
+const INSERT_HEAD = new RegExp(
+  String
+    .raw`\binsert\s+into\s+${QUALIFIED}(?:\s+(?:as\s+)?${IDENTIFIER})?\s*\(([^()]*)\)\s*values\s*`,
+  "gi",
+);
+const PARAM = /\$(\d+)/g;
+
+const positionsCache = new Map<string, readonly number[]>();
+
+/**
+ * Masks parameters for logging: strings longer than 200 characters are shortened to a
+ * prefix and `…(N chars)`, `Uint8Array`s become `<bytes:N>`, values of object keys named
+ * like password, secret, token, api_key, auth, credential or private_key become
+ * `"<hidden>"` (in objects, arrays and JSON text, recursively, without changing the
+ * caller's values), and so do parameters bound to columns with such names in the SQL
+ * (`password = $2`, `SET token = $1`, `INSERT INTO t (email, password_hash) VALUES ($1, $2)`).
+ * Numbers, booleans, dates and `null` pass through.
+ *
+ * @param sql The statement the parameters are bound to.
+ * @param params The parameters as given.
+ * @returns A new array of masked parameters.
+ *
+ * @example Hide a password bound by column
+ * ```ts
+ * import { maskQueryParams } from "./_mask.ts";
+ * const masked = maskQueryParams("UPDATE users SET password = $2 WHERE id = $1", [7, "s3cret"]);
+ * // masked: [7, "<hidden>"]
+ * ```
+ */
+export function maskQueryParams(sql: string, params: readonly unknown[]): unknown[] {
+  const n = params.length;
+  const out = new Array<unknown>(n);
+  if (n === 0) return out;
+  const hidden = sensitivePositions(sql);
+  for (let i = 0; i < n; i++) out[i] = maskValue(params[i], 0);
+  for (const position of hidden) {
+    if (position <= n) out[position - 1] = HIDDEN;
+  }
+  return out;
+}
+
+/**
+ * Masks one value: long strings, bytes, and sensitive keys of objects, arrays and JSON
+ * text. Returns the value itself when nothing in it needs masking.
+ *
+ * @param value The value.
+ * @param depth How deep in an object it sits (deeper than 8 levels is not shown).
+ * @returns The masked value.
+ */
+export function maskValue(value: unknown, depth = 0): unknown {
+  switch (typeof value) {
+    case "string":
+      return maskString(value);
+    case "object":
+      if (value === null || value instanceof Date) return value;
+      if (ArrayBuffer.isView(value)) return `<bytes:${value.byteLength}>`;
+      if (value instanceof ArrayBuffer) return `<bytes:${value.byteLength}>`;
+      if (depth >= MAX_DEPTH) return "<nested>";
+      if (Array.isArray(value)) return maskArray(value, depth + 1);
+      return isPlainObject(value) ? maskObject(value, depth + 1) : value;
+    default:
+      return value;
+  }
+}
+
+/**
+ * The 1-based `$n` positions a statement binds to sensitive columns (cached per SQL text).
+ *
+ * @param sql The statement.
+ * @returns The positions, in no particular order.
+ */
+export function sensitivePositions(sql: string): readonly number[] {
+  const cached = positionsCache.get(sql);
+  if (cached !== undefined) return cached;
+  const positions = findSensitivePositions(sql);
+  if (sql.length <= MAX_CACHED_SQL_LENGTH) {
+    if (positionsCache.size >= CACHE_SIZE) {
+      positionsCache.delete(positionsCache.keys().next().value!);
+    }
+    positionsCache.set(sql, positions);
+  }
+  return positions;
+}
+
+/**
+ * Whether a key or column name is sensitive (password, secret, token, api_key, auth…).
+ *
+ * @param name The name, quoted or not.
+ * @returns True when its values must be hidden.
+ */
+export function isSensitiveName(name: string): boolean {
+  return SENSITIVE_NAME.test(name);
+}
+
+function findSensitivePositions(sql: string): readonly number[] {
+  if (!SENSITIVE_NAME.test(sql) || !sql.includes("$")) return NONE;
+  const text = sql.replace(STRING_LITERAL, "''");
+  const found = new Set<number>();
+  for (const match of text.matchAll(COLUMN_THEN_PARAM)) {
+    if (isSensitiveName(lastPart(match[1]))) found.add(Number(match[2]));
+  }
+  for (const match of text.matchAll(PARAM_THEN_COLUMN)) {
+    if (isSensitiveName(lastPart(match[2]))) found.add(Number(match[1]));
+  }
+  for (const match of text.matchAll(COLUMN_IN_LIST)) {
+    if (isSensitiveName(lastPart(match[1]))) addParams(match[2], found);
+  }
+  for (const match of text.matchAll(INSERT_HEAD)) {
+    const columns = match[1].split(",").map((column) => column.trim());
+    if (columns.some(isSensitiveName)) {
+      insertPositions(text, match.index + match[0].length, columns, found);
+    }
+  }
+  return found.size === 0 ? NONE : Object.freeze([...found]);
+}
+
+/** Maps each `VALUES (…), (…)` tuple from `start` onto the column list. */
+function insertPositions(text: string, start: number, columns: string[], found: Set<number>): void {
+  let i = start;
+  while (text[i] === "(") {
+    const end = tupleEnd(text, i);
+    splitTopLevel(text.slice(i + 1, end)).forEach((item, index) => {
+      const column = columns[index];
+      if (column !== undefined && isSensitiveName(column)) addParams(item, found);
+    });
+    i = end + 1;
+    while (/\s/.test(text[i] ?? "")) i++;
+    if (text[i] !== ",") return;
+    i++;
+    while (/\s/.test(text[i] ?? "")) i++;
+  }
+}
+
+/** The index of the `)` closing the `(` at `open` (or the end of the text). */
+function tupleEnd(text: string, open: number): number {
+  let depth = 0;
+  for (let i = open; i < text.length; i++) {
+    if (text[i] === "(") depth++;
+    else if (text[i] === ")" && --depth === 0) return i;
+  }
+  return text.length;
+}
+
+/** Splits a tuple's inside on the commas outside nested parentheses. */
+function splitTopLevel(inner: string): string[] {
+  const items: string[] = [];
+  let depth = 0;
+  let from = 0;
+  for (let i = 0; i < inner.length; i++) {
+    const c = inner[i];
+    if (c === "(") depth++;
+    else if (c === ")") depth--;
+    else if (c === "," && depth === 0) {
+      items.push(inner.slice(from, i));
+      from = i + 1;
+    }
+  }
+  items.push(inner.slice(from));
+  return items;
+}
+
+function addParams(text: string, found: Set<number>): void {
+  for (const match of text.matchAll(PARAM)) found.add(Number(match[1]));
+}
+
+function lastPart(qualified: string): string {
+  const dot = qualified.lastIndexOf(".");
+  return dot === -1 ? qualified : qualified.slice(dot + 1);
+}
+
+function maskString(value: string): unknown {
+  const first = value.charCodeAt(0);
+  // "{" or "[": JSON text, whose sensitive keys are hidden too.
+  if ((first === 123 || first === 91) && SENSITIVE_NAME.test(value)) {
+    const masked = maskJsonText(value);
+    if (masked !== undefined) return masked;
+  }
+  return shorten(value);
+}
+
+function maskJsonText(value: string): string | undefined {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(value);
+  } catch {
+    return undefined;
+  }
+  const masked = maskValue(parsed, 1);
+  return masked === parsed ? undefined : shorten(JSON.stringify(masked));
+}
+
+function shorten(value: string): string {
+  if (value.length <= MAX_STRING_LENGTH) return value;
+  return `${value.slice(0, MAX_STRING_LENGTH)}…(${value.length} chars)`;
+}
+
+function maskArray(value: readonly unknown[], depth: number): readonly unknown[] {
+  let copy: unknown[] | undefined;
+  for (let i = 0; i < value.length; i++) {
+    const masked = maskValue(value[i], depth);
+    if (masked !== value[i]) {
+      copy ??= value.slice();
+      copy[i] = masked;
+    }
+  }
+  return copy ?? value;
+}
+
+function maskObject(value: object, depth: number): object {
+  let copy: Record<string, unknown> | undefined;
+  for (const [key, item] of Object.entries(value)) {
+    const masked = isSensitiveName(key) ? HIDDEN : maskValue(item, depth);
+    if (masked !== item) {
+      copy ??= { ...value };
+      copy[key] = masked;
+    }
+  }
+  return copy ?? value;
+}
+
+function isPlainObject(value: object): boolean {
+  const proto = Object.getPrototypeOf(value);
+  return proto === Object.prototype || proto === null;
+}

@@ -1,0 +1,124 @@
+/**
+ * OpenTelemetry without a dependency: the tracer registered with `npm:@opentelemetry/api`
+ * (or by Deno itself with `OTEL_DENO=true`) is found through the API's global registry, so
+ * an application that uses no OpenTelemetry pays one property lookup per query.
+ *
+ * @module
+ */
+
+/** The part of an OpenTelemetry span pgdbm uses. */
+export interface Span {
+  setAttribute(key: string, value: string | number | boolean): unknown;
+  addEvent(name: string, attributes?: Record<string, string | number | boolean>): unknown;
+  recordException(exception: Error): unknown;
+  setStatus(status: { code: number; message?: string }): unknown;
+  end(endTime?: number): void;
+}
+
+/** The part of an OpenTelemetry tracer pgdbm uses. */
+export interface Tracer {
+  startSpan(
+    name: string,
+    options?: { kind?: number; attributes?: Record<string, string | number | boolean> },
+  ): Span;
+}
+
+interface TracerProvider {
+  getTracer(name: string, version?: string): Tracer;
+}
+
+/** The API's global registry key for major version 1. */
+const API_KEY = Symbol.for("opentelemetry.js.api.1");
+const SPAN_KIND_CLIENT = 2;
+const STATUS_ERROR = 2;
+const TRACER_NAME = "@pgdbm/pgdbm";
+
+let cachedProvider: TracerProvider | undefined;
+let cachedTracer: Tracer | undefined;
+
+/** The tracer of the registered OpenTelemetry provider, or `undefined` when none is. */
+export function activeTracer(): Tracer | undefined {
+  const provider = (globalThis as { [API_KEY]?: { trace?: TracerProvider } })[API_KEY]?.trace;
+  if (provider === undefined) return undefined;
+  if (provider !== cachedProvider) {
+    cachedProvider = provider;
+    cachedTracer = provider.getTracer(TRACER_NAME);
+  }
+  return cachedTracer;
+}
+
+/** Where a statement runs, for the span's attributes. */
+export interface SpanTarget {
+  /** Database name. */
+  database: string;
+  /** Schema, or `undefined`. */
+  schema: string | undefined;
+  /** Server host. */
+  host: string;
+  /** Server port. */
+  port: number;
+}
+
+/**
+ * Starts a client span for one statement, named and attributed per OpenTelemetry's
+ * PostgreSQL conventions. The query text is recorded without parameter values.
+ */
+export function startQuerySpan(tracer: Tracer, sql: string, target: SpanTarget): Span {
+  const operation = operationName(sql);
+  const namespace = target.schema === undefined
+    ? target.database
+    : `${target.database}.${target.schema}`;
+  return tracer.startSpan(`${operation} ${namespace}`, {
+    kind: SPAN_KIND_CLIENT,
+    attributes: {
+      "db.system.name": "postgresql",
+      "db.namespace": namespace,
+      "db.operation.name": operation,
+      "db.query.text": sql,
+      "server.address": target.host,
+      "server.port": target.port,
+    },
+  });
+}
+
+/** Starts a span for a whole migration run of one module in one schema. */
+export function startMigrationSpan(
+  tracer: Tracer,
+  module: string,
+  target: SpanTarget,
+): Span {
+  const namespace = target.schema === undefined
+    ? target.database
+    : `${target.database}.${target.schema}`;
+  return tracer.startSpan(`migrate ${module}`, {
+    kind: SPAN_KIND_CLIENT,
+    attributes: {
+      "db.system.name": "postgresql",
+      "db.namespace": namespace,
+      "pgdbm.migration.module": module,
+    },
+  });
+}
+
+/** Ends a span, recording the error (and its SQLSTATE) when there is one. */
+export function endSpan(span: Span, error: unknown, rowCount?: number): void {
+  if (error === undefined) {
+    if (rowCount !== undefined) span.setAttribute("db.response.returned_rows", rowCount);
+  } else {
+    const err = error instanceof Error ? error : new Error(String(error));
+    const sqlstate = (err as { sqlstate?: string }).sqlstate;
+    span.recordException(err);
+    span.setAttribute("error.type", sqlstate ?? err.name);
+    if (sqlstate !== undefined) span.setAttribute("db.response.status_code", sqlstate);
+    span.setStatus({ code: STATUS_ERROR, message: err.message });
+  }
+  span.end();
+}
+
+const FIRST_WORD = /^\s*(?:(?:--[^\n]*\n|\/\*[\s\S]*?\*\/)\s*)*([A-Za-z]+)/;
+
+/** The statement's first keyword, upper case (`SELECT`, `INSERT`…), or `QUERY`. */
+export function operationName(sql: string): string {
+  const match = FIRST_WORD.exec(sql);
+  return match === null ? "QUERY" : match[1].toUpperCase();
+}
