@@ -41,7 +41,6 @@ const INSERT_HEAD = new RegExp(
     .raw`\binsert\s+into\s+${QUALIFIED}(?:\s+(?:as\s+)?${IDENTIFIER})?\s*\(([^()]*)\)\s*values\s*`,
   "gi",
 );
-const PARAM = /\$(\d+)/g;
 
 const positionsCache = new Map<string, readonly number[]>();
 
@@ -144,22 +143,26 @@ function findSensitivePositions(sql: string): readonly number[] {
     if (isSensitiveName(lastPart(match[1]))) addParams(match[2], found);
   }
   for (const match of text.matchAll(INSERT_HEAD)) {
-    const columns = match[1].split(",").map((column) => column.trim());
-    if (columns.some(isSensitiveName)) {
-      insertPositions(text, match.index + match[0].length, columns, found);
+    const sensitive = match[1].split(",").map(isSensitiveName);
+    if (sensitive.includes(true)) {
+      insertPositions(text, match.index + match[0].length, sensitive, found);
     }
   }
   return found.size === 0 ? NONE : Object.freeze([...found]);
 }
 
-/** Maps each `VALUES (…), (…)` tuple from `start` onto the column list. */
-function insertPositions(text: string, start: number, columns: string[], found: Set<number>): void {
+/** Maps each `VALUES (…), (…)` tuple from `start` onto the columns (sensitive or not). */
+function insertPositions(
+  text: string,
+  start: number,
+  sensitive: readonly boolean[],
+  found: Set<number>,
+): void {
   let i = start;
   while (text[i] === "(") {
     const end = tupleEnd(text, i);
     splitTopLevel(text.slice(i + 1, end)).forEach((item, index) => {
-      const column = columns[index];
-      if (column !== undefined && isSensitiveName(column)) addParams(item, found);
+      if (sensitive[index] === true) addParams(item, found);
     });
     i = end + 1;
     while (/\s/.test(text[i] ?? "")) i++;
@@ -197,8 +200,16 @@ function splitTopLevel(inner: string): string[] {
   return items;
 }
 
+/** Adds every `$n` of `text` (scanned by hand: this runs once per VALUES item). */
 function addParams(text: string, found: Set<number>): void {
-  for (const match of text.matchAll(PARAM)) found.add(Number(match[1]));
+  for (let i = text.indexOf("$"); i !== -1; i = text.indexOf("$", i + 1)) {
+    let n = 0;
+    let j = i + 1;
+    for (let c = text.charCodeAt(j); c >= 48 && c <= 57; c = text.charCodeAt(++j)) {
+      n = n * 10 + c - 48;
+    }
+    if (j > i + 1) found.add(n);
+  }
 }
 
 function lastPart(qualified: string): string {
