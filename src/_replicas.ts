@@ -55,7 +55,8 @@ interface ReplicaNode {
 const LAG_SQL = "SELECT COALESCE(CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() " +
   "THEN 0 ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000 END, 0) " +
   "AS lag";
-const READ_STATEMENT = /^\s*(?:\(\s*)*(?:select|with|values|table|show)\b/i;
+const READ_STATEMENT =
+  /^\s*(?:(?:--[^\n]*\n|\/\*[\s\S]*?\*\/)\s*)*(?:\(\s*)*(?:select|with|values|table|show)\b/i;
 const MAX_REMEMBERED_WRITES = 1000;
 
 /** The replicas of one pool. */
@@ -68,6 +69,8 @@ export class ReplicaSet {
   readonly #probe: ReturnType<typeof setInterval> | undefined;
   #next = 0;
   #closed = false;
+  /** Settles when every replica's first connection attempt (and lag check) has. */
+  readonly ready: Promise<void>;
 
   /**
    * @param primary The primary's configuration, with its replicas.
@@ -86,7 +89,7 @@ export class ReplicaSet {
       queries: 0,
       errors: 0,
     }));
-    for (const node of this.#nodes) this.#connect(node);
+    this.ready = Promise.all(this.#nodes.map((node) => this.#connect(node))).then(() => {});
     if (this.#maxLagMs !== undefined) {
       const every = Math.min(1000, Math.max(50, this.#maxLagMs / 2));
       this.#probe = setInterval(() => this.#measureAll(), every);
@@ -173,10 +176,10 @@ export class ReplicaSet {
     return this.#maxLagMs === undefined || (node.lagMs !== null && node.lagMs <= this.#maxLagMs);
   }
 
-  #connect(node: ReplicaNode): void {
-    if (node.opening || this.#closed) return;
+  #connect(node: ReplicaNode): Promise<void> {
+    if (node.opening || this.#closed) return Promise.resolve();
     node.opening = true;
-    this.#open(node.config).then(async (pool) => {
+    return this.#open(node.config).then(async (pool) => {
       if (this.#closed) return await pool.close();
       node.pool = pool;
       if (this.#maxLagMs !== undefined) await this.#measure(node);

@@ -225,6 +225,9 @@ export class ConnectionPool implements Pool {
           (replica) =>
             ConnectionPool.open({ ...replica, retry: { ...replica.retry, attempts: 1 } }),
         );
+        // Reads right after opening go to the replicas that answer (one attempt each; a
+        // replica that is down does not fail the pool, it is tried again later).
+        await pool.#replicas.ready;
       }
     } catch (error) {
       await pool.close();

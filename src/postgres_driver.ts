@@ -99,7 +99,10 @@ class PostgresConnection implements DriverConnection {
   #listeners: Array<() => void> = [];
 
   private constructor(options: postgres.Options<Record<string, never>>) {
-    this.#sql = postgres({ ...options, onclose: () => this.#markClosed() });
+    // A lost session must fail what postgres.js still holds for it: left alone, it keeps
+    // the queries not yet sent and reconnects to run them, so they hang while the server
+    // is down.
+    this.#sql = postgres({ ...options, onclose: () => this.#lose() });
   }
 
   static async open(options: postgres.Options<Record<string, never>>): Promise<PostgresConnection> {
