@@ -7,6 +7,7 @@
 
 import { dirname, isAbsolute, resolve } from "node:path";
 import { suggest, UsageError } from "./_cli_args.ts";
+import type { MigrationLockMode } from "./migrate.ts";
 import { assertIdentifier } from "./template.ts";
 
 /** The name of the configuration file looked for in the working directory. */
@@ -24,6 +25,8 @@ export interface CliModule {
   dependsOn: string[];
   /** The history table. */
   migrationsTable?: string;
+  /** The Migrator's `lock` (`"transaction"` behind PgBouncer in transaction mode). */
+  lock?: MigrationLockMode;
 }
 
 /** `pgdbm.json` read and checked. */
@@ -34,6 +37,8 @@ export interface CliConfig {
   environments: Map<string, string | undefined>;
   /** The modules, in the file's order (empty when the file declares none). */
   modules: CliModule[];
+  /** The top-level `lock`: the default of every module (and of `--path` modules). */
+  lock?: MigrationLockMode;
 }
 
 /** Where the database URL came from. */
@@ -44,9 +49,10 @@ export interface ResolvedUrl {
   source: string;
 }
 
-const TOP_KEYS = ["$schema", "environments", "modules", "migrationsTable"];
+const TOP_KEYS = ["$schema", "environments", "modules", "migrationsTable", "lock"];
 const ENVIRONMENT_KEYS = ["url"];
-const MODULE_KEYS = ["migrationsPath", "schema", "dependsOn", "migrationsTable"];
+const MODULE_KEYS = ["migrationsPath", "schema", "dependsOn", "migrationsTable", "lock"];
+const LOCK_MODES: readonly string[] = ["session", "transaction"];
 const URL_SCHEME = /^[A-Za-z][A-Za-z0-9+.-]*:\/\//;
 
 /**
@@ -90,6 +96,7 @@ function checkConfig(data: unknown, path: string): CliConfig {
   const top = objectAt(data, where, "the file");
   checkKeys(top, TOP_KEYS, where, "the top level");
   const tableDefault = optionalTable(top.migrationsTable, where, "'migrationsTable'");
+  const lockDefault = optionalLock(top.lock, where, "'lock'");
   const environments = new Map<string, string | undefined>();
   if (top.environments !== undefined) {
     const record = objectAt(top.environments, where, "'environments'");
@@ -137,11 +144,15 @@ function checkConfig(data: unknown, path: string): CliConfig {
       const table = optionalTable(entry.migrationsTable, where, `'migrationsTable' of '${name}'`) ??
         tableDefault;
       if (table !== undefined) module.migrationsTable = table;
+      const lock = optionalLock(entry.lock, where, `'lock' of '${name}'`) ?? lockDefault;
+      if (lock !== undefined) module.lock = lock;
       modules.push(module);
     }
     orderModules(modules, path);
   }
-  return { path, environments, modules };
+  const config: CliConfig = { path, environments, modules };
+  if (lockDefault !== undefined) config.lock = lockDefault;
+  return config;
 }
 
 function objectAt(value: unknown, where: string, what: string): Record<string, unknown> {
@@ -184,6 +195,17 @@ function optionalTable(value: unknown, where: string, what: string): string | un
     throw new UsageError(`Cannot use ${where}: ${what} is invalid. ${(error as Error).message}`);
   }
   return value;
+}
+
+function optionalLock(value: unknown, where: string, what: string): MigrationLockMode | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== "string" || !LOCK_MODES.includes(value)) {
+    throw new UsageError(
+      `Cannot use ${where}: ${what} must be "session" (the default) or "transaction" (for a ` +
+        `URL through PgBouncer in transaction mode); got ${JSON.stringify(value)}`,
+    );
+  }
+  return value as MigrationLockMode;
 }
 
 /**
@@ -422,7 +444,13 @@ export function withDatabase(url: string, database: string): string {
 /** The module described by `--module`, `--path` and `--schema` (no pgdbm.json modules). */
 export function adHocModule(
   cwd: string,
-  flags: { module?: string; path?: string; schema?: string; table?: string },
+  flags: {
+    module?: string;
+    path?: string;
+    schema?: string;
+    table?: string;
+    lock?: MigrationLockMode;
+  },
 ): CliModule {
   const name = flags.module ?? "default";
   if (name.trim() === "" || name.length > 100) {
@@ -440,5 +468,6 @@ export function adHocModule(
   if (flags.table !== undefined) {
     module.migrationsTable = optionalTable(flags.table, "--migrations-table", "the value");
   }
+  if (flags.lock !== undefined) module.lock = flags.lock;
   return module;
 }

@@ -94,15 +94,19 @@ export function databaseUrl(
   return target;
 }
 
-/**
- * Opens a small pool for the command.
- *
- * @param attempts Connection attempts (the library's retry policy when left out).
- */
+/** Options of {@link openPool}. */
+export interface OpenPoolOptions {
+  /** Connection attempts (the library's retry policy when left out). */
+  attempts?: number;
+  /** Named prepared statements; off for modules migrated through PgBouncer. */
+  prepare?: boolean;
+}
+
+/** Opens a small pool for the command. */
 export async function openPool(
   context: CliContext,
   url: string,
-  attempts?: number,
+  { attempts, prepare = true }: OpenPoolOptions = {},
 ): Promise<Pool> {
   context.out.addSecrets(secretsOf(url));
   return await createSharedPool({
@@ -110,6 +114,7 @@ export async function openPool(
     minConnections: 1,
     maxConnections: 4,
     serverSettings: { application_name: "pgdbm-cli" },
+    prepare,
     logger: { warn: (message) => context.out.error(`Warning: ${message}`) },
     ...(attempts === undefined ? {} : { retry: { attempts } }),
   });

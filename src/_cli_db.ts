@@ -197,7 +197,7 @@ async function testConnection(context: CliContext, input: ParsedCommand): Promis
   let roundTripMs = Infinity;
   let version: string | null;
   try {
-    const pool = await openPool(context, target.url, 1);
+    const pool = await openPool(context, target.url, { attempts: 1 });
     connectMs = performance.now() - started;
     try {
       const db = new DatabaseManager({ pool });

@@ -76,7 +76,7 @@ function isAdHoc(config: CliConfig, input: ParsedCommand): boolean {
     hasFlag(input, "migrations-table");
 }
 
-function adHoc(context: CliContext, input: ParsedCommand): CliModule {
+function adHoc(context: CliContext, config: CliConfig, input: ParsedCommand): CliModule {
   const names = flagValues(input, "module");
   if (names.length > 1) {
     throw new UsageError(
@@ -89,6 +89,7 @@ function adHoc(context: CliContext, input: ParsedCommand): CliModule {
     path: flagValue(input, "path"),
     schema: flagValue(input, "schema"),
     table: flagValue(input, "migrations-table"),
+    lock: config.lock,
   });
 }
 
@@ -99,7 +100,7 @@ async function selectMany(
   withDependencies: boolean,
 ): Promise<Selection> {
   const config = await readConfig(context, input);
-  if (isAdHoc(config, input)) return { config, modules: [adHoc(context, input)] };
+  if (isAdHoc(config, input)) return { config, modules: [adHoc(context, config, input)] };
   const names = flagValues(input, "module");
   if (names.length > 0 && hasFlag(input, "all")) {
     throw new UsageError(
@@ -124,7 +125,7 @@ async function selectOne(
   path: string,
 ): Promise<Selection> {
   const config = await readConfig(context, input);
-  if (isAdHoc(config, input)) return { config, modules: [adHoc(context, input)] };
+  if (isAdHoc(config, input)) return { config, modules: [adHoc(context, config, input)] };
   const name = flagValue(input, "module");
   if (name === undefined) {
     if (config.modules.length === 1) return { config, modules: config.modules };
@@ -147,6 +148,7 @@ function migratorFor(
     migrationsPath: module.migrationsPath,
     moduleName: module.name,
     migrationsTable: module.migrationsTable,
+    lock: module.lock,
     onEvent,
   });
 }
@@ -203,7 +205,7 @@ async function apply(context: CliContext, input: ParsedCommand): Promise<number>
   const dryRun = hasFlag(input, "dry-run");
   const { config, modules } = await selectMany(context, input, true);
   const target = databaseUrl(context, config, input);
-  const pool = await openPool(context, target.url);
+  const pool = await openPool(context, target.url, { prepare: !behindPooler(modules) });
   const results: MigrationResult[] = [];
   try {
     let total = 0;
@@ -315,7 +317,7 @@ function state(status: MigrationStatus): string {
 async function status(context: CliContext, input: ParsedCommand): Promise<number> {
   const { config, modules } = await selectMany(context, input, false);
   const target = databaseUrl(context, config, input);
-  const pool = await openPool(context, target.url);
+  const pool = await openPool(context, target.url, { prepare: !behindPooler(modules) });
   const statuses: MigrationStatus[] = [];
   try {
     for (const module of modules) {
@@ -414,7 +416,7 @@ async function rollback(context: CliContext, input: ParsedCommand): Promise<numb
   );
   const module = modules[0];
   const target = databaseUrl(context, config, input);
-  const pool = await openPool(context, target.url);
+  const pool = await openPool(context, target.url, { prepare: !behindPooler(modules) });
   let removed: boolean;
   try {
     removed = await migratorFor(module, managerFor(pool, module)).rollbackMigration(filename);
@@ -514,3 +516,11 @@ export const MIGRATE_GROUP: GroupSpec<CliContext> = {
   summary: "Apply and inspect SQL migrations",
   commands: [APPLY, STATUS, CREATE, ROLLBACK],
 };
+
+/**
+ * Modules migrated with `lock: "transaction"` are reached through PgBouncer in transaction
+ * mode, where named prepared statements do not survive from one transaction to the next.
+ */
+function behindPooler(modules: readonly { lock?: string }[]): boolean {
+  return modules.some((module) => module.lock === "transaction");
+}

@@ -27,8 +27,24 @@ interface TracerProvider {
   getTracer(name: string, version?: string): Tracer;
 }
 
+interface Context {
+  setValue(key: symbol, value: unknown): Context;
+}
+
+interface ContextManager {
+  active(): Context;
+  with<T>(context: Context, fn: () => T): T;
+}
+
+interface GlobalApi {
+  trace?: TracerProvider;
+  context?: ContextManager;
+}
+
 /** The API's global registry key for major version 1. */
 const API_KEY = Symbol.for("opentelemetry.js.api.1");
+/** The key under which the API keeps the active span in a context. */
+const SPAN_KEY = Symbol.for("OpenTelemetry Context Key SPAN");
 const SPAN_KIND_CLIENT = 2;
 const STATUS_ERROR = 2;
 const TRACER_NAME = "@pgdbm/pgdbm";
@@ -38,13 +54,24 @@ let cachedTracer: Tracer | undefined;
 
 /** The tracer of the registered OpenTelemetry provider, or `undefined` when none is. */
 export function activeTracer(): Tracer | undefined {
-  const provider = (globalThis as { [API_KEY]?: { trace?: TracerProvider } })[API_KEY]?.trace;
+  const provider = globalApi()?.trace;
   if (provider === undefined) return undefined;
   if (provider !== cachedProvider) {
     cachedProvider = provider;
     cachedTracer = provider.getTracer(TRACER_NAME);
   }
   return cachedTracer;
+}
+
+function globalApi(): GlobalApi | undefined {
+  return (globalThis as { [API_KEY]?: GlobalApi })[API_KEY];
+}
+
+/** Runs `fn` with `span` as the active span, so spans started inside are its children. */
+export function withActiveSpan<T>(span: Span, fn: () => T): T {
+  const manager = globalApi()?.context;
+  if (manager === undefined) return fn();
+  return manager.with(manager.active().setValue(SPAN_KEY, span), fn);
 }
 
 /** Where a statement runs, for the span's attributes. */

@@ -82,6 +82,9 @@
  *   - `dependsOn`: modules whose migrations are applied before this module's;
  *   - `migrationsTable`: its history table (default: the top-level `migrationsTable`, else
  *     `schema_migrations`).
+ *   - `lock`: `"session"` (default) or `"transaction"`, the Migrator's lock; `"transaction"`
+ *     when the URL goes through PgBouncer in transaction mode (the CLI then also turns off
+ *     prepared statements). The top-level `lock` is the default of every module.
  * - Modules run in dependency order (otherwise in the file's order); `migrate apply
  *   --module orders` also applies the modules `orders` depends on. A dependency that is not a
  *   module, or a cycle (`'a' → 'b' → 'a'`), is refused with exit code 2 and a message naming

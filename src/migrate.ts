@@ -24,6 +24,25 @@
  *    last statement. Such files cannot be atomic: write them so that running them again
  *    is harmless (`IF NOT EXISTS`). A failure that left an INVALID index names it.
  *
+ * ## Behind a pooler in transaction mode: `lock: "transaction"`
+ *
+ * The run-wide lock above is a session lock: through PgBouncer in transaction mode the
+ * statements of one client connection run on whichever server connection is free, so the
+ * lock can be taken on one server session and released (or checked) on another. pgdbm
+ * notices — each migration's transaction takes the lock again, which only the holding
+ * session can, the release is checked, and a session that already holds the lock for
+ * another client is refused — and fails with a `MigrationError` that names the fix.
+ *
+ * With `lock: "transaction"` there is no session lock. Each pending migration runs in one
+ * transaction that first takes `pg_try_advisory_xact_lock` on the same key (polled with
+ * the same backoff, one short transaction per try), then reads that file's history row and
+ * skips the file when another process applied it meanwhile, then applies it with its
+ * history row and commits, which releases the lock. A transaction runs on one server
+ * connection, so a pooler cannot split it. Files with `-- pgdbm:no-transaction` are refused
+ * in this mode (outside a transaction only a session lock keeps other migrators out).
+ * Session and transaction locks on one key exclude each other, so migrators of both modes
+ * may run against one schema.
+ *
  * ## The advisory lock key
  *
  * ```sql
@@ -46,7 +65,15 @@ import {
   type MigrationSourceOptions,
   resolveMigrationSource,
 } from "./migration_source.ts";
+import type { ConnectionPool } from "./pool.ts";
 import type { Queries } from "./queries.ts";
+import {
+  activeTracer,
+  endSpan,
+  type Span,
+  startMigrationSpan,
+  withActiveSpan,
+} from "./_telemetry.ts";
 import { assertIdentifier } from "./template.ts";
 import type { Connection, Transaction } from "./transaction.ts";
 import {
@@ -123,7 +150,10 @@ export interface MigrationResult {
   schema: string | null;
   /** What this run applied, in order. */
   applied: AppliedMigrationResult[];
-  /** File names already applied before this run. */
+  /**
+   * File names already applied before this run (with `lock: "transaction"`, also those
+   * another process applied while this run waited for the lock).
+   */
   skipped: string[];
   /** File names that would be applied (dry run only). */
   pending?: string[];
@@ -170,7 +200,10 @@ export interface MigrationStatus {
 /** Progress reported through {@link MigratorOptions.onEvent}. */
 export type MigrationEvent =
   | {
-    /** Another process holds the (schema, module) lock; this one polls. Sent once per run. */
+    /**
+     * Another process holds the (schema, module) lock; this one polls. Sent once per wait:
+     * once per run with `lock: "session"`, at most once per migration with `"transaction"`.
+     */
     type: "lock_wait";
     /** The schema, or `null`. */
     schema: string | null;
@@ -178,7 +211,7 @@ export type MigrationEvent =
     module: string;
   }
   | {
-    /** The lock is taken. */
+    /** The lock is taken (once per run, or once per migration with `lock: "transaction"`). */
     type: "lock_acquired";
     /** The schema, or `null`. */
     schema: string | null;
@@ -221,6 +254,15 @@ export type MigrationEvent =
     /** Their file names. */
     filenames: string[];
   };
+
+/**
+ * How a {@link Migrator} keeps other migrators of the same (schema, module) out:
+ * `session` holds a session advisory lock for the whole run (needs a connection that is
+ * one server session: a direct URL or a session-mode pool); `transaction` takes a
+ * transaction advisory lock in each migration's transaction (safe through PgBouncer in
+ * transaction mode; refuses `-- pgdbm:no-transaction` files).
+ */
+export type MigrationLockMode = "session" | "transaction";
 
 /** Options of {@link Migrator}: one source, plus the module and safety settings. */
 export interface MigratorOptions extends MigrationSourceOptions {
@@ -269,6 +311,15 @@ export interface MigratorOptions extends MigrationSourceOptions {
    * @default {1000}
    */
   lockPollMaxMs?: number;
+  /**
+   * `"session"`: one session advisory lock for the whole run, on a dedicated connection.
+   * `"transaction"`: no session lock; each migration's transaction takes
+   * `pg_try_advisory_xact_lock`, re-reads the file's history row and skips the file when
+   * another process applied it meanwhile. Use it behind a pooler in transaction mode
+   * (PgBouncer `pool_mode = transaction`); it refuses `-- pgdbm:no-transaction` files.
+   * @default {"session"}
+   */
+  lock?: MigrationLockMode;
   /** Receives progress events (for logs and progress bars). Exceptions it throws are ignored. */
   onEvent?: (event: MigrationEvent) => void;
 }
@@ -298,6 +349,41 @@ const CREATE_RACE = new Set(["23505", "42P07", "42P06"]);
 const CONCURRENTLY = /\bconcurrently\b/i;
 const MAX_RETRY_DELAY_MS = 30_000;
 const MIGRATION_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]*$/;
+const LOCK_MODES: readonly MigrationLockMode[] = ["session", "transaction"];
+const POOLER_FIX = `set the Migrator option lock: "transaction" ("lock": "transaction" in ` +
+  "pgdbm.json), whose lock lives in each migration's transaction, or run migrations on a URL " +
+  "that goes directly to PostgreSQL (or through a session-mode pool)";
+
+/** `k`: the lock's two keys, and `marker`: the session setting naming the session's holder. */
+const LOCK_KEY_CTE = "WITH k AS (SELECT hashtext($1) AS a, hashtext($2) AS b, " +
+  "format('pgdbm.migration_lock_%s_%s', to_hex(hashtext($1)), to_hex(hashtext($2))) AS marker)";
+
+/**
+ * Takes the session lock and marks the session with this run's token, in one statement
+ * (a pooler may run the next statement elsewhere): `null` when another session holds the
+ * lock; the token when taken; `shared` when this server session already held it for
+ * another client (the lock is re-entrant: the extra hold is given back at once).
+ */
+const SESSION_LOCK_SQL = `${LOCK_KEY_CTE}
+SELECT CASE WHEN pg_try_advisory_lock(a, b) THEN
+  CASE WHEN coalesce(current_setting(marker, true), '') = '' THEN set_config(marker, $3, false)
+  ELSE 'shared:' || pg_advisory_unlock(a, b)::text END
+END AS state FROM k`;
+
+/** Releases the session lock when this session holds it for this run (or for nobody). */
+const SESSION_UNLOCK_SQL = `${LOCK_KEY_CTE}
+SELECT CASE WHEN coalesce(current_setting(marker, true), '') IN ('', $3) THEN
+  CASE WHEN set_config(marker, '', false) = '' THEN pg_advisory_unlock(a, b) END
+ELSE false END AS released FROM k`;
+
+/**
+ * The first statement of a migration's transaction under the session lock: its timeouts,
+ * and a division by zero (which stops the batch) unless this is the holding session.
+ */
+const SESSION_GUARD_SQL = `${LOCK_KEY_CTE}
+SELECT set_config('lock_timeout', $4, true), set_config('statement_timeout', $5, true),
+  1 / (pg_try_advisory_xact_lock(a, b)
+    AND coalesce(current_setting(marker, true), '') = $3)::int FROM k`;
 
 const parsedCache = new WeakMap<readonly MigrationFile[], Promise<ParsedMigrationFile[]>>();
 
@@ -325,6 +411,8 @@ const parsedCache = new WeakMap<readonly MigrationFile[], Promise<ParsedMigratio
  */
 export class Migrator {
   readonly #db: DatabaseManager;
+  /** The OpenTelemetry span of the `applyPending()` run in progress, when tracing. */
+  #span?: Span;
   readonly #source: MigrationSource;
   readonly #module: string;
   readonly #table: string;
@@ -334,6 +422,7 @@ export class Migrator {
   readonly #statementTimeoutMs: number | null;
   readonly #lockWaitTimeoutMs: number;
   readonly #lockPollMaxMs: number;
+  readonly #lockMode: MigrationLockMode;
   readonly #onEvent?: (event: MigrationEvent) => void;
 
   /**
@@ -343,7 +432,8 @@ export class Migrator {
    * @param options The source (`migrationsPath`, `migrations` or `source`), `moduleName`,
    *   and the safety settings.
    * @throws {ConfigurationError} When `moduleName` is missing, no source or several are
-   *   given, `migrationsTable` is not an identifier, or a number is out of range.
+   *   given, `migrationsTable` is not an identifier, `lock` is neither `"session"` nor
+   *   `"transaction"`, or a number is out of range.
    */
   constructor(db: DatabaseManager, options: MigratorOptions) {
     if (options === null || typeof options !== "object") {
@@ -373,7 +463,8 @@ export class Migrator {
         { cause },
       );
     }
-    this.#db = db;
+    // History reads must see the primary: a replica may not have the latest rows yet.
+    this.#db = typeof db?.onPrimary === "function" ? db.onPrimary() : db;
     this.#source = resolveMigrationSource(options);
     this.#module = module;
     this.#table = table;
@@ -389,6 +480,15 @@ export class Migrator {
       1,
       checkCount(options.lockPollMaxMs, "lockPollMaxMs", 1000),
     );
+    const lock = options.lock ?? "session";
+    if (!LOCK_MODES.includes(lock)) {
+      throw new ConfigurationError(
+        "lock",
+        `Cannot create a Migrator: 'lock' must be "session" (the default) or "transaction" ` +
+          `(behind PgBouncer in transaction mode); got ${JSON.stringify(lock)}`,
+      );
+    }
+    this.#lockMode = lock;
     this.#onEvent = options.onEvent;
   }
 
@@ -400,6 +500,11 @@ export class Migrator {
   /** The schema migrated, or `undefined` for a manager without one. */
   get schema(): string | undefined {
     return this.#db.schema;
+  }
+
+  /** How this migrator keeps other migrators of its (schema, module) out. */
+  get lock(): MigrationLockMode {
+    return this.#lockMode;
   }
 
   /** The history table's name (unqualified). */
@@ -520,11 +625,38 @@ export class Migrator {
    * @param options `dryRun` to report what would be applied.
    * @returns What was applied, skipped, pending (dry run) and missing.
    * @throws {MigrationError} When an applied file changed (nothing is applied then), the
-   *   source is invalid, the lock could not be taken in time, or a migration failed:
-   *   `filename`, `module`, `schema`, `line` and the server's message, and as
-   *   `partialResult` what the run applied before.
+   *   source is invalid, the lock could not be taken in time, a pooler in transaction mode
+   *   moved the session lock (`lock: "session"`), a pending file is a no-transaction file
+   *   (`lock: "transaction"`; nothing is applied then), or a migration failed: `filename`,
+   *   `module`, `schema`, `line` and the server's message, and as `partialResult` what the
+   *   run applied before.
    */
   async applyPending(options: ApplyPendingOptions = {}): Promise<MigrationResult> {
+    const tracer = activeTracer();
+    const config = (this.#db.pool as ConnectionPool).config;
+    if (tracer === undefined || this.#span !== undefined) return await this.#applyPending(options);
+    const span = startMigrationSpan(tracer, this.#module, {
+      database: config.database,
+      schema: this.#db.schema,
+      host: config.host,
+      port: config.port,
+    });
+    this.#span = span;
+    try {
+      const result = await withActiveSpan(span, () => this.#applyPending(options));
+      span.setAttribute("pgdbm.migration.status", result.status);
+      span.setAttribute("pgdbm.migration.applied", result.applied.length);
+      endSpan(span, undefined);
+      return result;
+    } catch (error) {
+      endSpan(span, error);
+      throw error;
+    } finally {
+      this.#span = undefined;
+    }
+  }
+
+  async #applyPending(options: ApplyPendingOptions): Promise<MigrationResult> {
     const started = performance.now();
     const files = await this.findMigrationFiles();
     const before = await this.#readApplied(this.#db);
@@ -535,30 +667,33 @@ export class Migrator {
         this.#reportMissing(plan.missing);
         return this.#result(
           options.dryRun ? "dry_run" : "up_to_date",
-          before ?? [],
+          filenames(before ?? []),
           [],
           plan,
           started,
           options.dryRun ? plan.pending.map((m) => m.filename) : undefined,
         );
       }
+      this.#refuseNoTransaction(plan.pending);
     }
-    return await this.#locked(async (conn) => {
+    if (this.#lockMode === "transaction") return await this.#applyInTransactions(files, started);
+    return await this.#locked(async (conn, token) => {
       const applied = (await this.#readApplied(conn)) ?? [];
       const plan = this.#plan(files, applied);
       this.#refuseDrift(plan.drifted);
       this.#reportMissing(plan.missing);
       const prepared = plan.pending.map((m) => this.#prepare(m));
+      const skipped = filenames(applied);
       const done: AppliedMigrationResult[] = [];
       for (const migration of prepared) {
         try {
-          done.push(await this.#apply(conn, migration));
+          done.push((await this.#apply(migration, this.#onSession(conn, token, migration)))!);
         } catch (error) {
-          const partial = this.#result("failed", applied, done, plan, started);
+          const partial = this.#result("failed", skipped, done, plan, started);
           throw this.#failed(error, migration.migration, partial);
         }
       }
-      return this.#result(done.length > 0 ? "success" : "up_to_date", applied, done, plan, started);
+      return this.#result(done.length > 0 ? "success" : "up_to_date", skipped, done, plan, started);
     });
   }
 
@@ -568,21 +703,27 @@ export class Migrator {
    *
    * @param migration A migration from {@link Migrator.findMigrationFiles}.
    * @returns How it ran.
-   * @throws {MigrationError} When it is already applied or fails.
+   * @throws {MigrationError} When it is already applied or fails, or (with
+   *   `lock: "transaction"`) when it is a no-transaction file.
    */
   async applyMigration(migration: Migration): Promise<AppliedMigrationResult> {
     const prepared = this.#prepare(migration);
-    return await this.#locked(async (conn) => {
+    if (this.#lockMode === "transaction") {
+      this.#refuseNoTransaction([migration]);
+      await this.#ensureTable(this.#db);
+      try {
+        return (await this.#apply(prepared, this.#underXactLock(prepared, "refuse")))!;
+      } catch (error) {
+        throw this.#failed(error, migration, undefined);
+      }
+    }
+    return await this.#locked(async (conn, token) => {
       const applied = (await this.#readApplied(conn)) ?? [];
       if (applied.some((row) => row.filename === migration.filename)) {
-        throw new MigrationError(
-          `Cannot apply migration '${migration.filename}' of module '${this.#module}'` +
-            `${this.#where()}: it is already applied; use rollbackMigration() first to run it again`,
-          this.#details(migration.filename),
-        );
+        throw this.#alreadyApplied(migration);
       }
       try {
-        return await this.#apply(conn, prepared);
+        return (await this.#apply(prepared, this.#onSession(conn, token, prepared)))!;
       } catch (error) {
         throw this.#failed(error, migration, undefined);
       }
@@ -670,6 +811,9 @@ export class Migrator {
   }
 
   #emit(event: MigrationEvent): void {
+    if (this.#span !== undefined) {
+      this.#span.addEvent(`pgdbm.migration.${event.type}`, spanAttributes(event));
+    }
     try {
       this.#onEvent?.(event);
     } catch {
@@ -756,7 +900,7 @@ export class Migrator {
 
   #result(
     status: MigrationResult["status"],
-    before: AppliedMigration[],
+    skipped: string[],
     applied: AppliedMigrationResult[],
     plan: { missing: AppliedMigration[]; pending: Migration[] },
     started: number,
@@ -767,9 +911,9 @@ export class Migrator {
       module: this.#module,
       schema: this.#db.schema ?? null,
       applied,
-      skipped: before.map((row) => row.filename),
+      skipped: [...skipped],
       missing: plan.missing.map((row) => row.filename),
-      total: before.length + (pending?.length ?? applied.length),
+      total: skipped.length + (pending?.length ?? applied.length),
       totalTimeMs: performance.now() - started,
     };
     if (pending !== undefined) result.pending = pending;
@@ -814,23 +958,35 @@ export class Migrator {
     }
   }
 
-  async #lock(conn: Connection): Promise<void> {
+  /**
+   * Calls `attempt` until it takes the lock (returns a value), pausing with jittered,
+   * doubling delays (up to `lockPollMaxMs`); `lock_wait` is sent before the first pause.
+   * `attempt` calls `taken()` the moment it holds the lock.
+   */
+  async #poll<T>(
+    attempt: (taken: () => void) => Promise<T | undefined>,
+    q: Queries,
+  ): Promise<T> {
     const start = performance.now();
+    const taken = (): void =>
+      this.#emit({
+        type: "lock_acquired",
+        schema: this.#db.schema ?? null,
+        module: this.#module,
+        waitedMs: performance.now() - start,
+      });
     let pause = 25;
     let reported = false;
     while (true) {
-      const locked = await conn.fetchValue<boolean>(
-        "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
-        this.#lockKey(),
-      );
-      if (locked === true) break;
+      const value = await attempt(taken);
+      if (value !== undefined) return value;
       const waited = performance.now() - start;
       if (!reported) {
         reported = true;
         this.#emit({ type: "lock_wait", schema: this.#db.schema ?? null, module: this.#module });
       }
       if (waited >= this.#lockWaitTimeoutMs) {
-        const holder = await conn.fetchValue<number>(
+        const holder = await q.fetchValue<number>(
           `SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
              AND l.objsubid = 2
              AND l.classid = oid(hashtext($1)::bigint & 4294967295)
@@ -841,55 +997,70 @@ export class Migrator {
           `Cannot migrate module '${this.#module}'${this.#where()}: another migrator` +
             (holder === null ? "" : ` (server process ${holder})`) +
             ` has held its lock for ${Math.round(waited)} ms, longer than 'lockWaitTimeoutMs'; ` +
-            `wait for it to finish or raise 'lockWaitTimeoutMs'`,
+            `wait for it to finish or raise 'lockWaitTimeoutMs'. When no migrator runs, a ` +
+            `pooler in transaction mode (PgBouncer) may have left a session lock behind on ` +
+            `that server connection: to migrate through such a pooler, ${POOLER_FIX}`,
           this.#details(),
         );
       }
       await sleep(Math.min(pause * (0.5 + Math.random()), this.#lockWaitTimeoutMs - waited + 1));
       pause = Math.min(pause * 2, this.#lockPollMaxMs);
     }
-    this.#emit({
-      type: "lock_acquired",
-      schema: this.#db.schema ?? null,
-      module: this.#module,
-      waitedMs: performance.now() - start,
-    });
   }
 
   /**
-   * Runs `fn` on a leased connection that holds the (schema, module) lock, with the history
-   * table in place. Session settings a migration changed with a plain `SET` (pg_dump
-   * files set `search_path` to '', say) are put back before the connection returns to
-   * the pool, so they never leak into the application's queries.
+   * Takes the session lock on `conn`, marking the server session with `token` in the same
+   * statement.
    */
-  async #locked<T>(fn: (conn: Connection) => Promise<T>): Promise<T> {
+  async #lock(conn: Connection, token: string): Promise<void> {
+    await this.#poll(async (taken) => {
+      const state = await conn.fetchValue<string | null>(SESSION_LOCK_SQL, [
+        ...this.#lockKey(),
+        token,
+      ]);
+      if (state === null) return undefined;
+      if (state !== token) throw this.#sharedSession();
+      taken();
+      return true;
+    }, conn);
+  }
+
+  /**
+   * Runs `fn` on a leased connection that holds the (schema, module) session lock, with the
+   * history table in place; `fn` gets the run's token, which marks the holding session.
+   * Session settings a migration changed with a plain `SET` (pg_dump files set
+   * `search_path` to '', say) are put back before the connection returns to the pool, so
+   * they never leak into the application's queries.
+   */
+  async #locked<T>(fn: (conn: Connection, token: string) => Promise<T>): Promise<T> {
     return await this.#db.acquire(async (conn) => {
       await this.#ensureTable(conn);
-      await this.#lock(conn);
+      const token = crypto.randomUUID();
+      await this.#lock(conn, token);
       let before: Map<string, string> | undefined;
       let result: T;
       try {
         before = await sessionSettings(conn);
-        result = await fn(conn);
+        result = await fn(conn, token);
       } catch (error) {
         if (before !== undefined) await restoreSessionSettings(conn, before).catch(() => {});
-        await this.#unlock(conn);
+        await this.#unlock(conn, token);
         throw error;
       }
       await restoreSessionSettings(conn, before).catch(() => {});
-      if (!await this.#unlock(conn)) throw this.#sessionLost(result);
+      if (!await this.#unlock(conn, token)) throw this.#sessionLost(result);
       return result;
     });
   }
 
   /** Releases the lock; `false` when this session did not hold it (a pooler moved us). */
-  async #unlock(conn: Connection): Promise<boolean> {
+  async #unlock(conn: Connection, token: string): Promise<boolean> {
     // When this fails the connection is broken, and its session (and lock) ends with it.
-    const released = await conn.fetchValue<boolean>(
-      "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))",
-      this.#lockKey(),
-    ).catch(() => true);
-    return released !== false;
+    const released = await conn.fetchValue<boolean>(SESSION_UNLOCK_SQL, [
+      ...this.#lockKey(),
+      token,
+    ]).catch(() => true);
+    return released === true;
   }
 
   /**
@@ -901,9 +1072,42 @@ export class Migrator {
       `Cannot keep the migration lock of module '${this.#module}'${this.#where()}: the ` +
         "statements ran on another server session than the one holding it, which happens " +
         "behind a pooler in transaction mode (PgBouncer). The lock may stay held until that " +
-        "server connection closes. Run migrations on a URL that goes directly to PostgreSQL " +
-        "(or through a session-mode pool)",
+        `server connection closes. To migrate through such a pooler, ${POOLER_FIX}`,
       this.#details(undefined, undefined, partialResult),
+    );
+  }
+
+  /** The error for a server session that already holds the lock for another client. */
+  #sharedSession(): MigrationError {
+    return new MigrationError(
+      `Cannot take the migration lock of module '${this.#module}'${this.#where()}: the ` +
+        "server session that answered already holds it for another client, which happens " +
+        "behind a pooler in transaction mode (PgBouncer). Nothing was applied. To migrate " +
+        `through such a pooler, ${POOLER_FIX}`,
+      this.#details(),
+    );
+  }
+
+  #alreadyApplied(migration: Migration): MigrationError {
+    return new MigrationError(
+      `Cannot apply migration '${migration.filename}' of module '${this.#module}'` +
+        `${this.#where()}: it is already applied; use rollbackMigration() first to run it again`,
+      this.#details(migration.filename),
+    );
+  }
+
+  /** With `lock: "transaction"`, no-transaction files cannot be kept apart: refuse them. */
+  #refuseNoTransaction(pending: Migration[]): void {
+    if (this.#lockMode !== "transaction") return;
+    const file = pending.find((m) => m.noTransaction);
+    if (file === undefined) return;
+    throw new MigrationError(
+      `Cannot apply migration '${file.filename}' of module '${this.#module}'${this.#where()} ` +
+        `with lock: "transaction": the file has a '-- pgdbm:no-transaction' line, so its ` +
+        "statements run outside a transaction, where only a session lock keeps other " +
+        'migrators out. Nothing was applied. Apply this module with lock: "session" (the ' +
+        "default) on a URL that goes directly to PostgreSQL (or through a session-mode pool)",
+      this.#details(file.filename),
     );
   }
 
@@ -923,15 +1127,47 @@ export class Migrator {
     }
   }
 
-  async #apply(conn: Connection, prepared: PreparedMigration): Promise<AppliedMigrationResult> {
+  /**
+   * With `lock: "transaction"`: applies the pending migrations one transaction each, every
+   * transaction under the (schema, module) transaction lock.
+   */
+  async #applyInTransactions(files: Migration[], started: number): Promise<MigrationResult> {
+    await this.#ensureTable(this.#db);
+    const applied = (await this.#readApplied(this.#db)) ?? [];
+    const plan = this.#plan(files, applied);
+    this.#refuseDrift(plan.drifted);
+    this.#refuseNoTransaction(plan.pending);
+    this.#reportMissing(plan.missing);
+    const prepared = plan.pending.map((m) => this.#prepare(m));
+    const skipped = filenames(applied);
+    const done: AppliedMigrationResult[] = [];
+    for (const migration of prepared) {
+      try {
+        const result = await this.#apply(migration, this.#underXactLock(migration, "skip"));
+        if (result === undefined) skipped.push(migration.migration.filename);
+        else done.push(result);
+      } catch (error) {
+        const partial = this.#result("failed", skipped, done, plan, started);
+        throw this.#failed(error, migration.migration, partial);
+      }
+    }
+    return this.#result(done.length > 0 ? "success" : "up_to_date", skipped, done, plan, started);
+  }
+
+  /**
+   * Runs `run` (one attempt at a migration: its run time, or `undefined` when it turned out
+   * applied already), retrying it after a lock timeout or deadlock.
+   */
+  async #apply(
+    prepared: PreparedMigration,
+    run: (attempt: number) => Promise<number | undefined>,
+  ): Promise<AppliedMigrationResult | undefined> {
     const { migration } = prepared;
     let attempt = 1;
     while (true) {
-      this.#emit({ type: "apply_start", filename: migration.filename, attempt });
       try {
-        const executionTimeMs = migration.noTransaction
-          ? await this.#runAutocommit(conn, prepared)
-          : await this.#runTransactional(conn, prepared);
+        const executionTimeMs = await run(attempt);
+        if (executionTimeMs === undefined) return undefined;
         this.#emit({ type: "applied", filename: migration.filename, executionTimeMs });
         return { filename: migration.filename, executionTimeMs, attempts: attempt };
       } catch (error) {
@@ -954,50 +1190,126 @@ export class Migrator {
     }
   }
 
+  /** One attempt at a migration on the connection that holds the session lock. */
+  #onSession(
+    conn: Connection,
+    token: string,
+    prepared: PreparedMigration,
+  ): (attempt: number) => Promise<number> {
+    return (attempt) => {
+      this.#emit({ type: "apply_start", filename: prepared.migration.filename, attempt });
+      return prepared.migration.noTransaction
+        ? this.#runAutocommit(conn, prepared)
+        : conn.transaction((tx) => this.#runStatements(tx, prepared, token));
+    };
+  }
+
+  /**
+   * One attempt at a migration with `lock: "transaction"`: a transaction that takes the
+   * transaction lock (polling, one short transaction per try), reads the file's history
+   * row — skips the file (`undefined`) or, for `refuse`, fails when it is there, and
+   * refuses a drifted file — then applies it with its history row, puts back session
+   * settings it changed with `SET`, and commits.
+   */
+  #underXactLock(
+    prepared: PreparedMigration,
+    whenApplied: "skip" | "refuse",
+  ): (attempt: number) => Promise<number | undefined> {
+    const { migration } = prepared;
+    return async (attempt) => {
+      const outcome = await this.#poll(
+        (taken) =>
+          this.#db.transaction(async (tx) => {
+            const [, locked] = await Promise.all([
+              // Each statement must see what committed before it: the lock comes first.
+              tx.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED"),
+              tx.fetchValue<boolean>(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2))",
+                this.#lockKey(),
+              ),
+            ]);
+            if (locked !== true) return undefined;
+            taken();
+            const row = await tx.fetchOne<{ checksum: string }>(
+              `SELECT checksum FROM ${this.#tableRef()} WHERE filename = $1 ` +
+                "AND (module_name = $2 OR module_name IS NULL) ORDER BY id DESC LIMIT 1",
+              [migration.filename, this.#module],
+            );
+            if (row !== null) {
+              this.#refuseDrift(
+                row.checksum === migration.checksum ? [] : [{
+                  filename: migration.filename,
+                  appliedChecksum: row.checksum,
+                  currentChecksum: migration.checksum,
+                }],
+              );
+              if (whenApplied === "refuse") throw this.#alreadyApplied(migration);
+              return { executionTimeMs: undefined };
+            }
+            this.#emit({ type: "apply_start", filename: migration.filename, attempt });
+            const before = await sessionSettings(tx);
+            const executionTimeMs = await this.#runStatements(tx, prepared);
+            await restoreSessionSettings(tx, before);
+            return { executionTimeMs };
+          }),
+        this.#db,
+      );
+      return outcome.executionTimeMs;
+    };
+  }
+
   #timeoutMs(): number {
     return this.#statementTimeoutMs === null || this.#statementTimeoutMs === 0
       ? MAX_TIMER_MS
       : Math.min(this.#statementTimeoutMs + 5000, MAX_TIMER_MS);
   }
 
-  async #runTransactional(conn: Connection, prepared: PreparedMigration): Promise<number> {
+  /**
+   * Runs a migration's statements and its history row in `tx`. With `token` (the session
+   * lock's run), the first statement also checks that `tx` runs in the session holding the
+   * lock.
+   */
+  async #runStatements(
+    tx: Transaction,
+    prepared: PreparedMigration,
+    token?: string,
+  ): Promise<number> {
     const { migration, statements } = prepared;
     const timeoutMs = this.#timeoutMs();
+    const timeouts = [`${this.#lockTimeoutMs}ms`, `${this.#statementTimeoutMs ?? 0}ms`];
     // Everything is sent at once and pipelined on the connection: one round trip for the
     // whole file. The first statement that fails is the one reported; the server answers
     // every later one with 25P02, and the transaction rolls back. The history row measures
     // the time since BEGIN on the server (now() is the transaction's start).
-    return await conn.transaction(async (tx) => {
-      const start = performance.now();
-      // The transaction must run in the session that holds the lock: taking the same lock
-      // again succeeds only there (1 / false is a division by zero, which stops the batch).
-      const settings = tx.execute(
-        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true), " +
-          "1 / pg_try_advisory_xact_lock(hashtext($3), hashtext($4))::int",
-        [`${this.#lockTimeoutMs}ms`, `${this.#statementTimeoutMs ?? 0}ms`, ...this.#lockKey()],
-      );
-      const sent = statements.map((statement) => tx.execute(statement.text, [], { timeoutMs }));
-      const history = tx.execute(
-        `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
-          "VALUES ($1, $2, $3, " +
-          "greatest(1, round(extract(epoch FROM clock_timestamp() - now()) * 1000))::int)",
-        [migration.filename, migration.checksum, this.#module],
-      );
-      const [first, ...results] = await Promise.allSettled([settings, ...sent, history]);
-      if (first.status === "rejected") {
-        const lost = first.reason instanceof QueryError && first.reason.sqlstate === "22012";
-        throw lost ? this.#sessionLost() : first.reason;
+    const start = performance.now();
+    const settings = token === undefined
+      ? tx.execute(
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
+        timeouts,
+      )
+      : tx.execute(SESSION_GUARD_SQL, [...this.#lockKey(), token, ...timeouts]);
+    const sent = statements.map((statement) => tx.execute(statement.text, [], { timeoutMs }));
+    const history = tx.execute(
+      `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
+        "VALUES ($1, $2, $3, " +
+        "greatest(1, round(extract(epoch FROM clock_timestamp() - now()) * 1000))::int)",
+      [migration.filename, migration.checksum, this.#module],
+    );
+    const [first, ...results] = await Promise.allSettled([settings, ...sent, history]);
+    if (first.status === "rejected") {
+      const lost = token !== undefined && first.reason instanceof QueryError &&
+        first.reason.sqlstate === "22012";
+      throw lost ? this.#sessionLost() : first.reason;
+    }
+    for (let i = 0; i < statements.length; i++) {
+      const result = results[i];
+      if (result.status === "rejected") {
+        throw new StatementFailure(result.reason, statements[i], []);
       }
-      for (let i = 0; i < statements.length; i++) {
-        const result = results[i];
-        if (result.status === "rejected") {
-          throw new StatementFailure(result.reason, statements[i], []);
-        }
-      }
-      const last = results[statements.length];
-      if (last.status === "rejected") throw last.reason;
-      return Math.max(1, Math.round(performance.now() - start));
-    });
+    }
+    const last = results[statements.length];
+    if (last.status === "rejected") throw last.reason;
+    return Math.max(1, Math.round(performance.now() - start));
   }
 
   async #runAutocommit(conn: Connection, prepared: PreparedMigration): Promise<number> {
@@ -1133,7 +1445,7 @@ class StatementFailure extends Error {
 }
 
 /** Settings changed by `SET` in this session (not those sent when connecting). */
-async function sessionSettings(conn: Connection): Promise<Map<string, string>> {
+async function sessionSettings(conn: Queries): Promise<Map<string, string>> {
   const rows = await conn.fetchAll<{ name: string; setting: string }>(
     "SELECT name, setting FROM pg_settings WHERE source = 'session'",
   );
@@ -1142,7 +1454,7 @@ async function sessionSettings(conn: Connection): Promise<Map<string, string>> {
 
 /** Puts the session's settings back as `before` had them. */
 async function restoreSessionSettings(
-  conn: Connection,
+  conn: Queries,
   before: Map<string, string>,
 ): Promise<void> {
   const after = await sessionSettings(conn);
@@ -1166,6 +1478,10 @@ async function restoreSessionSettings(
     "SELECT set_config(n, v, false) FROM unnest($1::text[], $2::text[]) AS s(n, v)",
     [names, values],
   );
+}
+
+function filenames(rows: AppliedMigration[]): string[] {
+  return rows.map((row) => row.filename);
 }
 
 function toMigration(file: ParsedMigrationFile): Migration {
@@ -1195,4 +1511,18 @@ function checkCount(value: number | undefined, field: string, fallback: number):
 
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
+}
+
+/** An event's fields as span attributes (lists joined). */
+function spanAttributes(event: MigrationEvent): Record<string, string | number | boolean> {
+  const attributes: Record<string, string | number | boolean> = {};
+  for (const [key, value] of Object.entries(event)) {
+    if (key === "type" || value === null || value === undefined) continue;
+    attributes[`pgdbm.${key}`] = Array.isArray(value)
+      ? value.join(", ")
+      : typeof value === "object"
+      ? String(value)
+      : value;
+  }
+  return attributes;
 }

@@ -5,6 +5,9 @@
  * that tenant and the others go on; a run that was interrupted (aborted, or the process
  * killed) resumes where it stopped on the next call, because up-to-date tenants cost one
  * query each. {@link checkSchemas} reports which tenants are behind or have drifted.
+ * Behind PgBouncer in transaction mode pass `lock: "transaction"` (see
+ * {@link MigratorOptions.lock}): each schema's migrations then lock in their own
+ * transactions instead of on a session.
  *
  * @module
  */
@@ -22,7 +25,10 @@ import { type MigrationSource, resolveMigrationSource } from "./migration_source
 import type { Pool } from "./pool.ts";
 import { assertIdentifier } from "./template.ts";
 
-/** Options of {@link migrateSchemas}: a {@link Migrator}'s options plus the fleet's own. */
+/**
+ * Options of {@link migrateSchemas}: a {@link Migrator}'s options (`lock` included) plus the
+ * fleet's own.
+ */
 export interface MigrateSchemasOptions extends Omit<MigratorOptions, "onEvent"> {
   /**
    * How many schemas migrate at once; each holds one pool connection while it has
@@ -161,8 +167,9 @@ export interface FleetStatusReport {
  *
  * @param target The shared pool, or a manager over it.
  * @param schemas The schemas (tenants) to migrate.
- * @param options The source, `moduleName`, the migrator's settings, and `concurrency`,
- *   `dryRun`, `signal`, `onProgress`.
+ * @param options The source, `moduleName`, the migrator's settings (`lock: "transaction"`
+ *   behind PgBouncer in transaction mode), and `concurrency`, `dryRun`, `signal`,
+ *   `onProgress`.
  * @returns Per-schema results and a summary.
  * @throws {ConfigurationError} When an option is invalid.
  * @throws {MigrationError} When the source is invalid (nothing is run then).

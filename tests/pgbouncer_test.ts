@@ -18,8 +18,9 @@
  *   on another server connection, and concurrent queries hang.
  * - The Migrator works when nothing else runs. Its session-level advisory lock is not safe
  *   through transaction mode: when its unlock lands on another server connection the lock
- *   stays with the first one, so the run fails with a MigrationError saying so (and later
- *   runs of the module wait until PgBouncer closes that server connection).
+ *   stays with the first one, so the run fails with a MigrationError saying so and naming
+ *   the fix, `lock: "transaction"` (and later runs of the module wait until PgBouncer
+ *   closes that server connection). Racing migrators: tests/pgbouncer_migrate_test.ts.
  */
 import assert from "node:assert/strict";
 import postgres from "postgres";
@@ -625,6 +626,7 @@ Deno.test({
             const error = await run.then(() => undefined, (e) => e);
             assert.ok(error instanceof MigrationError, `expected MigrationError, got ${error}`);
             assert.match(error.message, /another server session.*PgBouncer/s);
+            assert.match(error.message, /lock: "transaction"/, "the message names the fix");
             const result = error.partialResult as { applied: { filename: string }[] };
             assert.deepEqual(result.applied.map((m) => m.filename), Object.keys(migrations));
             const holder = await observe((sql) => sql.unsafe(MIGRATOR_LOCK_PID, lockKey));
@@ -635,7 +637,8 @@ Deno.test({
             );
             leakedPid = lockPid;
 
-            // Until PgBouncer closes that server connection, the module cannot migrate.
+            // Until PgBouncer closes that server connection, the module cannot migrate: a
+            // try on another server connection waits, one on the lock's is refused at once.
             const next = await new Migrator(db, {
               migrations: {
                 ...migrations,
@@ -648,8 +651,11 @@ Deno.test({
             assert.ok(next instanceof MigrationError, `expected MigrationError, got ${next}`);
             assert.match(
               next.message,
-              new RegExp(`another migrator \\(server process ${lockPid}\\)`),
+              new RegExp(
+                `another migrator \\(server process ${lockPid}\\)|already holds it for another client`,
+              ),
             );
+            assert.match(next.message, /lock: "transaction"/, "the message names the fix");
           } finally {
             await releaseAll(holds.splice(0)).catch(() => {});
             await pool.close();

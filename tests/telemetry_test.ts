@@ -12,6 +12,7 @@ import {
   type ReadableSpan,
   SimpleSpanProcessor,
 } from "@opentelemetry/sdk-trace-base";
+import { Migrator } from "../mod.ts";
 import { activeTracer, operationName } from "../src/_telemetry.ts";
 import { serverTest, TEST_URL, withManager } from "./_server.ts";
 
@@ -92,6 +93,35 @@ serverTest("queries are OpenTelemetry client spans inside the caller's span", as
       assert.equal(queries[5].attributes["db.response.returned_rows"], 2, "executeMany total");
       assert.equal(queries[6].attributes["db.response.returned_rows"], 1, "COPY rows");
       assert.ok(!JSON.stringify(all.map((s) => [s.attributes, s.events])).includes(SECRET));
+    });
+  });
+});
+
+serverTest("Migrator.applyPending() is a span with each migration as an event", async () => {
+  await withTracing(async (spans) => {
+    await withManager(async (db) => {
+      const migrator = new Migrator(db, {
+        moduleName: "shop",
+        migrations: {
+          "001_items.sql": "CREATE TABLE {{tables.items}} (id int)",
+          "002_more.sql": "ALTER TABLE {{tables.items}} ADD COLUMN name text",
+        },
+      });
+      const result = await migrator.applyPending();
+      assert.equal(result.applied.length, 2);
+      const run = spans().find((span) => span.name === "migrate shop")!;
+      assert.ok(run, `no migration span among ${spans().map((s) => s.name)}`);
+      assert.equal(run.attributes["pgdbm.migration.status"], "success");
+      assert.equal(run.attributes["pgdbm.migration.applied"], 2);
+      const applied = run.events.filter((e) => e.name === "pgdbm.migration.applied");
+      assert.deepEqual(applied.map((e) => e.attributes?.["pgdbm.filename"]), [
+        "001_items.sql",
+        "002_more.sql",
+      ]);
+      const statements = spans().filter((s) =>
+        s.parentSpanContext?.spanId === run.spanContext().spanId
+      );
+      assert.ok(statements.length > 0, "the migration's statements are spans inside the run");
     });
   });
 });
