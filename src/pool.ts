@@ -505,13 +505,20 @@ export class ConnectionPool implements Pool {
     if (slot.running.size === 0 && !slot.leased) this.#afterWork(slot);
   }
 
-  /** Remembers statements that ran slowly (twice or more) so they get a quiet connection. */
+  /**
+   * Remembers statements that ran slowly (twice or more) so they get a quiet connection.
+   * When a statement turns slow, the copies of it already queued count as slow too, so
+   * fast queries stop joining the queues they are in (a burst of a new slow statement
+   * would otherwise hold them).
+   */
   #learn(sql: string, ms: number): void {
     const known = this.#durations.get(sql);
     if (known !== undefined) {
+      const wasSlow = known.slow;
       known.avg = known.avg * 0.7 + ms * 0.3;
       known.seen++;
       known.slow = known.avg > SLOW_MS && known.seen >= 2;
+      if (known.slow && !wasSlow) this.#markQueuedSlow(sql);
       return;
     }
     if (ms < SLOW_MS) return;
@@ -519,6 +526,17 @@ export class ConnectionPool implements Pool {
       this.#durations.delete(this.#durations.keys().next().value!);
     }
     this.#durations.set(sql, { avg: ms, seen: 1, slow: false });
+  }
+
+  #markQueuedSlow(sql: string): void {
+    for (const slot of this.#slots) {
+      for (const entry of slot.running) {
+        if (entry.sql === sql && !entry.slow) {
+          entry.slow = true;
+          slot.slowRunning++;
+        }
+      }
+    }
   }
 
   /** A slot became free of work: recycle it, hand it to a waiter, or finish closing. */

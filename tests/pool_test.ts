@@ -853,6 +853,31 @@ serverTest("Pool keeps a slow statement from stalling fast ones", async () => {
   });
 });
 
+serverTest(
+  "Pool keeps fast queries out of a queue of a new statement that turned slow",
+  async () => {
+    await withPool({ minConnections: 4, maxConnections: 4 }, async (db) => {
+      // A burst of a statement never seen before is pipelined like a fast one: 30 × 30 ms
+      // queue up on one connection. Once two have run, it is known to be slow.
+      const slowSql = "SELECT 'slow' AS kind FROM pg_sleep(0.03)";
+      let slowDone = 0;
+      const burst = Array.from({ length: 30 }, () =>
+        db.fetchValue(slowSql).then((value) => {
+          slowDone++;
+          return value;
+        }));
+      await waitFor("the burst's statement to be seen slow twice", () => slowDone >= 3);
+      assert.equal(await db.fetchValue<number>("SELECT $1::int", [7]), 7);
+      const slowDoneWhenFastDone = slowDone;
+      assert.deepEqual(await Promise.all(burst), Array(30).fill("slow"));
+      assert.ok(
+        slowDoneWhenFastDone <= 10,
+        `the fast query waited behind the burst (${slowDoneWhenFastDone} of 30 had finished)`,
+      );
+    });
+  },
+);
+
 // ---------------------------------------------------------------------------------------
 // Configuration errors and passwords
 
