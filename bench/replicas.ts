@@ -12,7 +12,7 @@
  * Every node runs on this machine, so a replica adds no CPU: with few cores expect no gain
  * (or a loss), unlike a replica on its own host.
  *
- *   deno run -A bench/replica_bench.ts
+ *   deno run -A bench/replicas.ts
  */
 import { createSharedPool, type DatabaseConfig, DatabaseManager, type Pool } from "../mod.ts";
 import { type PgBouncer, pgbouncerUnavailable, startPgBouncer } from "../tests/_pgbouncer.ts";
