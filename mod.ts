@@ -17,7 +17,14 @@
 export { DatabaseManager } from "./src/manager.ts";
 export type { DropSchemaOptions, ManagerPoolStats, SharedPoolOptions } from "./src/manager.ts";
 export { createSharedPool } from "./src/pool.ts";
-export type { Pool, PoolStats, QueryOptions, ReplicaStats, WaitPercentiles } from "./src/pool.ts";
+export type {
+  ConnectionCounts,
+  Pool,
+  PoolStats,
+  QueryOptions,
+  ReplicaStats,
+  WaitPercentiles,
+} from "./src/pool.ts";
 export type { QueryEvent, QueryHook } from "./src/query_event.ts";
 export type { DatabaseConfig, Logger, RetryConfig, SslConfig, SslMode } from "./src/config.ts";
 export { Queries } from "./src/queries.ts";

@@ -9,24 +9,16 @@
 import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult } from "./driver.ts";
 import { ConnectionError, PoolError, QueryError } from "./errors.ts";
-import type { QueryOptions } from "./pool.ts";
+import type { ConnectionCounts, QueryOptions } from "./pool.ts";
 
 /** Statistics of one replica. */
-export interface ReplicaStats {
+export interface ReplicaStats extends ConnectionCounts {
   /** `host:port/database`. */
   target: string;
   /** Open, answering, and within `maxReplicaLagMs`. */
   healthy: boolean;
   /** Replay lag last measured, or `null` when not measured. */
   lagMs: number | null;
-  /** Open connections. */
-  size: number;
-  /** Idle connections. */
-  idle: number;
-  /** Busy connections. */
-  used: number;
-  /** Callers waiting for a connection. */
-  waiting: number;
   /** Reads it answered. */
   queries: number;
   /** Reads that failed on it (those retried on the primary included). */
@@ -37,7 +29,7 @@ export interface ReplicaStats {
 export interface ReadPool {
   readonly closed: boolean;
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
-  getStats(): { size: number; idle: number; used: number; waiting: number };
+  getStats(): ConnectionCounts;
   close(): Promise<void>;
 }
 

@@ -677,24 +677,41 @@ export class Migrator {
       this.#refuseNoTransaction(plan.pending);
     }
     if (this.#lockMode === "transaction") return await this.#applyInTransactions(files, started);
-    return await this.#locked(async (conn, token) => {
-      const applied = (await this.#readApplied(conn)) ?? [];
-      const plan = this.#plan(files, applied);
-      this.#refuseDrift(plan.drifted);
-      this.#reportMissing(plan.missing);
-      const prepared = plan.pending.map((m) => this.#prepare(m));
-      const skipped = filenames(applied);
-      const done: AppliedMigrationResult[] = [];
-      for (const migration of prepared) {
-        try {
-          done.push((await this.#apply(migration, this.#onSession(conn, token, migration)))!);
-        } catch (error) {
-          const partial = this.#result("failed", skipped, done, plan, started);
-          throw this.#failed(error, migration.migration, partial);
-        }
+    return await this.#locked((conn, token) =>
+      this.#applyPlanned(conn, files, started, (m) => this.#onSession(conn, token, m))
+    );
+  }
+
+  /**
+   * Plans the run from the history `q` sees, then applies each pending migration with the
+   * attempts `attempt` makes for it (an attempt returns `undefined` for a file another
+   * process applied meanwhile: it is counted as skipped).
+   */
+  async #applyPlanned(
+    q: Queries,
+    files: Migration[],
+    started: number,
+    attempt: (migration: PreparedMigration) => (attempt: number) => Promise<number | undefined>,
+  ): Promise<MigrationResult> {
+    const applied = (await this.#readApplied(q)) ?? [];
+    const plan = this.#plan(files, applied);
+    this.#refuseDrift(plan.drifted);
+    if (this.#lockMode === "transaction") this.#refuseNoTransaction(plan.pending);
+    this.#reportMissing(plan.missing);
+    const prepared = plan.pending.map((m) => this.#prepare(m));
+    const skipped = filenames(applied);
+    const done: AppliedMigrationResult[] = [];
+    for (const migration of prepared) {
+      try {
+        const result = await this.#apply(migration, attempt(migration));
+        if (result === undefined) skipped.push(migration.migration.filename);
+        else done.push(result);
+      } catch (error) {
+        const partial = this.#result("failed", skipped, done, plan, started);
+        throw this.#failed(error, migration.migration, partial);
       }
-      return this.#result(done.length > 0 ? "success" : "up_to_date", skipped, done, plan, started);
-    });
+    }
+    return this.#result(done.length > 0 ? "success" : "up_to_date", skipped, done, plan, started);
   }
 
   /**
@@ -1133,25 +1150,12 @@ export class Migrator {
    */
   async #applyInTransactions(files: Migration[], started: number): Promise<MigrationResult> {
     await this.#ensureTable(this.#db);
-    const applied = (await this.#readApplied(this.#db)) ?? [];
-    const plan = this.#plan(files, applied);
-    this.#refuseDrift(plan.drifted);
-    this.#refuseNoTransaction(plan.pending);
-    this.#reportMissing(plan.missing);
-    const prepared = plan.pending.map((m) => this.#prepare(m));
-    const skipped = filenames(applied);
-    const done: AppliedMigrationResult[] = [];
-    for (const migration of prepared) {
-      try {
-        const result = await this.#apply(migration, this.#underXactLock(migration, "skip"));
-        if (result === undefined) skipped.push(migration.migration.filename);
-        else done.push(result);
-      } catch (error) {
-        const partial = this.#result("failed", skipped, done, plan, started);
-        throw this.#failed(error, migration.migration, partial);
-      }
-    }
-    return this.#result(done.length > 0 ? "success" : "up_to_date", skipped, done, plan, started);
+    return await this.#applyPlanned(
+      this.#db,
+      files,
+      started,
+      (m) => this.#underXactLock(m, "skip"),
+    );
   }
 
   /**

@@ -36,6 +36,18 @@ export interface QueryOptions {
   primary?: boolean;
 }
 
+/** The connections of one pool, and who waits for one. */
+export interface ConnectionCounts {
+  /** Open connections. */
+  size: number;
+  /** Open connections with nothing running and not leased. */
+  idle: number;
+  /** Open connections running queries or leased to a transaction / `acquire()`. */
+  used: number;
+  /** Callers waiting for a connection. */
+  waiting: number;
+}
+
 /** Percentiles of the time callers waited for a connection. */
 export interface WaitPercentiles {
   /** Median, in milliseconds. */
@@ -45,21 +57,13 @@ export interface WaitPercentiles {
 }
 
 /** Live statistics of a pool. */
-export interface PoolStats {
+export interface PoolStats extends ConnectionCounts {
   /** `connected` until `close()` is called. */
   status: "connected" | "closed";
   /** `minConnections`. */
   minSize: number;
   /** `maxConnections`. */
   maxSize: number;
-  /** Open connections. */
-  size: number;
-  /** Open connections with nothing running and not leased. */
-  idle: number;
-  /** Open connections running queries or leased to a transaction / `acquire()`. */
-  used: number;
-  /** Callers waiting for a connection. */
-  waiting: number;
   /** Statements run since the pool opened (on the primary). */
   queries: number;
   /** Statements that failed since the pool opened (on the primary). */

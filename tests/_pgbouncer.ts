@@ -7,6 +7,7 @@
  * kills it and removes the temp dir.
  */
 import postgres from "postgres";
+import { SERVER_AVAILABLE } from "./_server.ts";
 
 const BINARIES = [
   "/usr/sbin/pgbouncer",
@@ -91,6 +92,26 @@ export function pgbouncerUnavailable(): string | undefined {
   } catch (error) {
     return `cannot check for pgbouncer (${(error as Error).message})`;
   }
+}
+
+/** The startup parameters pgdbm sends that PgBouncer 1.18 does not know (README). */
+export const IGNORED_STARTUP_PARAMETERS: readonly string[] = [
+  "jit",
+  "statement_timeout",
+  "lock_timeout",
+  "idle_in_transaction_session_timeout",
+];
+
+/**
+ * Why the PgBouncer tests cannot run here (no PgBouncer, or no server), or `undefined`.
+ * With PGDBM_REQUIRE_SERVER=1 a missing PgBouncer is an error instead of a reason to skip.
+ */
+export function pgbouncerSkipReason(): string | undefined {
+  const missing = pgbouncerUnavailable();
+  if (missing !== undefined && Deno.env.get("PGDBM_REQUIRE_SERVER") === "1") {
+    throw new Error(`PGDBM_REQUIRE_SERVER=1 but PgBouncer cannot start: ${missing}`);
+  }
+  return missing ?? (SERVER_AVAILABLE ? undefined : "no PostgreSQL server at PGDBM_TEST_URL");
 }
 
 function parseTarget(url: string): Target {

@@ -17,22 +17,8 @@ import { loadConfig } from "../src/_cli_config.ts";
 import { UsageError } from "../src/_cli_args.ts";
 import { main } from "../src/cli.ts";
 import { createSharedPool, type Pool } from "../src/pool.ts";
+import { RACE_FILES } from "./_race_migrations.ts";
 import { observe, serverTest, TEST_URL, uniqueName } from "./_server.ts";
-
-/** Five files; each logs itself, and each would fail (or log twice) when run twice. */
-const RACE_FILES: Record<string, string> = {
-  "001_log.sql": "CREATE TABLE {{tables.applied_log}} (filename text NOT NULL, pid int);\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('001_log.sql', pg_backend_pid());",
-  "002_items.sql": "CREATE TABLE {{tables.items}} (id int PRIMARY KEY);\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('002_items.sql', pg_backend_pid());",
-  "003_slow.sql": "SELECT pg_sleep(0.05);\n" +
-    "INSERT INTO {{tables.items}} VALUES (3);\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('003_slow.sql', pg_backend_pid());",
-  "004_column.sql": "ALTER TABLE {{tables.items}} ADD COLUMN note text;\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('004_column.sql', pg_backend_pid());",
-  "005_more.sql": "INSERT INTO {{tables.items}} VALUES (5);\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('005_more.sql', pg_backend_pid());",
-};
 
 interface Ctx {
   pool: Pool;

@@ -20,34 +20,18 @@ import {
   Migrator,
   type MigratorOptions,
 } from "../mod.ts";
-import { observe, SERVER_AVAILABLE, TEST_URL, uniqueName } from "./_server.ts";
-import { type PgBouncer, pgbouncerUnavailable, startPgBouncer } from "./_pgbouncer.ts";
+import { RACE_FILES } from "./_race_migrations.ts";
+import { observe, TEST_URL, uniqueName } from "./_server.ts";
+import {
+  IGNORED_STARTUP_PARAMETERS,
+  type PgBouncer,
+  pgbouncerSkipReason,
+  startPgBouncer,
+} from "./_pgbouncer.ts";
 
-const missing = pgbouncerUnavailable();
-if (missing !== undefined && Deno.env.get("PGDBM_REQUIRE_SERVER") === "1") {
-  throw new Error(`PGDBM_REQUIRE_SERVER=1 but PgBouncer cannot start: ${missing}`);
-}
-const unavailable = missing ??
-  (SERVER_AVAILABLE ? undefined : "no PostgreSQL server at PGDBM_TEST_URL");
+const unavailable = pgbouncerSkipReason();
 
-/** The startup parameters pgdbm sends that PgBouncer 1.18 does not know (README). */
-const IGNORED = "jit, statement_timeout, lock_timeout, idle_in_transaction_session_timeout";
 const RACERS = 6;
-
-/** Five files; each logs itself with its server process, and would fail or log twice when run twice. */
-const FILES: Record<string, string> = {
-  "001_log.sql": "CREATE TABLE {{tables.applied_log}} (filename text NOT NULL, pid int);\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('001_log.sql', pg_backend_pid());",
-  "002_items.sql": "CREATE TABLE {{tables.items}} (id int PRIMARY KEY);\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('002_items.sql', pg_backend_pid());",
-  "003_slow.sql": "SELECT pg_sleep(0.05);\n" +
-    "INSERT INTO {{tables.items}} VALUES (3);\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('003_slow.sql', pg_backend_pid());",
-  "004_column.sql": "ALTER TABLE {{tables.items}} ADD COLUMN note text;\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('004_column.sql', pg_backend_pid());",
-  "005_more.sql": "INSERT INTO {{tables.items}} VALUES (5);\n" +
-    "INSERT INTO {{tables.applied_log}} VALUES ('005_more.sql', pg_backend_pid());",
-};
 
 /** How a racer ended. */
 type Outcome = { result: MigrationResult } | { error: unknown };
@@ -70,7 +54,7 @@ async function race(
     return await Promise.all(
       pools.map((pool) =>
         new Migrator(new DatabaseManager({ pool, schema }), {
-          migrations: FILES,
+          migrations: RACE_FILES,
           moduleName: "race",
           lockPollMaxMs: 50,
           ...options,
@@ -124,7 +108,7 @@ Deno.test({
   ignore: unavailable !== undefined,
   async fn(t) {
     const bouncer: PgBouncer = await startPgBouncer(TEST_URL, {
-      settings: { ignore_startup_parameters: IGNORED },
+      settings: { ignore_startup_parameters: IGNORED_STARTUP_PARAMETERS.join(", ") },
       databases: { pgdbm_two: "pool_size=2", pgdbm_one: "pool_size=1" },
     });
     const config: DatabaseConfig = { connectionString: bouncer.url("pgdbm_two"), prepare: false };
@@ -139,7 +123,7 @@ Deno.test({
           const schema = uniqueName("pgb_race_tx");
           try {
             const outcomes = await race(config, schema, { lock: "transaction" });
-            const files = Object.keys(FILES);
+            const files = Object.keys(RACE_FILES);
             const applied: string[] = [];
             for (const outcome of outcomes) {
               assert.ok(
@@ -202,8 +186,8 @@ Deno.test({
               Object.fromEntries(history.map((f) => [f, 1])),
               "each recorded migration's side effect ran once, and no other ran",
             );
-            assert.deepEqual(history, Object.keys(FILES).slice(0, history.length), "in order");
-            if (succeeded === RACERS) assert.equal(history.length, Object.keys(FILES).length);
+            assert.deepEqual(history, Object.keys(RACE_FILES).slice(0, history.length), "in order");
+            if (succeeded === RACERS) assert.equal(history.length, Object.keys(RACE_FILES).length);
           } finally {
             await dropSchema(schema);
           }

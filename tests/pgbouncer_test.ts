@@ -35,18 +35,15 @@ import {
   QueryError,
   TimeoutError,
 } from "../mod.ts";
-import { observe, SERVER_AVAILABLE, TEST_URL, uniqueName } from "./_server.ts";
-import { type PgBouncer, pgbouncerUnavailable, startPgBouncer } from "./_pgbouncer.ts";
+import { observe, TEST_URL, uniqueName } from "./_server.ts";
+import {
+  IGNORED_STARTUP_PARAMETERS,
+  type PgBouncer,
+  pgbouncerSkipReason,
+  startPgBouncer,
+} from "./_pgbouncer.ts";
 
-const missing = pgbouncerUnavailable();
-if (missing !== undefined && Deno.env.get("PGDBM_REQUIRE_SERVER") === "1") {
-  throw new Error(`PGDBM_REQUIRE_SERVER=1 but PgBouncer cannot start: ${missing}`);
-}
-const unavailable = missing ??
-  (SERVER_AVAILABLE ? undefined : "no PostgreSQL server at PGDBM_TEST_URL");
-
-/** The startup parameters pgdbm sends that PgBouncer 1.18 does not know. */
-const IGNORED = ["jit", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"];
+const unavailable = pgbouncerSkipReason();
 
 /** The README's advice: set pgdbm's defaults on the server side (here in PgBouncer). */
 const CONNECT_QUERY = "SET statement_timeout = 60000; SET lock_timeout = 5000; " +
@@ -182,7 +179,7 @@ Deno.test({
   ignore: unavailable !== undefined,
   async fn(t) {
     const bouncer: PgBouncer = await startPgBouncer(TEST_URL, {
-      settings: { ignore_startup_parameters: IGNORED.join(", ") },
+      settings: { ignore_startup_parameters: IGNORED_STARTUP_PARAMETERS.join(", ") },
       databases: {
         pgdbm_settings: `connect_query='${CONNECT_QUERY}'`,
         pgdbm_small: "pool_size=2",
@@ -241,7 +238,7 @@ Deno.test({
             } finally {
               await pool.close();
             }
-            for (const name of IGNORED) {
+            for (const name of IGNORED_STARTUP_PARAMETERS) {
               const error = await startupProbe(bouncer.url(), { [name]: "0" }).catch((e) => e);
               assert.equal(error?.code, "08P01", `${name}: ${error}`);
               assert.match(error.message, new RegExp(`^unsupported startup parameter: ${name}$`));
@@ -252,7 +249,9 @@ Deno.test({
               "pgdbm_probe",
             );
           } finally {
-            await bouncer.admin(`SET ignore_startup_parameters = '${IGNORED.join(", ")}'`);
+            await bouncer.admin(
+              `SET ignore_startup_parameters = '${IGNORED_STARTUP_PARAMETERS.join(", ")}'`,
+            );
           }
         },
       );
