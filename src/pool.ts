@@ -113,6 +113,8 @@ const TICK_MS = 250;
 const CANCEL_GRACE_MS = 1000;
 const MAX_TRACKED_STATEMENTS = 5000;
 const WAIT_WINDOW = 1024;
+/** A `SET` (not `SET LOCAL`) or `set_config(…, false)`: state of the session. */
+const SESSION_SET = /^\s*set\s+(?!local\b)|set_config\s*\([^)]*,\s*false\s*\)/i;
 
 interface Slot {
   conn: DriverConnection;
@@ -211,6 +213,14 @@ export class ConnectionPool implements Pool {
 
   /** Opens a pool for a resolved configuration, with its floor of connections. */
   static async open(config: ResolvedConfig): Promise<ConnectionPool> {
+    if (!config.prepare && config.initCommands.some((command) => SESSION_SET.test(command))) {
+      config.logger.warn(
+        "pgdbm: 'initCommands' sets session state, and 'prepare: false' suggests a pooler in " +
+          "transaction mode (PgBouncer), where such a SET reaches one server connection once " +
+          "and other transactions run without it. Set it on the server instead (ALTER ROLE … " +
+          "SET), or with 'serverSettings' through a direct connection",
+      );
+    }
     const driver = config.kind === "embedded"
       ? (await import("./pglite_driver.ts")).createPgliteDriver({
         dataDir: config.embeddedDataDir,

@@ -878,6 +878,36 @@ serverTest(
   },
 );
 
+serverTest(
+  "createSharedPool() warns when prepare: false meets a session SET in initCommands",
+  async () => {
+    const cases: { config: DatabaseConfig; warns: boolean }[] = [
+      { config: { prepare: false, initCommands: ["SET search_path = app"] }, warns: true },
+      {
+        config: { prepare: false, initCommands: ["SELECT set_config('x.y', '1', false)"] },
+        warns: true,
+      },
+      { config: { prepare: false, initCommands: ["SELECT 1"] }, warns: false },
+      { config: { prepare: true, initCommands: ["SET search_path = app"] }, warns: false },
+    ];
+    for (const { config, warns } of cases) {
+      const warnings: string[] = [];
+      const pool = await createSharedPool({
+        connectionString: TEST_URL,
+        minConnections: 1,
+        ...config,
+        logger: { warn: (message) => warnings.push(message) },
+      });
+      await pool.close();
+      assert.equal(
+        warnings.some((w) => w.includes("transaction mode") && w.includes("ALTER ROLE")),
+        warns,
+        `${JSON.stringify(config)}: ${warnings}`,
+      );
+    }
+  },
+);
+
 // ---------------------------------------------------------------------------------------
 // Configuration errors and passwords
 
