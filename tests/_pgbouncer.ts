@@ -103,10 +103,44 @@ export const IGNORED_STARTUP_PARAMETERS: readonly string[] = [
 ];
 
 /**
- * Why the PgBouncer tests cannot run here (no PgBouncer, or no server), or `undefined`.
- * With PGDBM_REQUIRE_SERVER=1 a missing PgBouncer is an error instead of a reason to skip.
+ * Installs PgBouncer from Debian's packages when it is absent and this runs as root with
+ * apt-get, and stops the service the package starts (the tests run instances of their own).
+ * Concurrent callers wait for each other on dpkg's lock.
  */
-export function pgbouncerSkipReason(): string | undefined {
+async function installPgBouncer(): Promise<void> {
+  if (findBinary() !== undefined || Deno.uid() !== 0) return;
+  try {
+    Deno.statSync("/usr/bin/apt-get");
+  } catch {
+    return;
+  }
+  const env = { DEBIAN_FRONTEND: "noninteractive" };
+  const apt = (args: string[]) =>
+    new Deno.Command("apt-get", { args, env, stdout: "null", stderr: "null" }).output();
+  const install = ["-o", "DPkg::Lock::Timeout=120", "install", "-y", "-q", "pgbouncer"];
+  if (!(await apt(install)).success) {
+    await apt(["-o", "DPkg::Lock::Timeout=120", "update", "-q"]);
+    await apt(install);
+  }
+  for (
+    const [command, args] of [["service", ["pgbouncer", "stop"]], ["systemctl", [
+      "disable",
+      "pgbouncer",
+    ]]] as const
+  ) {
+    await new Deno.Command(command, { args: [...args], stdout: "null", stderr: "null" }).output()
+      .catch(() => {});
+  }
+}
+
+/**
+ * Why the PgBouncer tests cannot run here (no PgBouncer, or no server), or `undefined`.
+ * PgBouncer is installed from Debian's packages first when it is absent and this runs as
+ * root. With PGDBM_REQUIRE_SERVER=1 a missing PgBouncer is an error instead of a reason
+ * to skip.
+ */
+export async function pgbouncerSkipReason(): Promise<string | undefined> {
+  await installPgBouncer();
   const missing = pgbouncerUnavailable();
   if (missing !== undefined && Deno.env.get("PGDBM_REQUIRE_SERVER") === "1") {
     throw new Error(`PGDBM_REQUIRE_SERVER=1 but PgBouncer cannot start: ${missing}`);

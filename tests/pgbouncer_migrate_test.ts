@@ -29,7 +29,7 @@ import {
   startPgBouncer,
 } from "./_pgbouncer.ts";
 
-const unavailable = pgbouncerSkipReason();
+const unavailable = await pgbouncerSkipReason();
 
 const RACERS = 6;
 

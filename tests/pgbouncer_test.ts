@@ -43,7 +43,7 @@ import {
   startPgBouncer,
 } from "./_pgbouncer.ts";
 
-const unavailable = pgbouncerSkipReason();
+const unavailable = await pgbouncerSkipReason();
 
 /** The README's advice: set pgdbm's defaults on the server side (here in PgBouncer). */
 const CONNECT_QUERY = "SET statement_timeout = 60000; SET lock_timeout = 5000; " +
