@@ -91,3 +91,29 @@ export async function observe<T>(fn: (sql: postgres.Sql) => Promise<T>): Promise
     await sql.end({ timeout: 1 });
   }
 }
+
+/**
+ * Opens a transaction on `db` that reads `table` and stays open, holding the lock an
+ * `ALTER TABLE` must wait for, until `release()` (which waits for the transaction to end).
+ */
+export async function holdTableLock(
+  db: DatabaseManager,
+  table: string,
+): Promise<{ release(): Promise<void> }> {
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  let holding!: () => void;
+  const held = new Promise<void>((resolve) => (holding = resolve));
+  const holder = db.transaction(async (tx) => {
+    await tx.fetchAll(`SELECT * FROM {{tables.${table}}}`);
+    holding();
+    await released;
+  });
+  await Promise.race([held, holder]);
+  return {
+    release: async () => {
+      release();
+      await holder;
+    },
+  };
+}

@@ -18,7 +18,7 @@ import { UsageError } from "../src/_cli_args.ts";
 import { main } from "../src/cli.ts";
 import { createSharedPool, type Pool } from "../src/pool.ts";
 import { RACE_FILES } from "./_race_migrations.ts";
-import { observe, serverTest, TEST_URL, uniqueName } from "./_server.ts";
+import { holdTableLock, observe, serverTest, TEST_URL, uniqueName } from "./_server.ts";
 
 interface Ctx {
   pool: Pool;
@@ -296,25 +296,14 @@ serverTest("Migrator lock: 'transaction' retries a migration after a lock timeou
       lockRetryDelayMs: 20,
       onEvent: (e) => events.push(e),
     });
-    const other = new DatabaseManager({ pool, schema: db.schema });
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => (release = resolve));
-    let holding!: () => void;
-    const held = new Promise<void>((resolve) => (holding = resolve));
     // A transaction that read the table holds a lock the ALTER TABLE must wait for.
-    const holder = other.transaction(async (tx) => {
-      await tx.fetchAll("SELECT * FROM {{tables.busy}}");
-      holding();
-      await released;
-    });
-    await held;
+    const lock = await holdTableLock(new DatabaseManager({ pool, schema: db.schema }), "busy");
     const run = migrator.applyPending();
     const outcome = run.then(() => undefined, (error) => error);
     try {
       await until("a retry", () => events.some((e) => e.type === "retry"));
     } finally {
-      release();
-      await holder;
+      await lock.release();
       await outcome;
     }
     const result = await run;

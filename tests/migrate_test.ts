@@ -6,7 +6,7 @@ import { DatabaseManager } from "../src/manager.ts";
 import { createSharedPool, type Pool } from "../src/pool.ts";
 import { type MigrationEvent, Migrator } from "../src/migrate.ts";
 import { migrationChecksum } from "../src/_migration_files.ts";
-import { serverTest } from "./_server.ts";
+import { holdTableLock, serverTest } from "./_server.ts";
 
 const URL_ = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 const FIXTURES = new URL("./fixtures/migrations/", import.meta.url);
@@ -521,23 +521,13 @@ serverTest("Migrator retries a migration that times out behind a long-held lock"
       onEvent: (e) => events.push(e),
     });
     const other = new DatabaseManager({ pool, schema: db.schema });
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => (release = resolve));
-    let holding!: () => void;
-    const held = new Promise<void>((resolve) => (holding = resolve));
     // A long transaction that reads the table holds a lock the ALTER TABLE must wait for.
-    const holder = other.transaction(async (tx) => {
-      await tx.fetchAll("SELECT * FROM {{tables.busy}}");
-      holding();
-      await released;
-    });
-    await held;
+    const lock = await holdTableLock(other, "busy");
     const migration = migrator.applyPending();
     const deadline = performance.now() + 5000;
     while (!events.some((e) => e.type === "retry")) {
       if (performance.now() > deadline) {
-        release();
-        await holder;
+        await lock.release();
         await migration.catch(() => {});
         assert.fail("the migration never timed out waiting for its lock");
       }
@@ -549,8 +539,7 @@ serverTest("Migrator retries a migration that times out behind a long-held lock"
     const elapsed = performance.now() - started;
     assert.ok(elapsed < 1000, `reads waited ${elapsed} ms behind the migration`);
     await new Promise((resolve) => setTimeout(resolve, 300));
-    release();
-    await holder;
+    await lock.release();
     const result = await migration;
     assert.equal(result.status, "success");
     assert.ok(result.applied[0].attempts >= 2, `attempts: ${result.applied[0].attempts}`);
