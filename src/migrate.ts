@@ -436,6 +436,12 @@ export class Migrator {
    *   `"transaction"`, or a number is out of range.
    */
   constructor(db: DatabaseManager, options: MigratorOptions) {
+    if (typeof db?.onPrimary !== "function") {
+      throw new TypeError(
+        "Cannot create a Migrator: the first argument must be a DatabaseManager " +
+          "(new Migrator(db, { migrationsPath, moduleName }))",
+      );
+    }
     if (options === null || typeof options !== "object") {
       throw new ConfigurationError(
         "moduleName",
@@ -464,7 +470,7 @@ export class Migrator {
       );
     }
     // History reads must see the primary: a replica may not have the latest rows yet.
-    this.#db = typeof db?.onPrimary === "function" ? db.onPrimary() : db;
+    this.#db = db.onPrimary();
     this.#source = resolveMigrationSource(options);
     this.#module = module;
     this.#table = table;

@@ -848,3 +848,14 @@ serverTest("new Migrator() validates its options before any SQL", () => {
   check({ migrations: {}, moduleName: "m", lockRetries: Number.NaN }, "lockRetries");
   check(undefined, "moduleName");
 });
+
+Deno.test("new Migrator() refuses a first argument that is not a DatabaseManager", () => {
+  for (const db of [null, undefined, {}, "postgres://x/y"]) {
+    assert.throws(
+      () => new Migrator(db as unknown as DatabaseManager, { migrations: {}, moduleName: "m" }),
+      (error: unknown) =>
+        error instanceof TypeError &&
+        /first argument must be a DatabaseManager/.test(error.message),
+    );
+  }
+});
