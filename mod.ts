@@ -98,5 +98,6 @@ export type {
   PgdbmErrorCode,
   PgdbmErrorOptions,
   ServerErrorFields,
+  TimeoutErrorOptions,
   ValidationIssue,
 } from "./src/errors.ts";

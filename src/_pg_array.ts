@@ -1,6 +1,7 @@
 /**
- * Parses PostgreSQL array literals, NULL elements included (postgres.js turns an unquoted
- * `NULL` element into the string `"NULL"` or into `NaN`; this parser returns `null`).
+ * PostgreSQL array literals: parsing, NULL elements included (postgres.js turns an unquoted
+ * `NULL` element into the string `"NULL"` or into `NaN`; this parser returns `null`), and
+ * writing arrays bound as parameters.
  *
  * @module
  */
@@ -65,4 +66,32 @@ function parseLevel(
     out.push(raw.length === 4 && raw.toUpperCase() === "NULL" ? null : parse ? parse(raw) : raw);
   }
   return out;
+}
+
+/** Writes one element's value as text. */
+export type ElementSerializer = (value: unknown) => string;
+
+/**
+ * Writes a JavaScript array as an array literal: every element quoted and escaped, nested
+ * arrays as nested literals, `null` and `undefined` as NULL. A value that is not an array
+ * (already a literal) is returned as it is.
+ *
+ * @param value The array.
+ * @param serialize The element serializer, or `undefined` for `String(element)`.
+ * @param delimiter The element delimiter (`;` for `box`, `,` otherwise).
+ * @returns The literal, such as `{"1","NULL is not this",NULL}`.
+ */
+export function serializeArray(
+  value: unknown,
+  serialize: ElementSerializer | undefined,
+  delimiter = ",",
+): string {
+  if (!Array.isArray(value)) return value as string;
+  const parts = value.map((element) => {
+    if (element === null || element === undefined) return "NULL";
+    if (Array.isArray(element)) return serializeArray(element, serialize, delimiter);
+    const text = serialize === undefined ? String(element) : serialize(element);
+    return `"${text.replace(/\\/g, "\\\\").replace(/"/g, '\\"')}"`;
+  });
+  return `{${parts.join(delimiter)}}`;
 }

@@ -303,20 +303,35 @@ export class ValidationError extends PgdbmError {
   }
 }
 
-/** A query ran longer than its timeout or was aborted; it was cancelled on the server. */
+/** Options of a {@link TimeoutError}. */
+export interface TimeoutErrorOptions extends PgdbmErrorOptions {
+  /** The server's SQLSTATE (`57014`) when the server's own `statement_timeout` fired. */
+  sqlstate?: string;
+}
+
+/**
+ * A query ran longer than a time limit; it was cancelled on the server. `timeoutMs` is the
+ * limit that fired: the call's `timeoutMs`, else `commandTimeoutMs`, else the server's
+ * `statement_timeout` (then `sqlstate` is `57014` and `cause` is the server's error). An
+ * aborted signal does not make a `TimeoutError`: the call rejects with `signal.reason`.
+ */
 export class TimeoutError extends PgdbmError {
-  /** The timeout that expired, in milliseconds (absent when aborted by a signal). */
+  /** The limit that expired, in milliseconds (absent when the server's limit is unknown). */
   readonly timeoutMs?: number;
+  /** `57014` when the server's `statement_timeout` stopped the statement. */
+  readonly sqlstate?: string;
 
   /**
    * Makes the error.
    *
    * @param message What timed out.
-   * @param timeoutMs The timeout that expired.
+   * @param timeoutMs The limit that expired.
+   * @param options The `cause`, and the server's SQLSTATE when the server's limit fired.
    */
-  constructor(message: string, timeoutMs?: number, options?: PgdbmErrorOptions) {
+  constructor(message: string, timeoutMs?: number, options?: TimeoutErrorOptions) {
     super("TIMEOUT_ERROR", message, options);
     this.timeoutMs = timeoutMs;
+    if (options?.sqlstate !== undefined) this.sqlstate = options.sqlstate;
   }
 }
 

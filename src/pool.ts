@@ -106,38 +106,78 @@ export interface Lease {
   release(discard?: boolean): void;
 }
 
+/** A head query this long without progress marks its connection stalled for new work. */
 const STALL_MS = 10;
+/** A statement averaging longer than this is slow: it gets a connection of its own. */
 const SLOW_MS = 20;
+/** The most statements in flight on one shared connection. */
 const PIPELINE_LIMIT = 250;
+/** How often deadlines, hung cancels, idle and old connections are checked. */
 const TICK_MS = 250;
+/**
+ * How long a statement may go on after its cancel request was delivered before its session
+ * is ended (a pooler that lost the statement, a network that drops the answer).
+ */
 const CANCEL_GRACE_MS = 1000;
+/** How often a statement failed by another statement's cancel is run again. */
+const MAX_CANCEL_RETRIES = 3;
 const MAX_TRACKED_STATEMENTS = 5000;
 const WAIT_WINDOW = 1024;
 /** A `SET` (not `SET LOCAL`) or `set_config(…, false)`: state of the session. */
 const SESSION_SET = /^\s*set\s+(?!local\b)|set_config\s*\([^)]*,\s*false\s*\)/i;
+/** Statements that may commit part of their work before a cancel stops them. */
+const COMMITS_INSIDE = /^\s*(?:call|do)\b|;\s*(?:commit|end|begin|start|rollback|savepoint)\b/i;
 
+/** One open connection and what runs on it. */
 interface Slot {
   conn: DriverConnection;
+  /** Statements sent and not yet settled, in the order they were sent. */
   running: Set<InFlight>;
   prepared: Set<string>;
   slowRunning: number;
   leased: boolean;
+  /** Takes no new shared work, so that it comes free for a waiting transaction. */
   draining: boolean;
+  /** Takes no new work of any kind and is closed once its work is done. */
   retiring: boolean;
+  /**
+   * Cancels requested on this connection that have not yet taken effect (the request not
+   * delivered, or its target not settled). While above 0 the connection gets no new work,
+   * so a late cancel can only reach statements that were already in flight.
+   */
+  cancelling: number;
+  /** Settles when `cancelling` is back to 0 (for the next statement of a lease). */
+  cancelsDone?: Promise<void>;
+  endCancels?: () => void;
   queries: number;
   createdAt: number;
   lastUsed: number;
   lastProgress: number;
 }
 
+/** One statement sent on a slot. */
 interface InFlight {
   running: RunningQuery;
   sql: string;
+  /** When the pool's tick cancels it (`commandTimeoutMs`); `Infinity` when its call has its own timer. */
   deadline: number;
   slow: boolean;
   start: number;
-  cancelledAt?: number;
-  fail?: (error: Error) => void;
+  /** What its caller gets once it was cancelled (a timeout or the abort reason). */
+  cancelError?: unknown;
+  /** When the cancel request reached the server. */
+  cancelSentAt?: number;
+  /** A cancel aimed at another statement on its connection was requested while it ran. */
+  exposed: boolean;
+}
+
+/**
+ * The timeout and abort signal of one call, armed when the call is made. When it fires the
+ * caller's promise rejects at once; `onFire` takes the work out of the queue or cancels it.
+ */
+interface CallGuard {
+  fired?: unknown;
+  onFire?: () => void;
 }
 
 interface StatementTiming {
@@ -148,8 +188,9 @@ interface StatementTiming {
 
 interface Waiter {
   exclusive: boolean;
-  resolve: (slot: Slot) => void;
-  reject: (error: Error) => void;
+  /** Takes the slot synchronously, so the next waiter already sees it busy. */
+  take: (slot: Slot) => void;
+  reject: (error: unknown) => void;
   timer: TimerId;
 }
 
@@ -310,47 +351,104 @@ export class ConnectionPool implements Pool {
   /**
    * Runs one autocommit statement on a shared connection, pipelined with others. With
    * `prepare: false` (PgBouncer in transaction mode) a statement with parameters gets a
-   * connection of its own instead: postgres.js sends it without a Sync, and PgBouncer may
-   * hand the server connection to another client between the two, which hangs the query.
+   * connection with nothing else in flight: postgres.js sends it as Parse/Describe/Flush
+   * before its Sync, and PgBouncer up to 1.20 hands the server connection to another client
+   * once the Sync of an earlier statement is answered, which loses the answer.
    */
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
     if (this.#closed) return Promise.reject(this.#closedError());
-    if (!this.config.prepare && params.length > 0) return this.#queryAlone(sql, params, options);
+    if (!this.config.prepare && params.length > 0) {
+      return this.#guarded(options, (guard) => this.#queryAlone(sql, params, guard));
+    }
+    if (options?.timeoutMs === undefined && options?.signal === undefined) {
+      return this.#dispatch(sql, params, undefined, 0);
+    }
+    return this.#guarded(options, (guard) => this.#dispatch(sql, params, guard, 0));
+  }
+
+  /** Sends a statement to a shared connection, or queues it until one is free. */
+  #dispatch(
+    sql: string,
+    params: readonly unknown[],
+    guard: CallGuard | undefined,
+    retries: number,
+  ): Promise<DriverResult> {
     const slow = this.#durations.get(sql)?.slow === true;
     const slot = slow ? this.#pickQuiet() : this.#pickShared();
-    if (slot !== undefined) return this.#run(slot, sql, params, options, slow);
+    if (slot !== undefined) return this.#run(slot, sql, params, guard, slow, retries);
     const start = performance.now();
-    return this.#wait(false).then((waited) => {
+    return this.#wait(false, guard, (waited) => {
       this.#recordWait(performance.now() - start);
-      return this.#run(waited, sql, params, options, slow);
+      return this.#run(waited, sql, params, guard, slow, retries);
     });
   }
 
   async #queryAlone(
     sql: string,
     params: readonly unknown[],
-    options: QueryOptions | undefined,
+    guard: CallGuard,
   ): Promise<DriverResult> {
-    const lease = await this.lease();
+    const slot = await this.#leaseSlot(guard);
     try {
-      return await lease.query(sql, params, options);
+      return await this.#run(slot, sql, params, guard, false, MAX_CANCEL_RETRIES);
     } finally {
-      lease.release();
+      this.release(slot, false);
     }
+  }
+
+  /**
+   * Arms a call's timeout (`timeoutMs`, else `commandTimeoutMs`) and abort signal around
+   * `work`. The caller's promise rejects as soon as either fires: with a
+   * {@link TimeoutError} naming the limit, or with the signal's reason (as `fetch` does).
+   * The work itself is taken out of the queue or cancelled on the server, and its outcome
+   * is dropped.
+   */
+  #guarded(
+    options: QueryOptions | undefined,
+    work: (guard: CallGuard) => Promise<DriverResult>,
+  ): Promise<DriverResult> {
+    const signal = options?.signal;
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    const limitMs = options?.timeoutMs ?? this.config.commandTimeoutMs;
+    return new Promise<DriverResult>((resolve, reject) => {
+      const guard: CallGuard = {};
+      const fire = (error: unknown) => {
+        if (guard.fired !== undefined) return;
+        guard.fired = error;
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        reject(error);
+        guard.onFire?.();
+      };
+      const onAbort = () => fire(signal!.reason);
+      const timer = setTimeout(() => fire(timeoutError(limitMs)), limitMs);
+      signal?.addEventListener("abort", onAbort, { once: true });
+      work(guard).then((result) => {
+        if (guard.fired !== undefined) return;
+        guard.fired = null;
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        resolve(result);
+      }, (error) => fire(error));
+    });
   }
 
   /** Leases a connection for a transaction or `acquire()`. */
   async lease(): Promise<Lease> {
     if (this.#closed) throw this.#closedError();
-    let slot = this.#pickIdle();
-    if (slot === undefined) {
-      const start = performance.now();
-      slot = await this.#wait(true);
-      this.#recordWait(performance.now() - start);
-    } else {
+    return new SlotLease(this, await this.#leaseSlot(undefined));
+  }
+
+  async #leaseSlot(guard: CallGuard | undefined): Promise<Slot> {
+    const slot = this.#pickIdle();
+    if (slot !== undefined) {
       this.#recordWait(0);
+      return slot;
     }
-    return new SlotLease(this, slot);
+    const start = performance.now();
+    const waited = await this.#wait(true, guard, (taken) => taken);
+    this.#recordWait(performance.now() - start);
+    return waited;
   }
 
   /** Prepares `sql` as `name` on every open connection and every future one. */
@@ -360,7 +458,7 @@ export class ConnectionPool implements Pool {
     await Promise.all(
       this.#slots.filter((slot) => !slot.leased).map((slot) => {
         slot.prepared.add(name);
-        return this.#run(slot, statement, [], undefined, false);
+        return this.#run(slot, statement, [], undefined, false, 0);
       }),
     );
   }
@@ -392,14 +490,22 @@ export class ConnectionPool implements Pool {
     return this.close();
   }
 
-  /** Runs a statement on a slot, with timeout, abort and bookkeeping. */
+  /**
+   * Runs a statement on a leased slot, with timeout, abort and bookkeeping. While a cancel
+   * on the slot has not yet taken effect, the statement waits, so the cancel cannot stop it.
+   */
   run(
     slot: Slot,
     sql: string,
     params: readonly unknown[],
     options: QueryOptions | undefined,
   ): Promise<DriverResult> {
-    return this.#run(slot, sql, params, options, false);
+    const work = (guard: CallGuard | undefined) =>
+      slot.cancelsDone === undefined
+        ? this.#run(slot, sql, params, guard, false, 0)
+        : slot.cancelsDone.then(() => this.#run(slot, sql, params, guard, false, 0));
+    if (options?.timeoutMs === undefined && options?.signal === undefined) return work(undefined);
+    return this.#guarded(options, work);
   }
 
   /** Streams COPY text on a leased slot. */
@@ -410,6 +516,7 @@ export class ConnectionPool implements Pool {
       deadline: Infinity,
       slow: true,
       start: performance.now(),
+      exposed: false,
     };
     slot.running.add(entry);
     try {
@@ -432,79 +539,111 @@ export class ConnectionPool implements Pool {
     for (const [name, sql] of this.#prepared) {
       if (slot.prepared.has(name)) continue;
       slot.prepared.add(name);
-      this.#run(slot, prepareStatement(name, sql), [], undefined, false).catch(() => {});
+      this.#run(slot, prepareStatement(name, sql), [], undefined, false, 0).catch(() => {});
     }
   }
 
+  /** Sends a statement on a slot and keeps the books until it settles. */
   #run(
     slot: Slot,
     sql: string,
     params: readonly unknown[],
-    options: QueryOptions | undefined,
+    guard: CallGuard | undefined,
     slow: boolean,
+    retries: number,
   ): Promise<DriverResult> {
-    if (options?.signal?.aborted) return Promise.reject(abortError(options.signal));
+    if (guard?.fired !== undefined) return Promise.reject(guard.fired);
     const start = performance.now();
-    const timeoutMs = options?.timeoutMs ?? this.config.commandTimeoutMs;
     const running = slot.conn.query(sql, params, this.config.prepare);
-    const entry: InFlight = { running, sql, deadline: start + timeoutMs, slow, start };
+    const entry: InFlight = {
+      running,
+      sql,
+      deadline: guard === undefined ? start + this.config.commandTimeoutMs : Infinity,
+      slow,
+      start,
+      exposed: false,
+    };
     if (slot.running.size === 0) slot.lastProgress = start;
     slot.running.add(entry);
     if (slow) slot.slowRunning++;
-    const signal = options?.signal;
     this.#queries++;
-    if (options?.timeoutMs === undefined && signal === undefined) {
-      return running.result.then(
-        (result) => {
-          this.#settle(slot, entry);
-          return result;
-        },
-        (error) => {
-          this.#settle(slot, entry);
-          this.#errors++;
-          throw this.#failure(entry, error);
-        },
-      );
-    }
-    return new Promise<DriverResult>((resolve, reject) => {
-      let timer: TimerId | undefined;
-      const onAbort = () => this.#cancel(entry, abortError(signal!));
-      const done = () => {
-        clearTimeout(timer);
-        signal?.removeEventListener("abort", onAbort);
+    if (guard !== undefined) guard.onFire = () => this.#cancel(slot, entry, guard.fired);
+    return running.result.then(
+      (result) => {
         this.#settle(slot, entry);
-      };
-      entry.fail = reject;
-      signal?.addEventListener("abort", onAbort, { once: true });
-      if (options?.timeoutMs !== undefined) {
-        timer = setTimeout(() => this.#cancel(entry, timeoutError(timeoutMs)), timeoutMs);
-      }
-      running.result.then((result) => {
-        done();
-        resolve(result);
-      }, (error) => {
-        done();
-        this.#errors++;
-        reject(this.#failure(entry, error));
-      });
-    });
+        return result;
+      },
+      (error) => {
+        this.#settle(slot, entry);
+        return this.#recover(slot, entry, error, params, guard, retries);
+      },
+    );
   }
 
-  #failure(entry: InFlight, error: unknown): unknown {
-    // A statement we cancelled ends with 57014, or with a lost session when the pool had
-    // to end a session that ignored the cancel.
-    const state = error instanceof QueryError ? error.sqlstate ?? "" : "";
-    if (entry.deadline < 0 && (state === "57014" || state.startsWith("08"))) {
-      return timeoutError(this.config.commandTimeoutMs);
+  /**
+   * Decides what a failed statement's caller gets. A statement the pool cancelled gets its
+   * cancel's error. A shared autocommit statement stopped by a cancel aimed at another
+   * statement on its connection did nothing, so it runs again. A cancel by the server's
+   * own `statement_timeout` is a {@link TimeoutError}.
+   */
+  #recover(
+    slot: Slot,
+    entry: InFlight,
+    error: unknown,
+    params: readonly unknown[],
+    guard: CallGuard | undefined,
+    retries: number,
+  ): Promise<DriverResult> {
+    if (entry.cancelError !== undefined) throw entry.cancelError;
+    const cancelled = error instanceof QueryError && error.sqlstate === "57014";
+    if (
+      cancelled && entry.exposed && !slot.leased && retries < MAX_CANCEL_RETRIES &&
+      guard?.fired === undefined && !COMMITS_INSIDE.test(entry.sql)
+    ) {
+      return this.#dispatch(entry.sql, params, guard, retries + 1);
     }
-    return error;
+    this.#errors++;
+    if (cancelled && !isUserCancel(error)) throw this.#statementTimeoutError(error);
+    throw error;
   }
 
-  #cancel(entry: InFlight, error: Error): void {
-    if (entry.deadline < 0) return;
-    entry.deadline = -1;
-    entry.cancelledAt = performance.now();
-    entry.running.cancel().then(() => entry.fail?.(error));
+  #statementTimeoutError(error: QueryError): TimeoutError {
+    const limitMs = this.config.serverSettings.statement_timeout === undefined
+      ? undefined
+      : parseDurationMs(this.config.serverSettings.statement_timeout);
+    return new TimeoutError(
+      `Cannot finish the query: the server cancelled it after its statement_timeout` +
+        `${limitMs === undefined ? "" : ` (${limitMs} ms)`}; raise statementTimeoutMs ` +
+        "(or the statement_timeout set on the server) or make the query faster",
+      limitMs,
+      { cause: error, sqlstate: error.sqlstate },
+    );
+  }
+
+  /**
+   * Cancels one statement: its caller gets `error`, and the driver takes it out of its
+   * queue or asks the server to stop it once it is the statement the session runs. Until
+   * the cancel has taken effect the connection gets no new work; statements already in
+   * flight on it are marked exposed, so one the cancel reaches instead runs again.
+   */
+  #cancel(slot: Slot, entry: InFlight, error: unknown): void {
+    if (entry.cancelError !== undefined || !slot.running.has(entry)) return;
+    entry.cancelError = error;
+    for (const other of slot.running) if (other !== entry) other.exposed = true;
+    if (slot.cancelling++ === 0) {
+      slot.cancelsDone = new Promise<void>((resolve) => slot.endCancels = resolve);
+    }
+    const delivered = entry.running.cancel().then(() => {
+      entry.cancelSentAt = performance.now();
+    });
+    const settled = entry.running.result.then(() => {}, () => {});
+    Promise.all([delivered, settled]).then(() => {
+      if (--slot.cancelling > 0) return;
+      slot.cancelsDone = undefined;
+      slot.endCancels!();
+      if (slot.running.size === 0 && !slot.leased) this.#afterWork(slot);
+      else if (this.#waiters.length > 0) this.#serveWaiters();
+    });
   }
 
   #settle(slot: Slot, entry: InFlight): void {
@@ -515,7 +654,7 @@ export class ConnectionPool implements Pool {
     slot.lastUsed = now;
     if (++slot.queries >= this.config.maxQueries) slot.retiring = true;
     if (entry.slow) slot.slowRunning--;
-    this.#learn(entry.sql, serviceMs);
+    if (entry.cancelError === undefined) this.#learn(entry.sql, serviceMs);
     if (slot.running.size === 0 && !slot.leased) this.#afterWork(slot);
   }
 
@@ -571,7 +710,7 @@ export class ConnectionPool implements Pool {
     const now = performance.now();
     let fallback: Slot | undefined;
     for (const slot of this.#slots) {
-      if (slot.leased || slot.draining || slot.retiring || slot.slowRunning > 0) continue;
+      if (!available(slot) || slot.slowRunning > 0) continue;
       const n = slot.running.size;
       if (n === 0) return slot;
       if (n < PIPELINE_LIMIT && !this.#stalled(slot, now)) return slot;
@@ -601,12 +740,12 @@ export class ConnectionPool implements Pool {
   #pickQuiet(): Slot | undefined {
     for (let i = this.#slots.length - 1; i >= 0; i--) {
       const slot = this.#slots[i];
-      if (!slot.leased && !slot.draining && !slot.retiring && slot.running.size === 0) return slot;
+      if (available(slot) && slot.running.size === 0) return slot;
     }
     this.#grow();
     for (let i = this.#slots.length - 1; i >= 0; i--) {
       const slot = this.#slots[i];
-      if (!slot.leased && !slot.draining && !slot.retiring && slot.slowRunning > 0) return slot;
+      if (available(slot) && slot.slowRunning > 0) return slot;
     }
     return this.#pickAny();
   }
@@ -614,7 +753,7 @@ export class ConnectionPool implements Pool {
   #pickAny(): Slot | undefined {
     let best: Slot | undefined;
     for (const slot of this.#slots) {
-      if (slot.leased || slot.draining || slot.retiring || slot.conn.closed) continue;
+      if (!available(slot)) continue;
       if (best === undefined || slot.running.size < best.running.size) best = slot;
     }
     return best;
@@ -623,7 +762,10 @@ export class ConnectionPool implements Pool {
   #pickIdle(): Slot | undefined {
     for (let i = this.#slots.length - 1; i >= 0; i--) {
       const slot = this.#slots[i];
-      if (!slot.leased && !slot.retiring && !slot.conn.closed && slot.running.size === 0) {
+      if (
+        !slot.leased && !slot.retiring && slot.cancelling === 0 && !slot.conn.closed &&
+        slot.running.size === 0
+      ) {
         slot.leased = true;
         slot.draining = false;
         return slot;
@@ -632,18 +774,37 @@ export class ConnectionPool implements Pool {
     return undefined;
   }
 
-  #wait(exclusive: boolean): Promise<Slot> {
-    return new Promise<Slot>((resolve, reject) => {
+  /**
+   * Queues a caller until a slot is free: `take` runs synchronously when one is (it
+   * registers the caller's work on the slot before the next waiter is served). A fired
+   * guard takes the caller out of the queue.
+   */
+  #wait<T>(
+    exclusive: boolean,
+    guard: CallGuard | undefined,
+    take: (slot: Slot) => T | Promise<T>,
+  ): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      const leave = () => {
+        const index = this.#waiters.indexOf(waiter);
+        if (index >= 0) this.#waiters.splice(index, 1);
+        clearTimeout(waiter.timer);
+        if (!this.#waiters.some((w) => w.exclusive)) {
+          for (const slot of this.#slots) slot.draining = false;
+        }
+      };
       const waiter: Waiter = {
         exclusive,
-        resolve,
+        take: (slot) => {
+          try {
+            resolve(take(slot));
+          } catch (error) {
+            reject(error);
+          }
+        },
         reject,
         timer: setTimeout(() => {
-          const index = this.#waiters.indexOf(waiter);
-          if (index >= 0) this.#waiters.splice(index, 1);
-          if (!this.#waiters.some((w) => w.exclusive)) {
-            for (const slot of this.#slots) slot.draining = false;
-          }
+          leave();
           reject(
             new PoolError(
               `Cannot get a connection: all ${this.#maxSize} are busy and none came free within ` +
@@ -654,6 +815,12 @@ export class ConnectionPool implements Pool {
           );
         }, this.config.acquireTimeoutMs),
       };
+      if (guard !== undefined) {
+        guard.onFire = () => {
+          leave();
+          reject(guard.fired);
+        };
+      }
       this.#waiters.push(waiter);
       if (!this.#grow() && exclusive) this.#drainOne();
     });
@@ -680,7 +847,7 @@ export class ConnectionPool implements Pool {
       }
       this.#waiters.shift();
       clearTimeout(waiter.timer);
-      waiter.resolve(slot);
+      waiter.take(slot);
     }
   }
 
@@ -715,6 +882,7 @@ export class ConnectionPool implements Pool {
         leased: false,
         draining: false,
         retiring: false,
+        cancelling: 0,
         queries: 0,
         createdAt: now,
         lastUsed: now,
@@ -790,9 +958,13 @@ export class ConnectionPool implements Pool {
     for (const slot of [...this.#slots]) {
       let hung = false;
       for (const entry of slot.running) {
-        if (entry.deadline >= 0) {
-          if (now > entry.deadline) this.#cancel(entry, timeoutError(this.config.commandTimeoutMs));
-        } else if (now - entry.cancelledAt! > CANCEL_GRACE_MS) {
+        if (entry.cancelError === undefined) {
+          if (now > entry.deadline) {
+            this.#cancel(slot, entry, timeoutError(this.config.commandTimeoutMs));
+          }
+        } else if (
+          entry.cancelSentAt !== undefined && now - entry.cancelSentAt > CANCEL_GRACE_MS
+        ) {
           hung = true;
         }
       }
@@ -880,12 +1052,35 @@ function timeoutError(ms: number): TimeoutError {
   );
 }
 
-function abortError(signal: AbortSignal): TimeoutError {
-  return new TimeoutError(
-    "Cannot finish the query: its AbortSignal was aborted, so it was cancelled on the server",
-    undefined,
-    { cause: signal.reason },
-  );
+/** Whether a slot may take new work (shared or leased). */
+function available(slot: Slot): boolean {
+  return !slot.leased && !slot.draining && !slot.retiring && slot.cancelling === 0 &&
+    !slot.conn.closed;
+}
+
+/**
+ * Whether a 57014 came from a cancel request (`pg_cancel_backend`, another client) rather
+ * than from the server's `statement_timeout`. The server's English message says so; with
+ * another `lc_messages` every 57014 pgdbm did not cause counts as a statement timeout.
+ */
+function isUserCancel(error: QueryError): boolean {
+  return error.message.includes("user request");
+}
+
+/** A PostgreSQL duration setting (`"5000"`, `"5s"`, `"1min"`) in milliseconds; 0 is none. */
+function parseDurationMs(setting: string): number | undefined {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\s*$/.exec(setting);
+  if (match === null) return undefined;
+  const scale: Record<string, number> = {
+    us: 0.001,
+    ms: 1,
+    s: 1000,
+    min: 60_000,
+    h: 3_600_000,
+    d: 86_400_000,
+  };
+  const ms = Number(match[1]) * scale[match[2] ?? "ms"];
+  return ms > 0 ? ms : undefined;
 }
 
 function releasedError(): PoolError {

@@ -12,7 +12,7 @@ import postgres from "postgres";
 import type { ResolvedConfig, ResolvedSsl } from "./config.ts";
 import type { Driver, DriverConnection, DriverResult, Row, RunningQuery } from "./driver.ts";
 import { QueryError, type ServerErrorFields } from "./errors.ts";
-import { parseArrayBody } from "./_pg_array.ts";
+import { parseArrayBody, serializeArray } from "./_pg_array.ts";
 import { byteaFromHex, byteaToHex } from "./_bytea.ts";
 
 type Sql = ReturnType<typeof postgres>;
@@ -59,6 +59,9 @@ function connectionOptions(config: ResolvedConfig): postgres.Options<Record<stri
     max_lifetime: null,
     connect_timeout: config.connectTimeoutMs / 1000,
     prepare: config.prepare,
+    // postgres.js fetches array types itself on every new session and leaves a failure of
+    // that query unhandled, which ends the process; the driver fetches them in open().
+    fetch_types: false,
     ssl: tlsOptions(config.ssl, config.host) as postgres.Options<Record<string, never>>["ssl"],
     connection: config.serverSettings as postgres.Options<Record<string, never>>["connection"],
     onnotice: () => {},
@@ -108,12 +111,18 @@ class PostgresConnection implements DriverConnection {
   static async open(options: postgres.Options<Record<string, never>>): Promise<PostgresConnection> {
     const connection = new PostgresConnection(options);
     try {
-      const [row] = await connection.#sql.unsafe(
-        "SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version",
+      const [[identity], types] = await Promise.all([
+        connection.#sql.unsafe(
+          "SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version",
+        ),
+        connection.#sql.unsafe(ARRAY_TYPES_SQL),
+      ]);
+      connection.#pid = identity.pid as number;
+      connection.#serverVersion = identity.version as string;
+      installArrayTypes(
+        connection.#sql.options as unknown as TypeOptions,
+        types as unknown as ArrayTypeRow[],
       );
-      connection.#pid = row.pid as number;
-      connection.#serverVersion = row.version as string;
-      replaceArrayParsers(connection.#sql.options as unknown as ParserOptions);
       return connection;
     } catch (error) {
       connection.#markClosed();
@@ -140,8 +149,23 @@ class PostgresConnection implements DriverConnection {
     if (this.#closed) return closedQuery(sql, params);
     const query = params.length === 0
       ? this.#sql.unsafe(sql)
-      : this.#sql.unsafe(sql, params as postgres.ParameterOrJSON<never>[], { prepare });
+      : this.#sql.unsafe(sql, this.#bindable(params), { prepare });
     return new PostgresRunningQuery(query, this, sql, params);
+  }
+
+  /**
+   * postgres.js declares an array parameter with its first element's type (`timestamptz`
+   * for an array of dates), which the server cannot cast to the array type: arrays are
+   * declared untyped, so the server infers the array type from the statement.
+   */
+  #bindable(params: readonly unknown[]): postgres.ParameterOrJSON<never>[] {
+    let bound: unknown[] | undefined;
+    for (let i = 0; i < params.length; i++) {
+      if (!Array.isArray(params[i])) continue;
+      bound ??= [...params];
+      bound[i] = this.#sql.typed(params[i] as never, 0);
+    }
+    return (bound ?? params) as postgres.ParameterOrJSON<never>[];
   }
 
   async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
@@ -164,26 +188,33 @@ class PostgresConnection implements DriverConnection {
         stream.once("error", reject);
       });
       finished.catch(() => {});
-      try {
-        for await (const chunk of chunks) {
-          if (!stream.write(chunk)) {
-            await Promise.race([
-              new Promise<void>((resolve) => stream.once("drain", resolve)),
-              finished,
-              failed,
-            ]);
-          }
+      const source = chunks[Symbol.asyncIterator]();
+      while (true) {
+        let next: IteratorResult<string>;
+        try {
+          next = await source.next();
+        } catch (error) {
+          // The caller's own records failed: end the COPY (the server rolls it back) and
+          // hand the caller its own error.
+          stream.destroy(error instanceof Error ? error : new Error(String(error)));
+          await Promise.race([finished, failed]).catch(() => {});
+          throw new CopySourceError(error);
         }
-      } catch (error) {
-        stream.destroy(error instanceof Error ? error : new Error(String(error)));
-        await Promise.race([finished, failed]).catch(() => {});
-        throw error;
+        if (next.done) break;
+        if (!stream.write(next.value)) {
+          await Promise.race([
+            new Promise<void>((resolve) => stream.once("drain", resolve)),
+            finished,
+            failed,
+          ]);
+        }
       }
       stream.end();
       await Promise.race([finished, failed]);
       const done = await query;
       return (done as { count?: number }).count ?? 0;
     } catch (error) {
+      if (error instanceof CopySourceError) throw error.error;
       if (error instanceof RangeError || error instanceof TypeError) throw error;
       throw this.toQueryError(error, sql, []);
     }
@@ -225,6 +256,18 @@ class PostgresConnection implements DriverConnection {
       const message = (e.message ?? "").replace(`${code}: `, "");
       return new QueryError(message, sql, params, { sqlstate: code }, { cause: error });
     }
+    if (this.#closed) {
+      // Whatever the socket layer threw once the session was gone (a write after the end,
+      // a destroyed stream) is a lost connection to the caller.
+      return new QueryError(
+        "Cannot finish the query: the connection to the server was lost; it may or may not " +
+          "have run, so retry only if it is safe to repeat",
+        sql,
+        params,
+        { sqlstate: "08006" },
+        { cause: error },
+      );
+    }
     return new QueryError(
       `Cannot run the query: ${e?.message ?? String(error)}`,
       sql,
@@ -255,25 +298,62 @@ class PostgresConnection implements DriverConnection {
   }
 }
 
-interface ParserOptions {
+/** Every array type with its element type (what postgres.js would fetch per session). */
+const ARRAY_TYPES_SQL = `SELECT b.oid, b.typarray
+  FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type b ON b.oid = a.typelem
+  WHERE a.typcategory = 'A' GROUP BY b.oid, b.typarray`;
+
+interface ArrayTypeRow {
+  oid: number | string;
+  typarray: number | string;
+}
+
+interface TypeOptions {
   parsers: Record<number, ((text: string) => unknown) & { array?: boolean }>;
+  serializers: Record<number, (value: unknown) => string>;
   shared: { typeArrayMap: Record<number, number> };
 }
 
-/** Swaps postgres.js's array parsers for ones that turn NULL elements into `null`. */
-function replaceArrayParsers(options: ParserOptions): void {
-  for (const [element, array] of Object.entries(options.shared.typeArrayMap)) {
-    const parse = options.parsers[Number(element)];
-    const delimiter = array === 1020 ? ";" : ",";
+/**
+ * Teaches one session's postgres.js instance the server's array types: parsers that turn
+ * NULL elements into `null`, and serializers for arrays bound as parameters.
+ */
+function installArrayTypes(options: TypeOptions, rows: readonly ArrayTypeRow[]): void {
+  for (const row of rows) {
+    const element = Number(row.oid);
+    const array = Number(row.typarray);
+    const parse = options.parsers[element];
+    const serialize = options.serializers[element];
+    const delimiter = array === BOX_ARRAY ? ";" : ",";
     const parser = (text: string) => parseArrayBody(text, parse, delimiter);
     parser.array = true;
     options.parsers[array] = parser;
+    options.serializers[array] = (value) => serializeArray(value, serialize, delimiter);
+    options.shared.typeArrayMap[element] = array;
   }
+}
+
+/** `box[]`, the one array type whose elements are separated by `;`. */
+const BOX_ARRAY = 1020;
+
+/** Carries an error of the caller's COPY source past the driver's own error handling. */
+class CopySourceError {
+  constructor(readonly error: unknown) {}
+}
+
+/** The parts of a postgres.js query the cancel path reads. */
+interface QueryInternals {
+  /** Set once postgres.js wrote the query to its session. */
+  state: unknown;
+  /** True while the query is the one whose answer the session reads. */
+  active: boolean;
+  canceller: ((query: PgQuery) => Promise<void>) | null;
 }
 
 class PostgresRunningQuery implements RunningQuery {
   readonly result: Promise<DriverResult>;
   readonly #query: PgQuery;
+  #cancelled?: Promise<void>;
 
   constructor(
     query: PgQuery,
@@ -287,15 +367,47 @@ class PostgresRunningQuery implements RunningQuery {
     });
   }
 
+  /**
+   * A query not yet written to the session is taken out of postgres.js's queue (it rejects
+   * with 57014); the query the session is running gets a CancelRequest now; a query written
+   * behind others gets one once it is the query the session runs. postgres.js itself would
+   * mark that last one cancelled and skip it when its turn came, although the server still
+   * runs it, so every later answer would go to the wrong query.
+   */
   cancel(): Promise<void> {
-    // Query.cancel() drops the promise of the cancel request, so a failed request (the
-    // server or a pooler resetting it) would be an unhandled rejection: call the canceller
-    // itself and keep its promise.
-    const query = this.#query as PgQuery & { canceller: ((q: PgQuery) => Promise<void>) | null };
+    return this.#cancelled ??= this.#requestCancel();
+  }
+
+  #requestCancel(): Promise<void> {
+    const query = this.#query as unknown as QueryInternals;
     const canceller = query.canceller;
     if (typeof canceller !== "function") return Promise.resolve();
     query.canceller = null;
-    return Promise.resolve(canceller(query)).then(() => {}, () => {});
+    // Query.cancel() drops the promise of the cancel request, so a failed request (the
+    // server or a pooler resetting it) would be an unhandled rejection: call the canceller
+    // itself and keep its promise.
+    const send = () => Promise.resolve(canceller(this.#query)).then(() => {}, () => {});
+    if (!query.state || query.active) return send();
+    return new Promise<void>((resolve) => {
+      let active = false;
+      let sent = false;
+      Object.defineProperty(query, "active", {
+        configurable: true,
+        get: () => active,
+        set: (value: boolean) => {
+          active = value;
+          if (value && !sent) {
+            sent = true;
+            send().then(resolve);
+          }
+        },
+      });
+      // Settled before its turn (its session was lost): there is nothing left to cancel.
+      const settled = () => {
+        if (!sent) resolve();
+      };
+      this.result.then(settled, settled);
+    });
   }
 }
 
@@ -305,9 +417,18 @@ function toDriverResult(result: postgres.RowList<Row[]> | postgres.RowList<Row[]
     ? (result as postgres.RowList<Row[]>[])[(result as unknown[]).length - 1]
     : result as postgres.RowList<Row[]>;
   const length = last.length;
+  // postgres.js keeps its row counter after a query that failed while streaming rows, so
+  // the next query's rows start at that index (porsager/postgres#1119, #1181).
+  if (length > 0 && !(0 in last)) return compacted(last);
   const rows: Row[] = new Array(length);
   for (let i = 0; i < length; i++) rows[i] = last[i];
   return { rows, command: last.command ?? "", rowCount: last.count ?? length };
+}
+
+function compacted(last: postgres.RowList<Row[]>): DriverResult {
+  const rows: Row[] = [];
+  for (let i = 0; i < last.length; i++) if (i in last) rows.push(last[i]);
+  return { rows, command: last.command ?? "", rowCount: last.count ?? rows.length };
 }
 
 function serverFields(e: Record<string, unknown>): ServerErrorFields {
