@@ -4,6 +4,9 @@
  * Which `$n` positions a statement binds to sensitive columns is worked out once per SQL
  * text and cached, so masking costs little more than a copy of the parameter array.
  *
+ * Also masks bound values that the server repeats in the text of an error (see
+ * {@link boundValueMasker}).
+ *
  * @module
  */
 
@@ -270,4 +273,128 @@ function maskObject(value: object, depth: number): object {
 function isPlainObject(value: object): boolean {
   const proto = Object.getPrototypeOf(value);
   return proto === Object.prototype || proto === null;
+}
+
+/** Numbers (and bigints) shorter than this are not masked in text: `varchar(10)` stays. */
+export const MIN_MASKED_NUMBER_LENGTH = 3;
+
+const STARTS_WITH_WORD_CHAR = /^[\p{L}\p{N}_]/u;
+const ENDS_WITH_WORD_CHAR = /[\p{L}\p{N}_]$/u;
+const REGEXP_SYNTAX = /[\\^$.*+?()[\]{}|/]/g;
+
+/**
+ * The mask of one value that tells only its type: `"<string>"`, `"<number>"`,
+ * `"<bytes:N>"`, `"<array:N>"`, `"<date>"`, `"null"`…
+ *
+ * @param value The value.
+ * @returns Its mask.
+ */
+export function typeMask(value: unknown): string {
+  if (value === null || value === undefined) return "null";
+  if (value instanceof Date) return "<date>";
+  if (value instanceof Uint8Array) return `<bytes:${value.length}>`;
+  if (Array.isArray(value)) return `<array:${value.length}>`;
+  return `<${typeof value}>`;
+}
+
+/**
+ * Builds a function that replaces, in a text, every occurrence of a bound value as the
+ * server prints it by that value's {@link typeMask}: `Key (token)=(s3cr3t) already exists.`
+ * becomes `Key (token)=(<string>) already exists.`
+ *
+ * Which values are looked for: strings of any non-empty length; numbers and bigints whose
+ * decimal text has at least {@link MIN_MASKED_NUMBER_LENGTH} characters (so a bound `10`
+ * leaves `varchar(10)` alone); bytes as the server's hex form (`\x…`); and, recursively, the
+ * strings and numbers inside arrays, plain objects and JSON text (values, not keys). Dates
+ * and booleans are not looked for. An occurrence is masked only as a whole token: a value
+ * that starts (or ends) with a letter, digit or underscore is not masked where another such
+ * character precedes (or follows) it, so a bound `"t"` leaves `"t_token_key"` whole. The
+ * longest value wins where several overlap, and a mask is never masked again.
+ *
+ * @param params The parameters as given.
+ * @returns The masking function; it returns its argument unchanged when there is nothing
+ *   to mask (always so when no parameter has text worth looking for).
+ *
+ * @example Mask a unique violation's detail
+ * ```ts
+ * import { boundValueMasker } from "./_mask.ts";
+ * const mask = boundValueMasker([7, "s3cr3t"]);
+ * console.log(mask("Key (token)=(s3cr3t) already exists.")); // Key (token)=(<string>) already exists.
+ * ```
+ */
+export function boundValueMasker(params: readonly unknown[]): (text: string) => string {
+  const texts = new Map<string, string>();
+  for (const value of params) collectTexts(value, typeMask(value), texts, 0);
+  if (texts.size === 0) return identity;
+  return (text) => maskTexts(text, texts);
+}
+
+function identity(text: string): string {
+  return text;
+}
+
+/** Adds the texts the server may print for `value` (first mask wins for equal texts). */
+function collectTexts(value: unknown, mask: string, out: Map<string, string>, depth: number) {
+  switch (typeof value) {
+    case "string":
+      if (value.length > 0 && !out.has(value)) out.set(value, mask);
+      if (depth < MAX_DEPTH && (value.startsWith("{") || value.startsWith("["))) {
+        const parsed = parseJson(value);
+        if (parsed !== undefined && typeof parsed === "object") {
+          collectTexts(parsed, mask, out, depth + 1);
+        }
+      }
+      return;
+    case "number":
+    case "bigint": {
+      const text = String(value);
+      if (text.length >= MIN_MASKED_NUMBER_LENGTH && !out.has(text)) out.set(text, mask);
+      return;
+    }
+    case "object": {
+      if (value === null || value instanceof Date || depth >= MAX_DEPTH) return;
+      if (value instanceof Uint8Array) {
+        if (value.length > 0) out.set(`\\x${hex(value)}`, mask);
+        return;
+      }
+      const items = Array.isArray(value)
+        ? value
+        : isPlainObject(value)
+        ? Object.values(value)
+        : undefined;
+      for (const item of items ?? []) collectTexts(item, typeMask(item), out, depth + 1);
+      return;
+    }
+    default:
+      return;
+  }
+}
+
+function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+function hex(bytes: Uint8Array): string {
+  let out = "";
+  for (const byte of bytes) out += byte.toString(16).padStart(2, "0");
+  return out;
+}
+
+/** Replaces the whole-token occurrences of `texts`' keys in one pass, longest first. */
+function maskTexts(text: string, texts: ReadonlyMap<string, string>): string {
+  const present: string[] = [];
+  for (const value of texts.keys()) if (text.includes(value)) present.push(value);
+  if (present.length === 0) return text;
+  present.sort((a, b) => b.length - a.length);
+  const pattern = present.map((value) => {
+    const body = value.replace(REGEXP_SYNTAX, "\\$&");
+    const before = STARTS_WITH_WORD_CHAR.test(value) ? String.raw`(?<![\p{L}\p{N}_])` : "";
+    const after = ENDS_WITH_WORD_CHAR.test(value) ? String.raw`(?![\p{L}\p{N}_])` : "";
+    return before + body + after;
+  }).join("|");
+  return text.replace(new RegExp(pattern, "gu"), (found) => texts.get(found) ?? found);
 }

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { boundValueMasker, typeMask } from "./_mask.ts";
+
 /** Stable codes carried by every {@link PgdbmError}. */
 export type PgdbmErrorCode =
   | "CONFIGURATION_ERROR"
@@ -164,10 +166,27 @@ export interface ServerErrorFields {
 }
 
 /**
- * A query failed. Holds the expanded SQL and the parameters masked (their values never
- * reach logs), and the server's fields (`sqlstate`, `detail`, `hint`, `position`,
- * `constraint`…). `sql` and `params` are not enumerable, so logging the error object does
- * not print them.
+ * A query failed. Holds the expanded SQL, the parameters masked, and the server's fields
+ * (`sqlstate`, `detail`, `hint`, `position`, `constraint`…). `sql` and `params` are not
+ * enumerable, so logging the error object does not print them.
+ *
+ * Bound values never reach what this error hands out, even where the server repeats them
+ * (`Key (token)=(…) already exists.`, `invalid input syntax for type integer: "…"`,
+ * `Failing row contains (…)`): in `message`, `detail`, `hint`, `stack` (so `String(error)`
+ * and `console.log(error)` too) and in `cause`, every whole occurrence of a bound value's
+ * text is replaced by its mask (`<string>`, `<number>`…). Strings of any length are masked,
+ * numbers and bigints of 3 or more characters (a bound `10` leaves `varchar(10)` alone),
+ * bytes in their hex form, and the strings and numbers inside arrays, objects and JSON
+ * text; dates and booleans are not looked for. When the query had parameters, `cause` is a
+ * copy of the driver's error (same class, so `instanceof` holds) whose texts (message,
+ * stack, detail, the server's context line `where`…) are masked the same way and which
+ * keeps none of the driver's objects, such as its copy of the parameters.
+ *
+ * `sql`, `sqlstate`, `severity`, `position`, `schemaName`, `table`, `column` and
+ * `constraint` are the server's text as it is: names and codes, never a bound value. So
+ * are the message, detail and hint of SQLSTATE class 57 (operator intervention: a cancel,
+ * a shutdown), whose fixed texts name no value and tell why the statement stopped
+ * (`canceling statement due to user request` stays whole when `"user"` was bound).
  */
 export class QueryError extends PgdbmError implements ServerErrorFields {
   /** The expanded SQL that was sent. */
@@ -178,9 +197,9 @@ export class QueryError extends PgdbmError implements ServerErrorFields {
   readonly sqlstate?: string;
   /** Severity, such as `"ERROR"` or `"FATAL"`. */
   readonly severity?: string;
-  /** The server's detail line. */
+  /** The server's detail line, bound values masked. */
   readonly detail?: string;
-  /** The server's hint. */
+  /** The server's hint, bound values masked. */
   readonly hint?: string;
   /** 1-based character position in the SQL text. */
   readonly position?: number;
@@ -194,12 +213,15 @@ export class QueryError extends PgdbmError implements ServerErrorFields {
   readonly constraint?: string;
 
   /**
-   * Makes the error.
+   * Makes the error, masking the bound values in every text it keeps.
    *
    * @param message The server's message, or what went wrong.
    * @param sql The expanded SQL.
-   * @param params The parameters as given; they are masked here.
+   * @param params The parameters as given; they are masked here, and so is their text
+   *   wherever the message, the fields or the cause repeat it.
    * @param fields The server's error fields.
+   * @param options The driver's error as `cause`; kept as a masked copy when there are
+   *   parameters.
    */
   constructor(
     message: string,
@@ -208,19 +230,69 @@ export class QueryError extends PgdbmError implements ServerErrorFields {
     fields: ServerErrorFields = {},
     options?: PgdbmErrorOptions,
   ) {
-    super("QUERY_ERROR", message, options);
+    const mask = fields.sqlstate?.startsWith("57") ? keepText : boundValueMasker(params);
+    const cause = options?.cause;
+    super(
+      "QUERY_ERROR",
+      mask(message),
+      cause === undefined || params.length === 0 ? options : { cause: maskCause(cause, mask, 0) },
+    );
     Object.defineProperty(this, "sql", { value: sql, enumerable: false });
     Object.defineProperty(this, "params", { value: maskParams(params), enumerable: false });
     this.sqlstate = fields.sqlstate;
     this.severity = fields.severity;
-    this.detail = fields.detail;
-    this.hint = fields.hint;
+    this.detail = fields.detail === undefined ? undefined : mask(fields.detail);
+    this.hint = fields.hint === undefined ? undefined : mask(fields.hint);
     this.position = fields.position;
     this.schemaName = fields.schemaName;
     this.table = fields.table;
     this.column = fields.column;
     this.constraint = fields.constraint;
   }
+}
+
+const MAX_CAUSE_DEPTH = 4;
+
+function keepText(text: string): string {
+  return text;
+}
+
+/**
+ * A copy of a driver's error with every text masked and no object kept but its own
+ * masked `cause`: the driver's error may hold the parameters (postgres.js keeps them in a
+ * hidden `parameters` property, PGlite in `params`).
+ */
+function maskCause(cause: unknown, mask: (text: string) => string, depth: number): unknown {
+  if (typeof cause === "string") return mask(cause);
+  if (cause === null || (typeof cause !== "object" && typeof cause !== "function")) return cause;
+  if (depth >= MAX_CAUSE_DEPTH) return undefined;
+  const source = cause as Record<PropertyKey, unknown>;
+  // A real Error (with its internal slot), so inspection prints it as an error.
+  const copy: Record<PropertyKey, unknown> = cause instanceof Error
+    ? Object.setPrototypeOf(new Error(), Object.getPrototypeOf(cause))
+    : Object.create(Object.getPrototypeOf(cause));
+  delete copy.stack; // the original's stack, if it has one, is copied below
+  for (const key of Reflect.ownKeys(cause)) {
+    const descriptor = Object.getOwnPropertyDescriptor(cause, key)!;
+    let value: unknown;
+    try {
+      value = "value" in descriptor ? descriptor.value : source[key];
+    } catch {
+      continue;
+    }
+    if (key === "cause") value = maskCause(value, mask, depth + 1);
+    else if (typeof value === "string") value = mask(value);
+    else if (value !== null && (typeof value === "object" || typeof value === "function")) {
+      continue;
+    }
+    Object.defineProperty(copy, key, {
+      value,
+      enumerable: descriptor.enumerable,
+      writable: true,
+      configurable: true,
+    });
+  }
+  return copy;
 }
 
 /** A schema or identifier is not a valid PostgreSQL identifier, or a schema operation failed. */
@@ -335,13 +407,13 @@ export class TimeoutError extends PgdbmError {
   }
 }
 
-/** Masks query parameters so their values never reach an error or a log. */
+/**
+ * Masks query parameters so their values never reach an error or a log: each becomes a
+ * mask that tells only its type (`"<string>"`, `"<number>"`, `"<bytes:N>"`, `"null"`…).
+ *
+ * @param params The parameters as given.
+ * @returns One mask per parameter.
+ */
 export function maskParams(params: readonly unknown[]): string[] {
-  return params.map((value) => {
-    if (value === null || value === undefined) return "null";
-    if (value instanceof Date) return "<date>";
-    if (value instanceof Uint8Array) return `<bytes:${value.length}>`;
-    if (Array.isArray(value)) return `<array:${value.length}>`;
-    return `<${typeof value}>`;
-  });
+  return params.map(typeMask);
 }

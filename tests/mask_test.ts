@@ -1,5 +1,10 @@
 import assert from "node:assert/strict";
-import { isSensitiveName, maskQueryParams, sensitivePositions } from "../src/_mask.ts";
+import {
+  boundValueMasker,
+  isSensitiveName,
+  maskQueryParams,
+  sensitivePositions,
+} from "../src/_mask.ts";
 
 const SECRET = "hunter2-Secret-Value";
 
@@ -150,4 +155,76 @@ Deno.test("sensitivePositions() caches per SQL text and still answers after many
   assert.equal(sensitivePositions(sql), sensitivePositions(sql));
   for (let i = 0; i < 2000; i++) sensitivePositions(`UPDATE u SET token = $1 WHERE id = ${i}`);
   assert.deepEqual(sensitivePositions(sql), [1]);
+});
+
+Deno.test("boundValueMasker() masks a bound string where the server repeats it", () => {
+  const mask = boundValueMasker([7, SECRET]);
+  assert.equal(
+    mask(`Key (token)=(${SECRET}) already exists.`),
+    "Key (token)=(<string>) already exists.",
+  );
+  assert.equal(
+    mask(`invalid input syntax for type integer: "${SECRET}"`),
+    'invalid input syntax for type integer: "<string>"',
+  );
+  assert.equal(mask("nothing to hide"), "nothing to hide");
+});
+
+Deno.test("boundValueMasker() masks whole tokens only, so words stay whole", () => {
+  const mask = boundValueMasker(["t", "key"]);
+  assert.equal(
+    mask('duplicate key value violates unique constraint "t_token_key"'),
+    'duplicate <string> value violates unique constraint "t_token_key"',
+  );
+  assert.equal(mask("Key (token)=(t) already exists."), "Key (token)=(<string>) already exists.");
+  assert.equal(boundValueMasker(["ünï"])("xünï ünï ünïx"), "xünï <string> ünïx");
+  // A value that starts or ends with punctuation needs no boundary on that side.
+  assert.equal(boundValueMasker(["-42x"])("a-42x b"), "a<string> b");
+});
+
+Deno.test("boundValueMasker() masks numbers of 3+ characters, not short ones", () => {
+  const mask = boundValueMasker([10, 987654, -12345, 12345678901234567890n, 1.5]);
+  assert.equal(
+    mask("value too long for type character varying(10)"),
+    "value too long for type character varying(10)",
+  );
+  assert.equal(
+    mask("Failing row contains (10, 987654, -12345, 12345678901234567890, 1.5)."),
+    "Failing row contains (10, <number>, <number>, <bigint>, <number>).",
+  );
+  assert.equal(mask("id 9876543 is not 987654"), "id 9876543 is not <number>");
+  assert.equal(boundValueMasker([10, 5, true, null, new Date(0)])("any text 10"), "any text 10");
+});
+
+Deno.test("boundValueMasker() prefers the longest value and never masks a mask", () => {
+  const mask = boundValueMasker(["string", "abc", "abc def"]);
+  assert.equal(mask("(abc def) and abc and string"), "(<string>) and <string> and <string>");
+  // Values with regular-expression syntax are matched literally.
+  assert.equal(boundValueMasker(["a.c(x)*"])("abc(x) a.c(x)*"), "abc(x) <string>");
+});
+
+Deno.test("boundValueMasker() masks elements of arrays, objects, JSON text and bytes", () => {
+  const mask = boundValueMasker([
+    ["first-elem", 4242],
+    { note: "in-object", nested: { deep: "deeper" } },
+    '{"password": "from-json", "n": 31337}',
+    new Uint8Array([0xde, 0xad, 0xbe, 0xef]),
+  ]);
+  assert.equal(
+    mask(
+      'Failing row contains ({first-elem,4242}, {"note": "in-object", "nested": {"deep": ' +
+        '"deeper"}}, {"n": 31337, "password": "from-json"}, \\xdeadbeef).',
+    ),
+    'Failing row contains ({<string>,<number>}, {"note": "<string>", "nested": {"deep": ' +
+      '"<string>"}}, {"n": <number>, "password": "<string>"}, <bytes:4>).',
+  );
+  // Keys are not masked: only values.
+  assert.equal(boundValueMasker([{ note: "v" }])("note"), "note");
+});
+
+Deno.test("boundValueMasker() returns the text itself when no parameter has text", () => {
+  const mask = boundValueMasker([]);
+  const text = "Key (id)=(1) already exists.";
+  assert.equal(mask(text), text);
+  assert.equal(boundValueMasker([1, "", false])(text), text);
 });
