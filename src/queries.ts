@@ -11,7 +11,7 @@ import { instrumented } from "./_instrument.ts";
 import { activeTracer } from "./_telemetry.ts";
 import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult, Row } from "./driver.ts";
-import { QueryError, ValidationError } from "./errors.ts";
+import { QueryError, SchemaError, ValidationError } from "./errors.ts";
 import type { QueryOptions } from "./pool.ts";
 import type { InferOutput, StandardSchemaV1 } from "./standard_schema.ts";
 import { assertIdentifier, expandTemplate } from "./template.ts";
@@ -342,13 +342,13 @@ export abstract class Queries {
   /**
    * Tells whether a table (or view) exists.
    *
-   * @param name `table` (in this object's schema, or `public`) or `schema.table`.
+   * @param name `table` (in this object's schema, or `public`) or `schema.table`; each part
+   *   1 to 63 ASCII letters, digits or underscores, starting with a letter or underscore.
    * @returns `true` when it exists.
+   * @throws {SchemaError} When the table or schema part is not such a name (nothing is sent).
    */
   async tableExists(name: string): Promise<boolean> {
-    const parts = name.split(".");
-    const [schema, table] = parts.length === 2 ? parts : [this.#schema ?? "public", parts[0]];
-    if (parts.length > 2) assertIdentifier(name, "table");
+    const [schema, table] = splitTableName(name, this.#schema);
     const row = await this.fetchOne<{ exists: boolean }>(
       "SELECT EXISTS (SELECT 1 FROM information_schema.tables " +
         "WHERE table_schema = $1 AND table_name = $2) AS exists",
@@ -356,6 +356,39 @@ export abstract class Queries {
       { primary: true },
     );
     return row?.exists === true;
+  }
+}
+
+/**
+ * Splits `table` or `schema.table` into its parts, each checked by the rule of
+ * {@link assertIdentifier}, before anything is sent.
+ */
+function splitTableName(name: unknown, schema: string | undefined): [string, string] {
+  const parts = typeof name === "string" ? name.split(".") : [];
+  const [what, bad] = parts.length === 0 || parts.length > 2
+    ? ["table", name]
+    : parts.length === 2 && !isIdentifier(parts[0])
+    ? ["schema", parts[0]]
+    : !isIdentifier(parts[parts.length - 1])
+    ? ["table", parts[parts.length - 1]]
+    : [undefined, undefined];
+  if (what !== undefined) {
+    const shown = (value: unknown) => typeof value === "string" ? `"${value}"` : String(value);
+    const part = bad === name ? "" : `: ${shown(bad)} is not a valid ${what} name`;
+    throw new SchemaError(
+      `Cannot look up table ${shown(name)}${part}; give "table" or "schema.table", each part ` +
+        "1 to 63 ASCII letters, digits or underscores, starting with a letter or underscore",
+    );
+  }
+  return parts.length === 2 ? [parts[0], parts[1]] : [schema ?? "public", parts[0]];
+}
+
+function isIdentifier(part: string): boolean {
+  try {
+    assertIdentifier(part, "table");
+    return true;
+  } catch {
+    return false;
   }
 }
 
