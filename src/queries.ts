@@ -305,6 +305,8 @@ export abstract class Queries {
    * @returns The number of rows copied.
    * @throws {SchemaError} When the table or a column name is not a valid identifier.
    * @throws {RangeError} When a record has the wrong number of values (nothing is copied).
+   * @throws {unknown} What iterating `records` threw, as it is (the same object; nothing is
+   *   copied).
    *
    * @example Load rows (needs a server)
    * ```ts ignore
@@ -326,7 +328,20 @@ export abstract class Queries {
     const count = columns.length > 0 ? columns.length : undefined;
     const counter = { rows: 0 };
     const runner = this.#runner;
-    const copy = () => runner.copyIn(sql, encodeCopyRows(records, count, counter));
+    const copy = async () => {
+      const source: SourceFailure = {};
+      try {
+        return await runner.copyIn(
+          sql,
+          watchFailure(encodeCopyRows(records, count, counter), source),
+        );
+      } catch (error) {
+        // The records (or their encoding) failed: that error is the caller's, whatever the
+        // driver made of it while it abandoned the COPY.
+        if (source.failed) throw source.error;
+        throw error;
+      }
+    };
     const tracer = activeTracer();
     if (tracer === undefined && runner.config?.onQuery === undefined) {
       await copy();
@@ -356,6 +371,26 @@ export abstract class Queries {
       { primary: true },
     );
     return row?.exists === true;
+  }
+}
+
+/** What the COPY source threw, once it did. */
+interface SourceFailure {
+  failed?: true;
+  error?: unknown;
+}
+
+/** Passes the chunks through, noting in `failure` what producing them threw. */
+async function* watchFailure(
+  chunks: AsyncIterable<string>,
+  failure: SourceFailure,
+): AsyncGenerator<string> {
+  try {
+    yield* chunks;
+  } catch (error) {
+    failure.failed = true;
+    failure.error = error;
+    throw error;
   }
 }
 
