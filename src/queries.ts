@@ -131,7 +131,7 @@ export abstract class Queries {
    * @param options Timeout and abort signal.
    * @returns The command verb and the number of rows affected.
    * @throws {QueryError} When the server rejects the statement.
-   * @throws {TimeoutError} When it ran too long or was aborted.
+   * @throws {TimeoutError} When it ran past its time limit (an abort rejects with `signal.reason`).
    */
   async execute(
     sql: string,

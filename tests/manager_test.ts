@@ -1295,7 +1295,7 @@ serverTest(
       assert.equal(error.constraint, "items_code_key");
       assert.equal(error.table, "items");
       assert.equal(error.schemaName, db.schema);
-      assert.match(error.detail ?? "", /Key \(code\)=\(dup\) already exists/);
+      assert.match(error.detail ?? "", /Key \(code\)=\(<string>\) already exists/);
       assert.equal(error.sql, db.prepareQuery(sql));
       assert.equal(error.sql, `INSERT INTO "${db.schema}".items VALUES ($1, $2)`);
       assert.deepEqual(error.params, ["<number>", "<string>"]);
