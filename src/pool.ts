@@ -24,9 +24,12 @@ export type { ReplicaStats };
 
 /** Per-call options of every query method. */
 export interface QueryOptions {
-  /** Cancel the query on the server after this many milliseconds (default `commandTimeoutMs`). */
+  /**
+   * Reject with {@link TimeoutError} after this many milliseconds from the call, and cancel
+   * the query (default `commandTimeoutMs`).
+   */
   timeoutMs?: number;
-  /** Cancel the query on the server when this signal aborts. */
+  /** Reject with `signal.reason` when this signal aborts, and cancel the query. */
   signal?: AbortSignal;
   /**
    * Send a read to the primary even when the pool has replicas (to read what was just
