@@ -24,6 +24,17 @@
  *    last statement. Such files cannot be atomic: write them so that running them again
  *    is harmless (`IF NOT EXISTS`). A failure that left an INVALID index names it.
  *
+ * ## Stopping a run: `applyPending({ signal })`
+ *
+ * When the signal aborts, the statement running on the server is cancelled (PostgreSQL's
+ * cancel request), the migration in progress rolls back together with its history row, a
+ * wait for the lock or for a retry ends, and the lock is released; only then does the run
+ * reject, with a `MigrationError` whose `cause` is the signal's reason and whose
+ * `partialResult.failure` has `aborted: true` and says what was done. Migrations committed
+ * before the abort stay applied. A `-- pgdbm:no-transaction` file stops at its current
+ * statement: the statements before it stay applied and it gets no history row, so the next
+ * run starts it from the top again. The command line wires `SIGINT` and `SIGTERM` to it.
+ *
  * ## Behind a pooler in transaction mode: `lock: "transaction"`
  *
  * The run-wide lock above is a session lock: through PgBouncer in transaction mode the
@@ -126,14 +137,26 @@ export interface AppliedMigrationResult {
 
 /** Where a failed run stopped. */
 export interface MigrationFailure {
-  /** The file that failed. */
+  /**
+   * The file that failed. For an aborted run, the file it stopped in, or the next pending
+   * file when it stopped between files or while waiting for the lock.
+   */
   filename: string;
   /** 1-based line of the failing statement in the file, when known. */
   line?: number;
-  /** The server's message (or the reason). */
+  /**
+   * The server's message (or the reason). For an aborted run, what was done about the work
+   * in progress, such as "cancelled '002_x.sql' and rolled it back, and released the
+   * migration lock; nothing from that file was applied".
+   */
   message: string;
   /** The SQLSTATE, when the server reported one. */
   sqlstate?: string;
+  /**
+   * `true` when the run stopped because the `signal` passed to
+   * {@link Migrator.applyPending} aborted (see {@link ApplyPendingOptions.signal}).
+   */
+  aborted?: boolean;
 }
 
 /**
@@ -209,6 +232,11 @@ export type MigrationEvent =
     schema: string | null;
     /** The module. */
     module: string;
+    /**
+     * The server process id of the session holding the lock, when it could be read (look
+     * it up in `pg_stat_activity`).
+     */
+    holderPid?: number;
   }
   | {
     /** The lock is taken (once per run, or once per migration with `lock: "transaction"`). */
@@ -331,6 +359,18 @@ export interface ApplyPendingOptions {
    * @default {false}
    */
   dryRun?: boolean;
+  /**
+   * Stops the run when it aborts (wire it to `SIGINT`/`SIGTERM` to stop a deploy cleanly).
+   * The statement running on the server is cancelled, the migration in progress is rolled
+   * back (a `-- pgdbm:no-transaction` file stops at its current statement: the statements
+   * before it stay applied, and it gets no history row), a wait for the lock or for a
+   * retry ends, and the advisory lock is released before `applyPending` rejects. Migrations
+   * that committed before the abort stay applied. The rejection is a `MigrationError`
+   * whose `cause` is `signal.reason` and whose `partialResult` (status `failed`) has
+   * `failure.aborted: true` and, in `failure.message`, what was done. A signal that aborts
+   * after the last migration committed changes nothing: the run's result is returned.
+   */
+  signal?: AbortSignal;
 }
 
 /** Options of {@link Migrator.createMigration}. */
@@ -628,14 +668,29 @@ export class Migrator {
    * Applies every pending migration, in order, each in its own transaction with its
    * history row (see the module documentation for the lock and retry rules).
    *
-   * @param options `dryRun` to report what would be applied.
+   * @param options `dryRun` to report what would be applied; `signal` to stop the run
+   *   (the running statement is cancelled on the server and its migration rolled back).
    * @returns What was applied, skipped, pending (dry run) and missing.
    * @throws {MigrationError} When an applied file changed (nothing is applied then), the
    *   source is invalid, the lock could not be taken in time, a pooler in transaction mode
    *   moved the session lock (`lock: "session"`), a pending file is a no-transaction file
    *   (`lock: "transaction"`; nothing is applied then), or a migration failed: `filename`,
    *   `module`, `schema`, `line` and the server's message, and as `partialResult` what the
-   *   run applied before.
+   *   run applied before. When `signal` aborted: `cause` is its reason and
+   *   `partialResult.failure.aborted` is `true`.
+   *
+   * @example Stop cleanly on Ctrl-C (needs a server)
+   * ```ts ignore
+   * const controller = new AbortController();
+   * Deno.addSignalListener("SIGINT", () => controller.abort(new Error("SIGINT")));
+   * try {
+   *   await migrator.applyPending({ signal: controller.signal });
+   * } catch (error) {
+   *   if (!controller.signal.aborted) throw error;
+   *   console.error(`Interrupted: ${(error as Error).message}`);
+   *   Deno.exit(130);
+   * }
+   * ```
    */
   async applyPending(options: ApplyPendingOptions = {}): Promise<MigrationResult> {
     const tracer = activeTracer();
@@ -663,9 +718,24 @@ export class Migrator {
   }
 
   async #applyPending(options: ApplyPendingOptions): Promise<MigrationResult> {
-    const started = performance.now();
+    const signal = options.signal;
+    const run: RunState = { signal, lock: "none", started: performance.now() };
+    if (signal === undefined) return await this.#applyRun(options, run);
+    try {
+      if (signal.aborted) throw new RunAborted("start", signal.reason);
+      return await this.#applyRun(options, run);
+    } catch (error) {
+      if (!signal.aborted) throw error;
+      throw this.#abortedError(error, run);
+    }
+  }
+
+  async #applyRun(options: ApplyPendingOptions, run: RunState): Promise<MigrationResult> {
+    const { started } = run;
     const files = await this.findMigrationFiles();
+    run.files = files;
     const before = await this.#readApplied(this.#db);
+    run.before = before;
     if (before !== undefined || options.dryRun) {
       const plan = this.#plan(files, before ?? []);
       this.#refuseDrift(plan.drifted);
@@ -682,10 +752,60 @@ export class Migrator {
       }
       this.#refuseNoTransaction(plan.pending);
     }
-    if (this.#lockMode === "transaction") return await this.#applyInTransactions(files, started);
-    return await this.#locked((conn, token) =>
-      this.#applyPlanned(conn, files, started, (m) => this.#onSession(conn, token, m))
+    if (this.#lockMode === "transaction") return await this.#applyInTransactions(files, run);
+    return await this.#locked(
+      (conn, token) =>
+        this.#applyPlanned(conn, files, run, (m) => this.#onSession(conn, token, m, run.signal)),
+      run,
     );
+  }
+
+  /**
+   * The `MigrationError` of a run whose signal aborted: what was done about the work in
+   * progress, the lock, and what the run applied before.
+   */
+  #abortedError(error: unknown, run: RunState): MigrationError {
+    const signal = run.signal!;
+    let partial: MigrationResult;
+    let filename: string;
+    let line: number | undefined;
+    let what: string;
+    if (error instanceof RunStopped) {
+      ({ partial, filename, line } = error);
+      what = error.what + this.#lockClause(run, error.lockHeld) + error.tail;
+    } else {
+      const plan = this.#plan(run.files ?? [], run.before ?? []);
+      partial = this.#result("failed", filenames(run.before ?? []), [], plan, run.started);
+      filename = plan.pending[0]?.filename ?? "";
+      what = error instanceof RunAborted && error.stage === "lock" && error.waited
+        ? "stopped waiting for the migration lock, which another run holds; nothing was applied"
+        : "stopped before taking the migration lock; nothing was applied";
+    }
+    partial.failure = { filename, line, message: what, aborted: true };
+    const reason = signal.reason instanceof Error ? ` (${signal.reason.message})` : "";
+    const before = partial.applied.length === 0
+      ? ""
+      : `. Applied by this run before: ${partial.applied.map((a) => a.filename).join(", ")}`;
+    return new MigrationError(
+      `Cannot finish migrating module '${this.#module}'${this.#where()}: the run was ` +
+        `aborted${reason}; ${what}${before}. Apply again to run what is left`,
+      this.#details(filename || undefined, line, partial),
+      { cause: signal.reason },
+    );
+  }
+
+  /** `, and released the migration lock` (or what became of it) for an abort report. */
+  #lockClause(run: RunState, lockHeld: boolean): string {
+    if (this.#lockMode === "transaction") {
+      // The lock lived in the migration's transaction, which rolled back.
+      return lockHeld ? ", and released the migration lock" : "";
+    }
+    if (run.lock === "released") return ", and released the migration lock";
+    if (run.lock === "unknown") {
+      return ", and could not confirm that the migration lock was released: it is released " +
+        "when its connection closes";
+    }
+    return "";
   }
 
   /**
@@ -696,10 +816,12 @@ export class Migrator {
   async #applyPlanned(
     q: Queries,
     files: Migration[],
-    started: number,
+    run: RunState,
     attempt: (migration: PreparedMigration) => (attempt: number) => Promise<number | undefined>,
   ): Promise<MigrationResult> {
+    const { started, signal } = run;
     const applied = (await this.#readApplied(q)) ?? [];
+    run.before = applied;
     const plan = this.#plan(files, applied);
     this.#refuseDrift(plan.drifted);
     if (this.#lockMode === "transaction") this.#refuseNoTransaction(plan.pending);
@@ -708,16 +830,89 @@ export class Migrator {
     const skipped = filenames(applied);
     const done: AppliedMigrationResult[] = [];
     for (const migration of prepared) {
+      if (signal?.aborted) {
+        const { filename } = migration.migration;
+        throw new RunStopped(
+          this.#result("failed", skipped, done, plan, started),
+          filename,
+          `stopped before '${filename}'`,
+          this.#lockMode === "session",
+          `; '${filename}'${
+            migration === prepared.at(-1) ? " was" : " and the files after it were"
+          } not started`,
+        );
+      }
       try {
-        const result = await this.#apply(migration, attempt(migration));
+        const result = await this.#apply(migration, attempt(migration), signal);
         if (result === undefined) skipped.push(migration.migration.filename);
         else done.push(result);
       } catch (error) {
         const partial = this.#result("failed", skipped, done, plan, started);
+        if (signal?.aborted) throw this.#stopped(error, migration, partial);
         throw this.#failed(error, migration.migration, partial);
       }
     }
     return this.#result(done.length > 0 ? "success" : "up_to_date", skipped, done, plan, started);
+  }
+
+  /** What an abort did to the migration in progress, for {@link Migrator.#abortedError}. */
+  #stopped(error: unknown, prepared: PreparedMigration, partial: MigrationResult): RunStopped {
+    const { filename, noTransaction } = prepared.migration;
+    const aborted = error instanceof StatementFailure ? error.cause : error;
+    if (aborted instanceof RunAborted && aborted.stage === "lock") {
+      // lock: "transaction": each migration's transaction waits for the lock.
+      return new RunStopped(
+        partial,
+        filename,
+        `stopped waiting for the migration lock (another run holds it) before '${filename}'`,
+        false,
+        "; nothing from that file was applied",
+      );
+    }
+    if (aborted instanceof RunAborted && aborted.stage === "retry") {
+      return new RunStopped(
+        partial,
+        filename,
+        `stopped '${filename}' while it waited to be retried after a lock timeout (that ` +
+          `attempt was rolled back)`,
+        true,
+        "; nothing from that file was applied",
+      );
+    }
+    const failure = error instanceof StatementFailure ? error : undefined;
+    const line = failure?.statement.line;
+    if (!noTransaction) {
+      const running = line === undefined || aborted instanceof RunAborted
+        ? ""
+        : ` (its statement at line ${line})`;
+      return new RunStopped(
+        partial,
+        filename,
+        `cancelled '${filename}'${running} and rolled it back`,
+        true,
+        "; nothing from that file was applied",
+        running === "" ? undefined : line,
+      );
+    }
+    const at = line === undefined
+      ? ""
+      : aborted instanceof RunAborted
+      ? ` before its statement at line ${line}`
+      : ` at its statement at line ${line}, which was cancelled`;
+    const invalid = failure !== undefined && failure.invalidIndexes.length > 0
+      ? `. It left the INVALID index ${failure.invalidIndexes.join(", ")}: drop it with ` +
+        `DROP INDEX CONCURRENTLY before running the migration again`
+      : "";
+    return new RunStopped(
+      partial,
+      filename,
+      `stopped '${filename}'${at}`,
+      true,
+      `; the file runs outside a transaction (-- pgdbm:no-transaction), so its statements ` +
+        `before that one stay applied, and it has no history row: the next run starts it ` +
+        `again from the top${invalid}`,
+      line,
+    );
   }
 
   /**
@@ -984,11 +1179,13 @@ export class Migrator {
   /**
    * Calls `attempt` until it takes the lock (returns a value), pausing with jittered,
    * doubling delays (up to `lockPollMaxMs`); `lock_wait` is sent before the first pause.
-   * `attempt` calls `taken()` the moment it holds the lock.
+   * `attempt` calls `taken()` the moment it holds the lock. Stops (throws `RunAborted`)
+   * when `signal` aborts.
    */
   async #poll<T>(
     attempt: (taken: () => void) => Promise<T | undefined>,
     q: Queries,
+    signal?: AbortSignal,
   ): Promise<T> {
     const start = performance.now();
     const taken = (): void =>
@@ -1001,21 +1198,22 @@ export class Migrator {
     let pause = 25;
     let reported = false;
     while (true) {
+      if (signal?.aborted) throw new RunAborted("lock", signal.reason, reported);
       const value = await attempt(taken);
       if (value !== undefined) return value;
       const waited = performance.now() - start;
       if (!reported) {
         reported = true;
-        this.#emit({ type: "lock_wait", schema: this.#db.schema ?? null, module: this.#module });
+        const holder = await this.#lockHolder(q);
+        this.#emit({
+          type: "lock_wait",
+          schema: this.#db.schema ?? null,
+          module: this.#module,
+          ...(holder === null ? {} : { holderPid: holder }),
+        });
       }
       if (waited >= this.#lockWaitTimeoutMs) {
-        const holder = await q.fetchValue<number>(
-          `SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
-             AND l.objsubid = 2
-             AND l.classid = oid(hashtext($1)::bigint & 4294967295)
-             AND l.objid = oid(hashtext($2)::bigint & 4294967295)`,
-          this.#lockKey(),
-        );
+        const holder = await this.#lockHolder(q);
         throw new MigrationError(
           `Cannot migrate module '${this.#module}'${this.#where()}: another migrator` +
             (holder === null ? "" : ` (server process ${holder})`) +
@@ -1026,26 +1224,45 @@ export class Migrator {
           this.#details(),
         );
       }
-      await sleep(Math.min(pause * (0.5 + Math.random()), this.#lockWaitTimeoutMs - waited + 1));
+      await sleep(
+        Math.min(pause * (0.5 + Math.random()), this.#lockWaitTimeoutMs - waited + 1),
+        signal,
+      );
       pause = Math.min(pause * 2, this.#lockPollMaxMs);
     }
+  }
+
+  /** The server process holding the (schema, module) lock, or `null` (none, or unreadable). */
+  async #lockHolder(q: Queries): Promise<number | null> {
+    return await q.fetchValue<number>(
+      `SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
+         AND l.objsubid = 2
+         AND l.classid = oid(hashtext($1)::bigint & 4294967295)
+         AND l.objid = oid(hashtext($2)::bigint & 4294967295)
+       LIMIT 1`,
+      this.#lockKey(),
+    ).catch(() => null);
   }
 
   /**
    * Takes the session lock on `conn`, marking the server session with `token` in the same
    * statement.
    */
-  async #lock(conn: Connection, token: string): Promise<void> {
-    await this.#poll(async (taken) => {
-      const state = await conn.fetchValue<string | null>(SESSION_LOCK_SQL, [
-        ...this.#lockKey(),
-        token,
-      ]);
-      if (state === null) return undefined;
-      if (state !== token) throw this.#sharedSession();
-      taken();
-      return true;
-    }, conn);
+  async #lock(conn: Connection, token: string, signal?: AbortSignal): Promise<void> {
+    await this.#poll(
+      async (taken) => {
+        const state = await conn.fetchValue<string | null>(SESSION_LOCK_SQL, [
+          ...this.#lockKey(),
+          token,
+        ]);
+        if (state === null) return undefined;
+        if (state !== token) throw this.#sharedSession();
+        taken();
+        return true;
+      },
+      conn,
+      signal,
+    );
   }
 
   /**
@@ -1053,13 +1270,18 @@ export class Migrator {
    * history table in place; `fn` gets the run's token, which marks the holding session.
    * Session settings a migration changed with a plain `SET` (pg_dump files set
    * `search_path` to '', say) are put back before the connection returns to the pool, so
-   * they never leak into the application's queries.
+   * they never leak into the application's queries. `run` (of `applyPending`) carries the
+   * abort signal, which ends a wait for the lock, and records what became of the lock.
    */
-  async #locked<T>(fn: (conn: Connection, token: string) => Promise<T>): Promise<T> {
+  async #locked<T>(
+    fn: (conn: Connection, token: string) => Promise<T>,
+    run?: RunState,
+  ): Promise<T> {
     return await this.#db.acquire(async (conn) => {
       await this.#ensureTable(conn);
       const token = crypto.randomUUID();
-      await this.#lock(conn, token);
+      await this.#lock(conn, token, run?.signal);
+      if (run !== undefined) run.lock = "held";
       let before: Map<string, string> | undefined;
       let result: T;
       try {
@@ -1067,7 +1289,8 @@ export class Migrator {
         result = await fn(conn, token);
       } catch (error) {
         if (before !== undefined) await restoreSessionSettings(conn, before).catch(() => {});
-        await this.#unlock(conn, token);
+        const released = await this.#unlock(conn, token);
+        if (run !== undefined) run.lock = released ? "released" : "unknown";
         throw error;
       }
       await restoreSessionSettings(conn, before).catch(() => {});
@@ -1078,11 +1301,13 @@ export class Migrator {
 
   /** Releases the lock; `false` when this session did not hold it (a pooler moved us). */
   async #unlock(conn: Connection, token: string): Promise<boolean> {
-    // When this fails the connection is broken, and its session (and lock) ends with it.
-    const released = await conn.fetchValue<boolean>(SESSION_UNLOCK_SQL, [
-      ...this.#lockKey(),
-      token,
-    ]).catch(() => true);
+    const unlock = () => conn.fetchValue<boolean>(SESSION_UNLOCK_SQL, [...this.#lockKey(), token]);
+    // A cancel aimed at a migration statement that arrived late fails this statement
+    // (57014) on a healthy session: try again. Any other failure means the connection is
+    // broken, and its session (and lock) ends with it.
+    const released = await unlock().catch((error) =>
+      error instanceof QueryError && error.sqlstate === "57014" ? unlock() : true
+    ).catch(() => true);
     return released === true;
   }
 
@@ -1154,23 +1379,25 @@ export class Migrator {
    * With `lock: "transaction"`: applies the pending migrations one transaction each, every
    * transaction under the (schema, module) transaction lock.
    */
-  async #applyInTransactions(files: Migration[], started: number): Promise<MigrationResult> {
+  async #applyInTransactions(files: Migration[], run: RunState): Promise<MigrationResult> {
     await this.#ensureTable(this.#db);
     return await this.#applyPlanned(
       this.#db,
       files,
-      started,
-      (m) => this.#underXactLock(m, "skip"),
+      run,
+      (m) => this.#underXactLock(m, "skip", run.signal),
     );
   }
 
   /**
    * Runs `run` (one attempt at a migration: its run time, or `undefined` when it turned out
-   * applied already), retrying it after a lock timeout or deadlock.
+   * applied already), retrying it after a lock timeout or deadlock; the wait before a
+   * retry ends when `signal` aborts.
    */
   async #apply(
     prepared: PreparedMigration,
     run: (attempt: number) => Promise<number | undefined>,
+    signal?: AbortSignal,
   ): Promise<AppliedMigrationResult | undefined> {
     const { migration } = prepared;
     let attempt = 1;
@@ -1194,7 +1421,8 @@ export class Migrator {
           delayMs,
           message: (cause as QueryError).message,
         });
-        await sleep(delayMs);
+        await sleep(delayMs, signal);
+        if (signal?.aborted) throw new RunAborted("retry", signal.reason);
         attempt++;
       }
     }
@@ -1205,12 +1433,13 @@ export class Migrator {
     conn: Connection,
     token: string,
     prepared: PreparedMigration,
+    signal?: AbortSignal,
   ): (attempt: number) => Promise<number> {
     return (attempt) => {
       this.#emit({ type: "apply_start", filename: prepared.migration.filename, attempt });
       return prepared.migration.noTransaction
-        ? this.#runAutocommit(conn, prepared)
-        : conn.transaction((tx) => this.#runStatements(tx, prepared, token));
+        ? this.#runAutocommit(conn, prepared, signal)
+        : conn.transaction((tx) => this.#runStatements(tx, prepared, token, signal));
     };
   }
 
@@ -1224,6 +1453,7 @@ export class Migrator {
   #underXactLock(
     prepared: PreparedMigration,
     whenApplied: "skip" | "refuse",
+    signal?: AbortSignal,
   ): (attempt: number) => Promise<number | undefined> {
     const { migration } = prepared;
     return async (attempt) => {
@@ -1258,11 +1488,12 @@ export class Migrator {
             }
             this.#emit({ type: "apply_start", filename: migration.filename, attempt });
             const before = await sessionSettings(tx);
-            const executionTimeMs = await this.#runStatements(tx, prepared);
+            const executionTimeMs = await this.#runStatements(tx, prepared, undefined, signal);
             await restoreSessionSettings(tx, before);
             return { executionTimeMs };
           }),
         this.#db,
+        signal,
       );
       return outcome.executionTimeMs;
     };
@@ -1277,13 +1508,16 @@ export class Migrator {
   /**
    * Runs a migration's statements and its history row in `tx`. With `token` (the session
    * lock's run), the first statement also checks that `tx` runs in the session holding the
-   * lock.
+   * lock. When `signal` aborts, the statement running is cancelled on the server (the
+   * transaction then rolls back).
    */
   async #runStatements(
     tx: Transaction,
     prepared: PreparedMigration,
     token?: string,
+    signal?: AbortSignal,
   ): Promise<number> {
+    if (signal?.aborted) throw new RunAborted("statement", signal.reason);
     const { migration, statements } = prepared;
     const timeoutMs = this.#timeoutMs();
     const timeouts = [`${this.#lockTimeoutMs}ms`, `${this.#statementTimeoutMs ?? 0}ms`];
@@ -1298,7 +1532,9 @@ export class Migrator {
         timeouts,
       )
       : tx.execute(SESSION_GUARD_SQL, [...this.#lockKey(), token, ...timeouts]);
-    const sent = statements.map((statement) => tx.execute(statement.text, [], { timeoutMs }));
+    const sent = statements.map((statement) =>
+      tx.execute(statement.text, [], { timeoutMs, signal })
+    );
     const history = tx.execute(
       `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
         "VALUES ($1, $2, $3, " +
@@ -1322,7 +1558,11 @@ export class Migrator {
     return Math.max(1, Math.round(performance.now() - start));
   }
 
-  async #runAutocommit(conn: Connection, prepared: PreparedMigration): Promise<number> {
+  async #runAutocommit(
+    conn: Connection,
+    prepared: PreparedMigration,
+    signal?: AbortSignal,
+  ): Promise<number> {
     const { migration, statements } = prepared;
     const timeoutMs = this.#timeoutMs();
     const saved = await conn.fetchOne<{ lock: string; statement: string }>(
@@ -1337,13 +1577,16 @@ export class Migrator {
         `${this.#statementTimeoutMs ?? 0}ms`,
       ]);
       for (const statement of statements) {
+        if (signal?.aborted) {
+          throw new StatementFailure(new RunAborted("statement", signal.reason), statement, []);
+        }
         const lockTimeout = CONCURRENTLY.test(statement.text) ? "0" : `${this.#lockTimeoutMs}ms`;
         if (lockTimeout !== current) {
           await conn.execute("SELECT set_config('lock_timeout', $1, false)", [lockTimeout]);
           current = lockTimeout;
         }
         try {
-          await conn.execute(statement.text, [], { timeoutMs });
+          await conn.execute(statement.text, [], { timeoutMs, signal });
         } catch (error) {
           const after = await this.#invalidIndexes(conn).catch(() => [] as string[]);
           throw new StatementFailure(error, statement, after.filter((i) => !invalidBefore.has(i)));
@@ -1443,6 +1686,47 @@ interface PreparedMigration {
   statements: SqlStatement[];
 }
 
+/** One `applyPending()` run: its abort signal, and what an abort report needs. */
+interface RunState {
+  readonly signal?: AbortSignal;
+  /** When it started (`performance.now()`). */
+  readonly started: number;
+  /** The session lock: not taken, held, released, or not confirmed released. */
+  lock: "none" | "held" | "released" | "unknown";
+  /** The source's migrations, once read. */
+  files?: Migration[];
+  /** The history last read (`undefined` while the table is missing). */
+  before?: AppliedMigration[];
+}
+
+/** The run's signal aborted at `stage` (for a lock, `waited`: after another run held it). */
+class RunAborted extends Error {
+  constructor(
+    readonly stage: "start" | "lock" | "retry" | "statement",
+    override readonly cause: unknown,
+    readonly waited = false,
+  ) {
+    super(`The migration run was aborted (${stage})`);
+  }
+}
+
+/**
+ * An aborted run stopped at `filename`: `what` was done about it, then (after the lock
+ * clause, when `lockHeld`) `tail`.
+ */
+class RunStopped extends Error {
+  constructor(
+    readonly partial: MigrationResult,
+    readonly filename: string,
+    readonly what: string,
+    readonly lockHeld: boolean,
+    readonly tail: string,
+    readonly line?: number,
+  ) {
+    super(what);
+  }
+}
+
 /** A statement of a migration failed; carries which one. */
 class StatementFailure extends Error {
   constructor(
@@ -1519,8 +1803,18 @@ function checkCount(value: number | undefined, field: string, fallback: number):
   return Math.floor(value);
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
+/** Waits `ms`, or less when `signal` aborts. */
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve();
+    const done = (): void => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, Math.max(0, ms));
+    signal?.addEventListener("abort", done, { once: true });
+  });
 }
 
 /** An event's fields as span attributes (lists joined). */
