@@ -23,6 +23,57 @@ export interface CliContext {
   io: ResolvedIo;
   /** Where it writes. */
   out: Output;
+  /**
+   * Aborts when the CLI is interrupted (SIGINT, SIGTERM): a command cancels the SQL it
+   * runs, cleans up, and throws; `main` then exits with 130.
+   */
+  signal: AbortSignal;
+  /** The command running (`migrate apply`), once known. */
+  command?: string;
+}
+
+/**
+ * The reason of the CLI's abort signal when the process receives a signal; its message
+ * is the signal's name (`SIGINT`), so messages built from it read "aborted (SIGINT)".
+ */
+export class Interrupt extends Error {
+  /** The signal received. */
+  readonly signalName: string;
+
+  constructor(signalName: string) {
+    super(signalName);
+    this.name = "Interrupt";
+    this.signalName = signalName;
+  }
+}
+
+/**
+ * `promise`, or, as soon as `signal` aborts, a rejection with its reason (`promise` goes on
+ * unobserved; `onLate` receives its value if it still arrives, to close what it opened).
+ */
+export function orAbort<T>(
+  promise: Promise<T>,
+  signal: AbortSignal,
+  onLate?: (value: T) => void,
+): Promise<T> {
+  if (signal.aborted) {
+    promise.then((value) => onLate?.(value), () => {});
+    return Promise.reject(signal.reason);
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => {
+      promise.then((value) => onLate?.(value), () => {});
+      reject(signal.reason);
+    };
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then((value) => {
+      signal.removeEventListener("abort", onAbort);
+      resolve(value);
+    }, (error) => {
+      signal.removeEventListener("abort", onAbort);
+      reject(error);
+    });
+  });
 }
 
 /**
@@ -40,6 +91,26 @@ export class CommandFailure extends Error {
     this.name = "CommandFailure";
     this.details = details;
     this.notes = notes;
+  }
+}
+
+/**
+ * A command stopped because the CLI was interrupted; `done` says what was done about the
+ * work in progress ("cancelled '002_x.sql' and rolled it back, …").
+ */
+export class CommandInterrupted extends CommandFailure {
+  /** What was done about the work in progress, as a sentence without its final period. */
+  readonly done: string;
+
+  constructor(
+    cause: unknown,
+    done: string,
+    details: Record<string, unknown>,
+    notes: string[] = [],
+  ) {
+    super(cause, details, notes);
+    this.name = "CommandInterrupted";
+    this.done = done;
   }
 }
 
@@ -102,14 +173,14 @@ export interface OpenPoolOptions {
   prepare?: boolean;
 }
 
-/** Opens a small pool for the command. */
+/** Opens a small pool for the command; gives up (and closes it later) when interrupted. */
 export async function openPool(
   context: CliContext,
   url: string,
   { attempts, prepare = true }: OpenPoolOptions = {},
 ): Promise<Pool> {
   context.out.addSecrets(secretsOf(url));
-  return await createSharedPool({
+  const opening = createSharedPool({
     connectionString: url,
     minConnections: 1,
     maxConnections: 4,
@@ -117,6 +188,9 @@ export async function openPool(
     prepare,
     logger: { warn: (message) => context.out.error(`Warning: ${message}`) },
     ...(attempts === undefined ? {} : { retry: { attempts } }),
+  });
+  return await orAbort(opening, context.signal, (pool) => {
+    pool.close().catch(() => {});
   });
 }
 
@@ -140,8 +214,11 @@ export async function confirm(
         `no one can type its name. Pass --yes to drop it: '${command} --yes'`,
     );
   }
-  const answer = await context.out.ask(
-    `This drops ${what} '${name}' and everything in it. Type its name to confirm: `,
+  const answer = await orAbort(
+    context.out.ask(
+      `This drops ${what} '${name}' and everything in it. Type its name to confirm: `,
+    ),
+    context.signal,
   );
   if (answer?.trim() === name) return true;
   context.out.error(`Not dropped: the answer did not match '${name}'.`);

@@ -83,7 +83,7 @@ async function create(context: CliContext, input: ParsedCommand): Promise<number
         );
       }
     } else {
-      await db.execute(`CREATE DATABASE "${name}"`);
+      await db.execute(`CREATE DATABASE "${name}"`, [], { signal: context.signal });
       created = true;
     }
   } finally {
@@ -115,6 +115,8 @@ async function drop(context: CliContext, input: ParsedCommand): Promise<number> 
       try {
         await db.execute(
           `DROP DATABASE "${name}"${hasFlag(input, "force") ? " WITH (FORCE)" : ""}`,
+          [],
+          { signal: context.signal },
         );
       } catch (error) {
         if (error instanceof QueryError && error.sqlstate === "55006") {

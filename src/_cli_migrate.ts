@@ -18,6 +18,7 @@ import {
 import {
   type CliContext,
   CommandFailure,
+  CommandInterrupted,
   CONNECTION_FLAGS,
   databaseUrl,
   flagValue,
@@ -32,6 +33,7 @@ import { MigrationError } from "./errors.ts";
 import { DatabaseManager } from "./manager.ts";
 import {
   type MigrationEvent,
+  type MigrationFailure,
   type MigrationResult,
   type MigrationStatus,
   Migrator,
@@ -217,6 +219,7 @@ async function apply(context: CliContext, input: ParsedCommand): Promise<number>
     context.out.print(`Database: ${maskUrl(target.url)} (${target.source})`);
     let started = 0;
     for (const module of modules) {
+      if (context.signal.aborted) throw stoppedBefore(module, modules, results);
       const onEvent = (event: MigrationEvent): void => {
         if (event.type === "apply_start") {
           if (event.attempt === 1) started++;
@@ -225,8 +228,13 @@ async function apply(context: CliContext, input: ParsedCommand): Promise<number>
             `[${started}/${Math.max(total, started)}] ${module.name}: ${event.filename}${retry}`,
           );
         } else if (event.type === "lock_wait") {
-          context.out.progress(
-            `${module.name}: waiting for another migrator of this module and schema to finish`,
+          // Always said (not only as progress): a wait must never look like a hang.
+          const holder = event.holderPid === undefined
+            ? ""
+            : ` (server process ${event.holderPid}; see pg_stat_activity)`;
+          context.out.error(
+            `Waiting for the migration lock of module '${module.name}' (${where(module)}): ` +
+              `another run holds it${holder}; this run goes on when that one ends`,
           );
         } else if (event.type === "retry") {
           context.out.progress(
@@ -237,11 +245,12 @@ async function apply(context: CliContext, input: ParsedCommand): Promise<number>
       };
       try {
         const result = await migratorFor(module, managerFor(pool, module), onEvent)
-          .applyPending({ dryRun });
+          .applyPending({ dryRun, signal: context.signal });
         results.push(result);
         context.out.endProgress();
         printResult(context, result, dryRun);
       } catch (error) {
+        if (context.signal.aborted) throw interrupted(error, module, modules, results);
         throw applyFailure(error, module, modules, results);
       }
     }
@@ -287,6 +296,54 @@ function applyFailure(
     modules: [...results, ...(partial === undefined ? [] : [partial])].map(resultJson),
     notRun,
   }, notes);
+}
+
+/** `migrate apply` was interrupted while `module` ran: what the migrator did about it. */
+function interrupted(
+  error: unknown,
+  module: CliModule,
+  modules: CliModule[],
+  results: MigrationResult[],
+): CommandInterrupted {
+  const partial = error instanceof MigrationError
+    ? error.partialResult as MigrationResult | undefined
+    : undefined;
+  const failure: MigrationFailure | undefined = partial?.failure;
+  const done = failure?.aborted === true
+    ? `in module '${module.name}' (${where(module)}): ${failure.message}`
+    : `in module '${module.name}' (${where(module)}): the run stopped before it finished`;
+  const base = applyFailure(error, module, modules, results);
+  return new CommandInterrupted(
+    error,
+    done,
+    base.details,
+    base.notes.map((note) => note.replace("before the failure", "before the interruption")),
+  );
+}
+
+/** Interrupted between modules: `module` and those after it were not started. */
+function stoppedBefore(
+  module: CliModule,
+  modules: CliModule[],
+  results: MigrationResult[],
+): CommandInterrupted {
+  const notRun = modules.slice(modules.indexOf(module)).map((m) => m.name);
+  const applied = results.flatMap((r) => r.applied.map((a) => `${a.filename} (${r.module})`));
+  return new CommandInterrupted(
+    new MigrationError(
+      `Cannot finish 'migrate apply': it was interrupted before module '${module.name}'`,
+      { module: module.name, schema: module.schema },
+    ),
+    `stopped before module '${module.name}'; nothing was running, and no migration lock ` +
+      "is held",
+    { modules: results.map(resultJson), notRun },
+    [
+      ...(applied.length > 0
+        ? [`Applied by this run before the interruption: ${applied.join(", ")}`]
+        : []),
+      `Modules not run: ${notRun.join(", ")}`,
+    ],
+  );
 }
 
 function statusJson(status: MigrationStatus): Record<string, unknown> {

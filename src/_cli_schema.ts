@@ -91,7 +91,7 @@ async function create(context: CliContext, input: ParsedCommand): Promise<number
         { schema: name },
       );
     }
-    await db.execute(`CREATE SCHEMA "${name}"`);
+    await db.execute(`CREATE SCHEMA "${name}"`, [], { signal: context.signal });
     return true;
   });
   context.out.print(created ? `Created schema '${name}'.` : `Schema '${name}' already exists.`);

@@ -43,7 +43,29 @@
  * and a password never appears in any output.
  *
  * `migrate apply` shows a progress line on stderr (`[3/12] users: 003_add_index.sql`) when
- * stderr is a terminal, or always with `--progress`.
+ * stderr is a terminal, or always with `--progress`. When another run holds the migration
+ * lock of a module, it says so on stderr (with the holder's server process id) while it
+ * waits.
+ *
+ * ## Ctrl-C and SIGTERM
+ *
+ * The first SIGINT or SIGTERM interrupts the command cleanly. `migrate apply` cancels the
+ * statement running on the server, rolls the migration in progress back (a
+ * `-- pgdbm:no-transaction` file stops at its current statement; the statements before it
+ * stay applied), releases the migration lock, prints what it did, such as
+ *
+ * ```text
+ * Interrupted (SIGINT): in module 'users' (schema users): cancelled '002_x.sql' (its
+ * statement at line 3) and rolled it back, and released the migration lock; nothing from
+ * that file was applied.
+ * ```
+ *
+ * and exits with 130 (a signal that arrives after the command finished changes nothing,
+ * not even its exit code). Migrations committed before stay applied; the next
+ * `migrate apply` runs the rest. `db create`, `db drop` and `schema create` cancel their statement too. A
+ * second signal exits at once, and so does a command that has not stopped 15 s after the
+ * first. Send the signal to the `deno run` process (a terminal's Ctrl-C reaches it through
+ * `deno task` too).
  *
  * ## Where the database URL comes from
  *
@@ -101,6 +123,7 @@
  * | 0 | success |
  * | 1 | the command ran and failed: a migration failed (stderr names its file, module, schema and line), the server could not be reached, a database exists already, a confirmation was not given… |
  * | 2 | bad usage: unknown command or flag (with a suggestion), missing argument, invalid `pgdbm.json` (unknown dependency, dependency cycle), no database URL, `--yes` needed |
+ * | 130 | interrupted by SIGINT or SIGTERM (stderr says what was cancelled and rolled back) |
  *
  * @example Test a migration run from code (needs a server)
  * ```ts ignore
@@ -126,7 +149,7 @@ import {
   tokenize,
   UsageError,
 } from "./_cli_args.ts";
-import { type CliContext, CommandFailure } from "./_cli_context.ts";
+import { type CliContext, CommandFailure, CommandInterrupted, Interrupt } from "./_cli_context.ts";
 import { DB_GROUP } from "./_cli_db.ts";
 import { MIGRATE_GROUP } from "./_cli_migrate.ts";
 import { Output, type ResolvedIo } from "./_cli_output.ts";
@@ -151,6 +174,13 @@ export interface CliIo {
   env?: Record<string, string | undefined>;
   /** The working directory (where `pgdbm.json` and `./migrations` are looked for). */
   cwd?: string;
+  /**
+   * Interrupts the command when it aborts, as SIGINT and SIGTERM do when the CLI runs as a
+   * program: `migrate apply` cancels its running statement on the server, rolls the
+   * migration back and releases the lock; `db create|drop` and `schema create` cancel
+   * their statement. `main` then returns 130 after printing what was done.
+   */
+  signal?: AbortSignal;
 }
 
 const GROUPS: GroupSpec<CliContext>[] = [MIGRATE_GROUP, DB_GROUP, SCHEMA_GROUP];
@@ -163,7 +193,8 @@ const VALUE_FLAGS: ReadonlySet<string> = new Set(
 
 /**
  * Runs the CLI with `args` (the words after the program name) and returns the exit code:
- * 0 success, 1 failure, 2 bad usage. Every pool it opens is closed before it returns.
+ * 0 success, 1 failure, 2 bad usage, 130 interrupted (`io.signal` aborted). Every pool it
+ * opens is closed before it returns.
  *
  * @param args The arguments, such as `["migrate", "apply", "--dry-run"]`.
  * @param io Streams, environment and working directory to use instead of the process's.
@@ -183,12 +214,74 @@ export async function main(args: string[], io: CliIo = {}): Promise<number> {
     json: args.includes("--json"),
     progress: args.includes("--progress"),
   });
-  const context: CliContext = { io: resolved, out };
+  const signal = io.signal ?? new AbortController().signal;
+  const context: CliContext = { io: resolved, out, signal };
   try {
-    return await dispatch(context, args);
+    const code = await dispatch(context, args);
+    if (signal.aborted) {
+      // Too late to interrupt anything: the command's own result (and exit code) stands.
+      const name = interruptName(signal.reason);
+      context.out.error(
+        `${name ?? "The interruption"} arrived after '${context.command ?? "the command"}' ` +
+          "had finished: nothing was cancelled.",
+      );
+    }
+    return code;
   } catch (error) {
+    if (signal.aborted) return reportInterrupted(context, error);
     return report(context, error);
   }
+}
+
+/** The exit code of an interrupted command (128 + SIGINT's number, as shells report it). */
+const INTERRUPTED = 130;
+
+/** `SIGINT`, or the abort reason's message, or nothing, for "Interrupted (…)". */
+function interruptName(reason: unknown): string | undefined {
+  if (reason instanceof Interrupt) return reason.signalName;
+  if (reason instanceof Error && reason.name !== "AbortError") return reason.message;
+  return undefined;
+}
+
+/**
+ * Reports an interrupted command: what was done about the work in progress (from the
+ * command), or that it stopped, then the usual details; returns 130.
+ */
+function reportInterrupted(context: CliContext, error: unknown): number {
+  const name = interruptName(context.signal.reason);
+  const head = `Interrupted${name === undefined ? "" : ` (${name})`}`;
+  const command = context.command === undefined ? "the command" : `'${context.command}'`;
+  const done = error instanceof CommandInterrupted
+    ? error.done
+    : `${command} stopped before it finished; a statement it was running, if any, was ` +
+      "cancelled on the server";
+  const failure = error instanceof CommandFailure ? error : undefined;
+  const cause = failure?.cause ?? error;
+  const lines = [`${head}: ${done}.`];
+  const details: Record<string, unknown> = {};
+  if (cause instanceof MigrationError) {
+    for (
+      const [label, value] of [
+        ["file", cause.filename],
+        ["module", cause.module],
+        ["schema", cause.schema],
+        ["line", cause.line],
+      ] as const
+    ) {
+      if (value === undefined) continue;
+      details[label === "file" ? "filename" : label] = value;
+      lines.push(`  ${`${label}:`.padEnd(10)}${value}`);
+    }
+  }
+  lines.push(...(failure?.notes ?? []));
+  context.out.error(lines.join("\n"));
+  context.out.document({
+    ok: false,
+    interrupted: name ?? true,
+    error: { message: `${head}: ${done}`, exitCode: INTERRUPTED, ...details },
+    ...(failure?.details ?? {}),
+  });
+  return INTERRUPTED;
 }
 
 async function dispatch(context: CliContext, args: string[]): Promise<number> {
@@ -236,6 +329,7 @@ async function dispatch(context: CliContext, args: string[]): Promise<number> {
   }
   const path = `${group.name} ${command.name}`;
   if (help) return write(context, commandHelp(path, command));
+  context.command = path;
   const rest = tokens.filter((_, i) => i !== words[0] && i !== words[1]);
   return await command.run(context, parseCommand(path, command, rest));
 }
@@ -294,7 +388,7 @@ function topHelp(): string {
     'modules: { "modules": { "users": { "migrationsPath": "migrations/users",',
     '"schema": "users", "dependsOn": [] } } }.',
     "",
-    "Exit codes: 0 success, 1 failure, 2 bad usage.",
+    "Exit codes: 0 success, 1 failure, 2 bad usage, 130 interrupted (Ctrl-C, SIGTERM).",
     `Run '${PROGRAM} <group> --help' or '${PROGRAM} <group> <command> --help' for more.`,
     `  -${HELP_FLAG.short}, --${HELP_FLAG.name}  ${HELP_FLAG.description}`,
   );
@@ -383,4 +477,63 @@ function resolveIo(io: CliIo): ResolvedIo {
   };
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+/** How long a command may take to clean up after SIGINT/SIGTERM before the process exits. */
+const STOP_GRACE_MS = 15_000;
+
+/**
+ * Runs {@link main} as the program: the first SIGINT or SIGTERM aborts the command (it
+ * cancels its SQL and cleans up; exit code 130), a second one exits at once, and so does a
+ * command that has not stopped within {@link STOP_GRACE_MS}.
+ */
+async function runProgram(): Promise<number> {
+  const controller = new AbortController();
+  const names: Deno.Signal[] = Deno.build.os === "windows"
+    ? ["SIGINT", "SIGBREAK"]
+    : ["SIGINT", "SIGTERM"];
+  const listeners = names.map((name) => {
+    const listener = (): void => {
+      if (controller.signal.aborted) {
+        writeAll(
+          Deno.stderr,
+          `\n${name} again: exiting at once, without waiting for the cleanup\n`,
+        );
+        Deno.exit(INTERRUPTED);
+      }
+      writeAll(
+        Deno.stderr,
+        `\n${name}: stopping; cancelling what runs on the server (${name} again exits at once)\n`,
+      );
+      controller.abort(new Interrupt(name));
+      const timer = setTimeout(() => {
+        writeAll(
+          Deno.stderr,
+          `Error: the command did not stop within ${STOP_GRACE_MS / 1000} s after ${name}; ` +
+            "exiting: the server may still be running its statement\n",
+        );
+        Deno.exit(INTERRUPTED);
+      }, STOP_GRACE_MS);
+      Deno.unrefTimer(timer);
+    };
+    return { name, listener };
+  });
+  for (const { name, listener } of listeners) {
+    try {
+      Deno.addSignalListener(name, listener);
+    } catch {
+      // This platform cannot listen to this signal: it keeps its default action.
+    }
+  }
+  try {
+    return await main(Deno.args, { signal: controller.signal });
+  } finally {
+    for (const { name, listener } of listeners) {
+      try {
+        Deno.removeSignalListener(name, listener);
+      } catch {
+        // Was never added.
+      }
+    }
+  }
+}
+
+if (import.meta.main) Deno.exit(await runProgram());
