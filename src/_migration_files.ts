@@ -187,12 +187,14 @@ export function isNoTransaction(content: string): boolean {
 
 /**
  * Parses, validates and orders migration files: by version, then name. Refuses names
- * without a version, two files of one version, and empty files.
+ * without a version, two files of one version, and files with no statement (empty, or only
+ * comments and whitespace, whatever their line endings).
  *
  * @param files The files of a source.
  * @param where The source's location, for messages.
  * @returns The files with version and checksum, in the order they apply.
- * @throws {MigrationError} When a name carries no version, a version repeats, or a file is empty.
+ * @throws {MigrationError} When a name carries no version, a version repeats, or a file has
+ *   no statement.
  */
 export async function parseMigrationFiles(
   files: readonly MigrationFileContent[],
@@ -212,6 +214,26 @@ export async function parseMigrationFiles(
       throw new MigrationError(
         `Cannot apply migration '${file.filename}' in '${where}': the file is empty; ` +
           `add SQL to it or delete it`,
+        { filename: file.filename },
+      );
+    }
+    const statements = splitSqlStatements(file.content.replace(/^\ufeff/, ""));
+    // Applying such a file would record it with nothing run, and filling it in later would
+    // then fail every run as a changed file.
+    if (statements.length === 0) {
+      throw new MigrationError(
+        `Cannot apply migration '${file.filename}' in '${where}': the file has no SQL ` +
+          `statement, only comments and whitespace; add SQL to it or delete it`,
+        { filename: file.filename },
+      );
+    }
+    if (
+      statements.length === 2 && isPlainBegin(words(statements[0].text)) &&
+      isPlainCommit(words(statements[1].text))
+    ) {
+      throw new MigrationError(
+        `Cannot apply migration '${file.filename}' in '${where}': the file has no SQL ` +
+          `statement between its 'BEGIN;' and 'COMMIT;'; add SQL to it or delete it`,
         { filename: file.filename },
       );
     }
@@ -290,7 +312,7 @@ export function transactionalBody(content: string, filename: string): Transactio
 
 function words(text: string): string[] {
   return text
-    .replace(/--[^\n]*/g, " ")
+    .replace(/--[^\n\r]*/g, " ")
     .replace(/\/\*[\s\S]*?\*\//g, " ")
     .trim()
     .toUpperCase()

@@ -3,7 +3,10 @@
  * statement only outside single-quoted strings (`'…'`, `E'…'` with backslash escapes),
  * double-quoted identifiers, dollar-quoted bodies (`$$…$$`, `$tag$…$tag$`), `--` and nested
  * `/* *\/` comments, parentheses (rules with several actions), and the `BEGIN … END` of a
- * SQL-standard function body (`CREATE FUNCTION … BEGIN ATOMIC … END`).
+ * SQL-standard function body (`CREATE FUNCTION … BEGIN ATOMIC … END`). Like psql, a `--`
+ * comment ends at a line feed or a carriage return, so files with old Mac (CR-only) line
+ * endings split as they apply with `psql -f`; a lone CR also counts as a line break in the
+ * line numbers reported.
  *
  * @module
  */
@@ -27,6 +30,7 @@ const IDENT_START = /[A-Za-z_\u0080-\uffff]/;
 const IDENT_PART = /[A-Za-z0-9_$\u0080-\uffff]/;
 const DOLLAR_TAG = /\$(?:[A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$/y;
 const NUMBER_PART = /[A-Za-z0-9_.]/;
+const LINE_END = /[\n\r]/g;
 const FUNCTION_HEAD_WORDS = new Set(["create", "function", "procedure", "or", "replace"]);
 
 /**
@@ -76,9 +80,9 @@ export function splitSqlStatements(sql: string): SqlStatement[] {
     let j = i + 1;
     while (j < n) {
       const c = sql[j];
-      if (c === "\n") line++;
+      if (isLineBreak(sql, j)) line++;
       if (backslash && c === "\\") {
-        if (sql[j + 1] === "\n") line++;
+        if (isLineBreak(sql, j + 1)) line++;
         j += 2;
         continue;
       }
@@ -96,18 +100,19 @@ export function splitSqlStatements(sql: string): SqlStatement[] {
 
   while (i < n) {
     const c = sql[i];
-    if (c === "\n") {
-      line++;
+    if (c === "\n" || c === "\r") {
+      if (isLineBreak(sql, i)) line++;
       i++;
       continue;
     }
-    if (c === " " || c === "\t" || c === "\r" || c === "\f" || c === "\v") {
+    if (c === " " || c === "\t" || c === "\f" || c === "\v") {
       i++;
       continue;
     }
     if (c === "-" && sql[i + 1] === "-") {
-      const eol = sql.indexOf("\n", i);
-      i = eol === -1 ? n : eol;
+      // psql's lexer: a line comment runs up to a line feed or a carriage return.
+      LINE_END.lastIndex = i;
+      i = LINE_END.exec(sql) === null ? n : LINE_END.lastIndex - 1;
       continue;
     }
     if (c === "/" && sql[i + 1] === "*") {
@@ -121,7 +126,7 @@ export function splitSqlStatements(sql: string): SqlStatement[] {
           depth--;
           i += 2;
         } else {
-          if (sql[i] === "\n") line++;
+          if (isLineBreak(sql, i)) line++;
           i++;
         }
       }
@@ -156,7 +161,7 @@ export function splitSqlStatements(sql: string): SqlStatement[] {
       const tag = match[0];
       const close = sql.indexOf(tag, i + tag.length);
       const end = close === -1 ? n : close + tag.length;
-      for (let j = i; j < end; j++) if (sql[j] === "\n") line++;
+      for (let j = i; j < end; j++) if (isLineBreak(sql, j)) line++;
       i = end;
       continue;
     }
@@ -200,6 +205,12 @@ export function splitSqlStatements(sql: string): SqlStatement[] {
   return statements;
 }
 
+/** True when `sql[i]` ends a line: a LF, or a CR not followed by a LF (CRLF counts once). */
+function isLineBreak(sql: string, i: number): boolean {
+  const c = sql[i];
+  return c === "\n" || (c === "\r" && sql[i + 1] !== "\n");
+}
+
 /** True when the statement so far starts with CREATE [OR REPLACE] FUNCTION|PROCEDURE. */
 function isFunctionHead(heads: string[]): boolean {
   if (heads[0] !== "c") return false;
@@ -218,10 +229,13 @@ function isFunctionHead(heads: string[]): boolean {
 export function lineOfPosition(sql: string, position: number): number {
   let line = 1;
   let chars = 0;
+  let previous = "";
   for (const ch of sql) {
     chars++;
     if (chars >= position) break;
-    if (ch === "\n") line++;
+    if (ch === "\n" || ch === "\r") line++;
+    if (ch === "\n" && previous === "\r") line--; // CRLF is one line break
+    previous = ch;
   }
   return line;
 }

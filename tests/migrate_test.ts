@@ -347,6 +347,52 @@ serverTest(
   },
 );
 
+serverTest(
+  "Migrator applies a file with CR-only line endings and refuses a comment-only one",
+  async () => {
+    await withSchema(async ({ db }) => {
+      // pgdbm's own example migration, saved by an old Mac editor: each line ends in a CR.
+      const accounts = await Deno.readTextFile(
+        new URL("../migrations/users/001_accounts.sql", import.meta.url),
+      );
+      const crOnly = accounts.replace(/\r?\n/g, "\r");
+      assert.ok(crOnly.startsWith("--") && !crOnly.includes("\n"));
+      const migrator = new Migrator(db, {
+        migrations: {
+          "001_accounts.sql": crOnly,
+          "002_more.sql": "-- a comment\rCREATE TABLE {{tables.more}} (id int);\r-- done\r",
+        },
+        moduleName: "users",
+      });
+      const result = await migrator.applyPending();
+      assert.deepEqual(result.applied.map((m) => m.filename), ["001_accounts.sql", "002_more.sql"]);
+      assert.equal(await db.tableExists("accounts"), true);
+      assert.equal(await db.tableExists("more"), true);
+
+      // A file of comments only (CR endings, as before this was its whole content) is
+      // refused like an empty file: nothing runs and nothing is recorded.
+      const stub = new Migrator(db, {
+        migrations: {
+          "001_accounts.sql": crOnly,
+          "002_more.sql": "-- a comment\rCREATE TABLE {{tables.more}} (id int);\r-- done\r",
+          "003_comments.sql": "-- CREATE TABLE {{tables.never}} (id int);\r-- later\r",
+        },
+        moduleName: "users",
+      });
+      await assert.rejects(stub.applyPending(), (error: unknown) => {
+        assert.ok(error instanceof MigrationError);
+        assert.equal(error.filename, "003_comments.sql");
+        assert.match(error.message, /has no SQL statement/);
+        return true;
+      });
+      assert.deepEqual((await historyRows(db)).map((h) => h.filename), [
+        "001_accounts.sql",
+        "002_more.sql",
+      ]);
+    });
+  },
+);
+
 serverTest("Migrator runs $$ bodies and strings containing semicolons intact", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {

@@ -133,6 +133,35 @@ Deno.test("parseMigrationFiles() rejects a name without a version and an empty f
   );
 });
 
+Deno.test("parseMigrationFiles() refuses a file with no statement, whatever its line endings", async () => {
+  for (
+    const content of [
+      "-- Only a comment\n-- and another;\n",
+      "-- Old Mac line endings\r-- only comments\r",
+      "-- CRLF\r\n/* block; */\r\n;;\r\n",
+      "\ufeff-- a byte order mark, then a comment\n",
+      "BEGIN;\n\n-- nothing here yet\n\nCOMMIT;",
+      "-- pgdbm:no-transaction\n",
+    ]
+  ) {
+    await assert.rejects(
+      parseMigrationFiles([{ filename: "002_stub.sql", content }], "dir"),
+      (error: unknown) => {
+        assert.ok(error instanceof MigrationError, JSON.stringify(content));
+        assert.equal(error.filename, "002_stub.sql");
+        assert.match(error.message, /'002_stub\.sql' in 'dir': the file has no SQL statement/);
+        assert.match(error.message, /add SQL to it or delete it/);
+        return true;
+      },
+    );
+  }
+  // A CR-only file with a statement after its comment is fine.
+  const [file] = await parseMigrationFiles([
+    { filename: "001_cr.sql", content: "-- header\rCREATE TABLE t (id int);\r" },
+  ], "dir");
+  assert.equal(file.filename, "001_cr.sql");
+});
+
 Deno.test("transactionalBody() strips a BEGIN/COMMIT wrapper as pgdbm writes it", () => {
   const body = transactionalBody(
     "BEGIN;\n\nCREATE TABLE a (id int);\nCREATE TABLE b (id int);\n\nCOMMIT;",
@@ -148,6 +177,7 @@ Deno.test("transactionalBody() strips a BEGIN/COMMIT wrapper as pgdbm writes it"
       "start transaction;\nSELECT 1;\nend;",
       "BEGIN WORK;\nSELECT 1;\nCOMMIT TRANSACTION;\n-- trailing comment",
       "-- header\nBegin; SELECT 1; Commit;",
+      "-- header\rBEGIN -- open\r;\rSELECT 1;\rCOMMIT -- close\r;\r",
     ]
   ) {
     const b = transactionalBody(content, "x.sql");

@@ -124,3 +124,29 @@ Deno.test("lineOfPosition() maps a server character position to a line", () => {
   assert.equal(lineOfPosition(sql, 11), 2);
   assert.equal(lineOfPosition(sql, position), 3);
 });
+
+Deno.test("splitSqlStatements() ends a -- comment at a carriage return, as psql does", () => {
+  // Old Mac (CR-only) line endings: each comment ends at its CR, not at the end of the file.
+  const sql =
+    "-- The users service.\rCREATE TABLE a (id int);\r-- b next\rCREATE TABLE b (id int);\r";
+  assert.deepEqual(splitSqlStatements(sql).map((s) => [s.text, s.line]), [
+    ["CREATE TABLE a (id int)", 2],
+    ["CREATE TABLE b (id int)", 4],
+  ]);
+  // A comment after a statement on its line ends at the CR too.
+  assert.deepEqual(texts("SELECT 1; -- one\rSELECT 2 -- two\r;"), ["SELECT 1", "SELECT 2 -- two"]);
+  // CRLF counts as one line break; a lone CR as one.
+  assert.deepEqual(
+    splitSqlStatements("SELECT 1;\r\n-- x\r\nSELECT 2;\r\rSELECT 'a\rb';\rSELECT 4;").map((s) =>
+      s.line
+    ),
+    [1, 3, 5, 7],
+  );
+  assert.deepEqual(texts("-- only\r-- comments\r/* here */\r"), []);
+});
+
+Deno.test("lineOfPosition() counts a lone CR and a CRLF as one line break each", () => {
+  const sql = "SELECT 1;\rSELECT 2;\r\nSELEC 3";
+  assert.equal(lineOfPosition(sql, 11), 2);
+  assert.equal(lineOfPosition(sql, sql.indexOf("SELEC ") + 1), 3);
+});
