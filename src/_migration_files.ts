@@ -223,7 +223,8 @@ export async function parseMigrationFiles(
     if (statements.length === 0) {
       throw new MigrationError(
         `Cannot apply migration '${file.filename}' in '${where}': the file has no SQL ` +
-          `statement, only comments and whitespace; add SQL to it or delete it`,
+          `statement, only comments and whitespace (as a new file from 'migrate create' ` +
+          `has until its SQL is written); add SQL to it or delete it`,
         { filename: file.filename },
       );
     }

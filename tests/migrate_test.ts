@@ -393,6 +393,71 @@ serverTest(
   },
 );
 
+serverTest(
+  "cli migrate apply refuses a 'migrate create' stub not filled in yet, recording nothing",
+  async () => {
+    const schema = uniqueSchema("stub");
+    const dir = await Deno.makeTempDir({ prefix: "pgdbm_stub_" });
+    const run = async (...args: string[]) => {
+      const env: Record<string, string> = { NO_COLOR: "1", DATABASE_URL: URL_ };
+      for (const name of ["PATH", "HOME", "DENO_DIR", "XDG_CACHE_HOME", "TMPDIR"]) {
+        const value = Deno.env.get(name);
+        if (value !== undefined) env[name] = value;
+      }
+      const output = await new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "-A",
+          "--config",
+          fileURLToPath(new URL("../deno.json", import.meta.url)),
+          fileURLToPath(new URL("../src/cli.ts", import.meta.url)),
+          ...args,
+          "--schema",
+          schema,
+        ],
+        cwd: dir,
+        env,
+        clearEnv: true,
+        stdin: "null",
+      }).output();
+      const decoder = new TextDecoder();
+      return {
+        code: output.code,
+        stdout: decoder.decode(output.stdout),
+        stderr: decoder.decode(output.stderr),
+      };
+    };
+    const pool = await createSharedPool({ connectionString: URL_, maxConnections: 1 });
+    const db = new DatabaseManager({ pool, schema });
+    try {
+      const created = await run("migrate", "create", "add_notes");
+      assert.equal(created.code, 0, created.stderr);
+      const [stub] = [...Deno.readDirSync(join(dir, "migrations"))].map((e) => e.name);
+      assert.match(stub, /^\d{14}_add_notes\.sql$/);
+
+      const early = await run("migrate", "apply");
+      assert.equal(early.code, 1, early.stdout);
+      assert.match(early.stderr, new RegExp(`'${stub}'.*has no SQL statement`));
+      assert.match(early.stderr, /migrate create/);
+      assert.equal(await db.tableExists("schema_migrations"), false);
+
+      // Written later, the file applies: it was never recorded as applied while empty.
+      const path = join(dir, "migrations", stub);
+      await Deno.writeTextFile(
+        path,
+        (await Deno.readTextFile(path)) + "CREATE TABLE {{tables.notes}} (id int);\n",
+      );
+      const applied = await run("migrate", "apply");
+      assert.equal(applied.code, 0, applied.stderr);
+      assert.equal(await db.tableExists("notes"), true);
+      assert.deepEqual((await historyRows(db)).map((h) => h.filename), [stub]);
+    } finally {
+      await db.execute(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`).finally(() => pool.close());
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
+
 serverTest("Migrator runs $$ bodies and strings containing semicolons intact", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {
