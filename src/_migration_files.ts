@@ -32,7 +32,13 @@ export interface ParsedMigrationFile extends MigrationFileContent {
 const NUMERIC_PREFIX = /^(\d+)_/;
 const PGDBM_TIMESTAMP = /^(\d{8})_(\d{6})_/;
 const FLYWAY = /^V(\d+(?:[._]\d+)*)__/;
-const NO_TRANSACTION = /^[ \t]*--[ \t]*pgdbm:no-transaction[ \t]*\r?$/im;
+/**
+ * A marker line: `--`, `pgdbm:no-transaction`, then whitespace (Python's, which adds
+ * U+001C–U+001F and U+0085 to JavaScript's and lacks U+FEFF) or the end of the line.
+ * pgdbm's rule is `^-- pgdbm:no-transaction(?=\s|$)`; this one also takes blanks before and
+ * after `--` and any letter case (see {@link isNoTransaction}).
+ */
+const NO_TRANSACTION = /^[ \t]*--[ \t]*pgdbm:no-transaction(?:$|[^\S\ufeff]|[\x1c-\x1f\x85])/i;
 const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]*\.sql$/;
 
 /**
@@ -175,14 +181,22 @@ export async function migrationChecksum(content: string): Promise<string> {
 }
 
 /**
- * True when the file asks to run outside a transaction: it has a line that is exactly
- * `-- pgdbm:no-transaction` (case and surrounding blanks ignored).
+ * True when the file asks to run outside a transaction: a line starts with
+ * `-- pgdbm:no-transaction` followed by whitespace or the end of the line, which is what
+ * Python pgdbm accepts, so `-- pgdbm:no-transaction  (CREATE INDEX CONCURRENTLY needs it)`
+ * counts. Also accepted, beyond pgdbm: blanks before `--` and between `--` and the marker
+ * (`  --pgdbm:no-transaction`), any letter case (`-- PGDBM:No-Transaction`), and a byte
+ * order mark before the file's first line. Lines end at LF, CRLF or a lone CR, as Python
+ * reads a file. Not accepted (nor by pgdbm): the marker after SQL on its line, after other
+ * words in a comment, or run into other characters (`-- pgdbm:no-transactional`,
+ * `-- pgdbm:no-transaction;`).
  *
  * @param content The file's text.
  * @returns Whether the file runs statement by statement in autocommit.
  */
 export function isNoTransaction(content: string): boolean {
-  return NO_TRANSACTION.test(content);
+  const lines = normalizeNewlines(content.replace(/^\ufeff/, "")).split("\n");
+  return lines.some((line) => NO_TRANSACTION.test(line));
 }
 
 /**

@@ -458,6 +458,35 @@ serverTest(
   },
 );
 
+serverTest(
+  "Migrator runs a file marked '-- pgdbm:no-transaction  (why)' outside a transaction",
+  async () => {
+    await withSchema(async ({ db }) => {
+      const migrator = new Migrator(db, {
+        migrations: {
+          "001_table.sql": "CREATE TABLE {{tables.items}} (id int, name text);",
+          "002_index.sql": [
+            "-- pgdbm:no-transaction  (CREATE INDEX CONCURRENTLY needs it)",
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS items_name ON {{tables.items}} (name);",
+          ].join("\n"),
+        },
+        moduleName: "m",
+      });
+      const files = await migrator.findMigrationFiles();
+      assert.deepEqual(files.map((f) => f.noTransaction), [false, true]);
+      const result = await migrator.applyPending();
+      assert.deepEqual(result.applied.map((m) => m.filename), ["001_table.sql", "002_index.sql"]);
+      assert.equal(
+        await db.fetchValue(
+          "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+          [`"${db.schema}".items_name`],
+        ),
+        true,
+      );
+    });
+  },
+);
+
 serverTest("Migrator runs $$ bodies and strings containing semicolons intact", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {

@@ -81,8 +81,53 @@ Deno.test("isNoTransaction() detects a -- pgdbm:no-transaction line", () => {
   assert.ok(isNoTransaction("-- pgdbm:no-transaction\nCREATE INDEX CONCURRENTLY i ON t (x);"));
   assert.ok(isNoTransaction("-- first\r\n  --   PGDBM:NO-TRANSACTION  \r\nSELECT 1;"));
   assert.ok(!isNoTransaction("SELECT 1; -- pgdbm:no-transaction"));
-  assert.ok(!isNoTransaction("-- pgdbm:no-transaction please\nSELECT 1;"));
   assert.ok(!isNoTransaction("SELECT 1;"));
+});
+
+Deno.test("isNoTransaction() accepts every marker line Python pgdbm accepts", () => {
+  // pgdbm: re.search(r"^-- pgdbm:no-transaction(?=\s|$)", text, re.MULTILINE), on the text
+  // as Python reads the file (CRLF and lone CR made LF). Each case: [text, pgdbm's answer].
+  const pgdbm: [string, boolean][] = [
+    ["-- pgdbm:no-transaction\nCREATE INDEX CONCURRENTLY i ON t (x);", true],
+    ["-- pgdbm:no-transaction  (CREATE INDEX CONCURRENTLY needs it)\nSELECT 1;", true],
+    ["-- pgdbm:no-transaction please\nSELECT 1;", true],
+    ["-- pgdbm:no-transaction -- why\nSELECT 1;", true],
+    ["-- pgdbm:no-transaction\t\nSELECT 1;", true],
+    ["-- pgdbm:no-transaction\u00a0(nbsp)\nSELECT 1;", true],
+    ["-- pgdbm:no-transaction\x1c\nSELECT 1;", true],
+    ["-- pgdbm:no-transaction\x85\nSELECT 1;", true],
+    ["SELECT 1;\n-- pgdbm:no-transaction", true],
+    ["-- header\r\n-- pgdbm:no-transaction\r\nSELECT 1;\r\n", true],
+    ["-- header\r-- pgdbm:no-transaction (old Mac)\rSELECT 1;\r", true],
+    ["/*\n-- pgdbm:no-transaction\n*/ SELECT 1;", true],
+    ["-- pgdbm:no-transactional\nSELECT 1;", false],
+    ["-- pgdbm:no-transaction;\nSELECT 1;", false],
+    ["-- pgdbm:no-transaction-please\nSELECT 1;", false],
+    ["-- pgdbm:no-transaction\ufeff\nSELECT 1;", false],
+    ["-- pgdbm: no-transaction\nSELECT 1;", false],
+    ["-- note: pgdbm:no-transaction\nSELECT 1;", false],
+    ["SELECT 1; -- pgdbm:no-transaction\n", false],
+    ["-- pgdbm:no_transaction\nSELECT 1;", false],
+  ];
+  for (const [text, expected] of pgdbm) {
+    assert.equal(isNoTransaction(text), expected, JSON.stringify(text));
+  }
+  // Accepted beyond pgdbm (documented): blanks around "--", any case, a byte order mark.
+  for (
+    const text of [
+      "  -- pgdbm:no-transaction\nSELECT 1;",
+      "--pgdbm:no-transaction\nSELECT 1;",
+      "--\tpgdbm:no-transaction (why)\nSELECT 1;",
+      "-- PGDBM:No-Transaction\nSELECT 1;",
+      "\ufeff-- pgdbm:no-transaction\nSELECT 1;",
+    ]
+  ) {
+    assert.equal(isNoTransaction(text), true, JSON.stringify(text));
+  }
+  // A byte order mark counts only at the very start of the file.
+  assert.equal(isNoTransaction("SELECT 1;\n\ufeff-- pgdbm:no-transaction\n"), false);
+  // A line separator is not a line break for pgdbm.
+  assert.equal(isNoTransaction("SELECT 1;\u2028-- pgdbm:no-transaction\n"), false);
 });
 
 Deno.test("parseMigrationFiles() orders by version number and computes checksums", async () => {
