@@ -6,7 +6,9 @@
  * SQL-standard function body (`CREATE FUNCTION … BEGIN ATOMIC … END`). Like psql, a `--`
  * comment ends at a line feed or a carriage return, so files with old Mac (CR-only) line
  * endings split as they apply with `psql -f`; a lone CR also counts as a line break in the
- * line numbers reported.
+ * line numbers reported. Like psql, it follows `standard_conforming_strings` as the text
+ * sets it (`SET standard_conforming_strings = off` … `= on`, `RESET`): while it is off, a
+ * backslash escapes the next character in every `'…'` string, as the server then reads it.
  *
  * @module
  */
@@ -33,12 +35,24 @@ const NUMBER_PART = /[A-Za-z0-9_.]/;
 const LINE_END = /[\n\r]/g;
 const FUNCTION_HEAD_WORDS = new Set(["create", "function", "procedure", "or", "replace"]);
 
+/** Options of {@link splitSqlStatements}. */
+export interface SplitOptions {
+  /**
+   * `standard_conforming_strings` when the text starts (what a `RESET` goes back to);
+   * statements of the text that set it are followed from there.
+   *
+   * @default {true}
+   */
+  standardConformingStrings?: boolean;
+}
+
 /**
  * Splits SQL text into statements. Statements that hold only whitespace and comments are
  * dropped; a last statement without a `;` is kept. Unterminated quotes, comments and
  * dollar-quoted bodies run to the end of the text (the server then reports them).
  *
  * @param sql The SQL text.
+ * @param options The session's `standard_conforming_strings` at the start.
  * @returns The statements in order, each with its 1-based start line.
  *
  * @example Split a file with a function body
@@ -50,7 +64,11 @@ const FUNCTION_HEAD_WORDS = new Set(["create", "function", "procedure", "or", "r
  * // statements[1].line === 2
  * ```
  */
-export function splitSqlStatements(sql: string): SqlStatement[] {
+export function splitSqlStatements(sql: string, options: SplitOptions = {}): SqlStatement[] {
+  const initialStd = options.standardConformingStrings ?? true;
+  // The session value, and the one a SET LOCAL holds until its transaction ends.
+  let sessionStd = initialStd;
+  let localStd: boolean | undefined;
   const statements: SqlStatement[] = [];
   const n = sql.length;
   let i = 0;
@@ -66,6 +84,13 @@ export function splitSqlStatements(sql: string): SqlStatement[] {
     if (start >= 0) {
       const text = sql.slice(start, end).trimEnd();
       statements.push({ text, line: startLine, start, end: start + text.length });
+      const change = stdStringsChange(text, initialStd);
+      if (change === "end") localStd = undefined;
+      else if (change?.local === true) localStd = change.value;
+      else if (change !== undefined) {
+        sessionStd = change.value;
+        localStd = undefined;
+      }
     }
     start = -1;
     parenDepth = 0;
@@ -144,7 +169,7 @@ export function splitSqlStatements(sql: string): SqlStatement[] {
       startLine = line;
     }
     if (c === "'") {
-      i = skipQuoted("'", false);
+      i = skipQuoted("'", !(localStd ?? sessionStd));
       continue;
     }
     if (c === '"') {
@@ -203,6 +228,52 @@ export function splitSqlStatements(sql: string): SqlStatement[] {
   }
   finish(n);
   return statements;
+}
+
+const SET_STD = /^SET\s+(SESSION\s+|LOCAL\s+)?STANDARD_CONFORMING_STRINGS\s*(?:=|\bTO\b)\s*(.*)$/is;
+const SET_CONFIG_STD =
+  /^SELECT\s+(?:PG_CATALOG\s*\.\s*)?SET_CONFIG\s*\(\s*'standard_conforming_strings'\s*,\s*'([^']*)'\s*,\s*(TRUE|FALSE)\s*\)$/is;
+const RESET_STD = /^(?:RESET\s+(?:STANDARD_CONFORMING_STRINGS|ALL)|DISCARD\s+ALL)$/is;
+const TRANSACTION_END =
+  /^(?:COMMIT|END|ROLLBACK|ABORT)(?:\s+(?:WORK|TRANSACTION)|\s+AND\s+(?:NO\s+)?CHAIN)*$/is;
+
+/**
+ * How a statement changes `standard_conforming_strings`: a new value (`local` for a
+ * `SET LOCAL`, which lasts until its transaction ends), `"end"` when it ends a transaction,
+ * or `undefined`. Values are read as PostgreSQL reads a boolean setting.
+ */
+function stdStringsChange(
+  text: string,
+  initial: boolean,
+): { value: boolean; local: boolean } | "end" | undefined {
+  const plain = text.replace(/--[^\n\r]*/g, " ").replace(/\/\*[\s\S]*?\*\//g, " ").trim();
+  if (TRANSACTION_END.test(plain)) return "end";
+  if (RESET_STD.test(plain)) return { value: initial, local: false };
+  const set = SET_STD.exec(plain);
+  if (set !== null) {
+    const raw = set[2].trim();
+    const value = /^default$/i.test(raw)
+      ? initial
+      : parseBoolSetting(raw.replace(/^(['"])(.*)\1$/s, "$2"));
+    return value === undefined ? undefined : { value, local: /^local/i.test(set[1] ?? "") };
+  }
+  const config = SET_CONFIG_STD.exec(plain);
+  if (config !== null) {
+    const value = parseBoolSetting(config[1]);
+    return value === undefined ? undefined : { value, local: config[2].toLowerCase() === "true" };
+  }
+  return undefined;
+}
+
+/** PostgreSQL's `parse_bool`: on/off, true/false, yes/no, 1/0 and unambiguous prefixes. */
+function parseBoolSetting(raw: string): boolean | undefined {
+  const value = raw.trim().toLowerCase();
+  if (value === "") return undefined;
+  if (value === "1" || value === "on") return true;
+  if (value === "0" || (value.length >= 2 && "off".startsWith(value))) return false;
+  if ("true".startsWith(value) || "yes".startsWith(value)) return true;
+  if ("false".startsWith(value) || "no".startsWith(value)) return false;
+  return undefined;
 }
 
 /** True when `sql[i]` ends a line: a LF, or a CR not followed by a LF (CRLF counts once). */

@@ -487,6 +487,46 @@ serverTest(
   },
 );
 
+serverTest(
+  "Migrator splits strings as the file sets standard_conforming_strings, in both modes",
+  async () => {
+    await withSchema(async ({ db }) => {
+      const body = [
+        "CREATE TABLE IF NOT EXISTS {{tables.quotes}} (mode text, body text);",
+        "SET standard_conforming_strings = off;",
+        "INSERT INTO {{tables.quotes}} VALUES (:mode, 'it\\'s; here');",
+        "INSERT INTO {{tables.quotes}} VALUES (:mode, 'back\\\\slash; too');",
+        "SET standard_conforming_strings = on;",
+        "INSERT INTO {{tables.quotes}} VALUES (:mode, 'plain\\');",
+      ].join("\n");
+      const migrator = new Migrator(db, {
+        migrations: {
+          "001_tx.sql": body.replaceAll(":mode", "'tx'"),
+          "002_autocommit.sql": "-- pgdbm:no-transaction\n" + body.replaceAll(":mode", "'auto'"),
+        },
+        moduleName: "m",
+      });
+      const result = await migrator.applyPending();
+      assert.equal(result.applied.length, 2);
+      const rows = await db.fetchAll<{ mode: string; body: string }>(
+        "SELECT mode, body FROM {{tables.quotes}} ORDER BY mode, body",
+      );
+      assert.deepEqual(rows.map((r) => `${r.mode}:${r.body}`), [
+        "auto:back\\slash; too",
+        "auto:it's; here",
+        "auto:plain\\",
+        "tx:back\\slash; too",
+        "tx:it's; here",
+        "tx:plain\\",
+      ]);
+      // The setting the files changed did not outlive them.
+      await db.acquire(async (conn) => {
+        assert.equal(await conn.fetchValue("SHOW standard_conforming_strings"), "on");
+      });
+    }, 1);
+  },
+);
+
 serverTest("Migrator runs $$ bodies and strings containing semicolons intact", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {

@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
-import { lineOfPosition, splitSqlStatements } from "../src/_sql_split.ts";
+import { lineOfPosition, type SplitOptions, splitSqlStatements } from "../src/_sql_split.ts";
 
-function texts(sql: string): string[] {
-  return splitSqlStatements(sql).map((s) => s.text);
+function texts(sql: string, options?: SplitOptions): string[] {
+  return splitSqlStatements(sql, options).map((s) => s.text);
 }
 
 Deno.test("splitSqlStatements() splits on semicolons and reports 1-based start lines", () => {
@@ -149,4 +149,74 @@ Deno.test("lineOfPosition() counts a lone CR and a CRLF as one line break each",
   const sql = "SELECT 1;\rSELECT 2;\r\nSELEC 3";
   assert.equal(lineOfPosition(sql, 11), 2);
   assert.equal(lineOfPosition(sql, sql.indexOf("SELEC ") + 1), 3);
+});
+
+Deno.test("splitSqlStatements() follows standard_conforming_strings as the text sets it", () => {
+  const sql = [
+    "SELECT 'a\\';SELECT 2;",
+    "SET standard_conforming_strings = off;",
+    "INSERT INTO t VALUES ('it\\'s; here');",
+    "INSERT INTO t VALUES ('back\\\\slash;');",
+    "SET standard_conforming_strings TO 'on';",
+    "SELECT 'c\\';SELECT 4;",
+  ].join("\n");
+  assert.deepEqual(texts(sql), [
+    "SELECT 'a\\'",
+    "SELECT 2",
+    "SET standard_conforming_strings = off",
+    "INSERT INTO t VALUES ('it\\'s; here')",
+    "INSERT INTO t VALUES ('back\\\\slash;')",
+    "SET standard_conforming_strings TO 'on'",
+    "SELECT 'c\\'",
+    "SELECT 4",
+  ]);
+  // Spellings of the value and of the command; what leaves it off (an invalid value fails
+  // on the server and changes nothing; other settings; text in a string).
+  for (
+    const [set, off] of [
+      ["set session standard_conforming_strings to false", true],
+      ["SET standard_conforming_strings = 'of'", true],
+      ['SET standard_conforming_strings="0"', true],
+      ["SET /* c */ standard_conforming_strings -- c\n= no", true],
+      ["SELECT pg_catalog.set_config('standard_conforming_strings', 'off', false)", true],
+      ["SET standard_conforming_strings = on", false],
+      ["SET standard_conforming_strings = DEFAULT", false],
+      ["RESET standard_conforming_strings", false],
+      ["SET standard_conforming_strings = maybe", true],
+      ["SET escape_string_warning = off", true],
+      ["SELECT 'SET standard_conforming_strings = off'", true],
+    ] as const
+  ) {
+    const split = texts(`SET standard_conforming_strings = off;${set};SELECT 'x\\';SELECT 2;`);
+    // While off, 'x\';SELECT 2;' is one string; while on, the ; after 'x\' ends a statement.
+    assert.equal(split.length, off ? 3 : 4, `${set}: ${JSON.stringify(split)}`);
+  }
+  // The starting value can be given, and RESET returns to it.
+  assert.deepEqual(
+    texts("SELECT 'x\\';SELECT 2;", { standardConformingStrings: false }),
+    ["SELECT 'x\\';SELECT 2;"],
+  );
+  assert.equal(
+    texts(
+      "SET standard_conforming_strings = on; RESET standard_conforming_strings; SELECT 'x\\';1;",
+      {
+        standardConformingStrings: false,
+      },
+    ).length,
+    3,
+  );
+  // SET LOCAL lasts until its transaction ends.
+  assert.deepEqual(
+    texts(
+      "BEGIN; SET LOCAL standard_conforming_strings = off; SELECT 'a\\';b'; COMMIT; SELECT 'c\\';d';",
+    ),
+    [
+      "BEGIN",
+      "SET LOCAL standard_conforming_strings = off",
+      "SELECT 'a\\';b'",
+      "COMMIT",
+      "SELECT 'c\\'",
+      "d';",
+    ],
+  );
 });
