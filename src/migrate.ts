@@ -1002,6 +1002,7 @@ export class Migrator {
    * @returns `true` when a row was removed, `false` when it was not applied.
    */
   async rollbackMigration(filename: string): Promise<boolean> {
+    if (!await this.#historyExists(this.#db)) return false;
     try {
       const result = await this.#db.execute(
         `DELETE FROM ${this.#tableRef()} WHERE filename = $1 AND module_name = $2`,
@@ -1039,7 +1040,19 @@ export class Migrator {
     }
   }
 
+  /**
+   * Whether the history table exists, asked of the catalog: reading a missing table would
+   * fail a query (counted in the pool's errors, seen by `onQuery`, logged by the server).
+   */
+  async #historyExists(q: Queries): Promise<boolean> {
+    return await q.fetchValue<boolean>(
+      "SELECT to_regclass($1) IS NOT NULL",
+      [q.prepareQuery(this.#tableRef())],
+    ) === true;
+  }
+
   async #select(q: Queries, tail: string): Promise<AppliedMigration[] | undefined> {
+    if (!await this.#historyExists(q)) return undefined;
     let rows: Record<string, unknown>[];
     try {
       rows = await q.fetchAll(

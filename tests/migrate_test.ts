@@ -527,6 +527,42 @@ serverTest(
   },
 );
 
+serverTest(
+  "Migrator checks for its history table in the catalog: a first run fails no query",
+  async () => {
+    const failed: string[] = [];
+    const pool = await createSharedPool({
+      connectionString: URL_,
+      maxConnections: 2,
+      onQuery: (event) => {
+        if (event.error !== undefined) failed.push(`${event.sql}: ${event.error.message}`);
+      },
+    });
+    const schema = uniqueSchema("probe");
+    const db = new DatabaseManager({ pool, schema });
+    try {
+      const migrator = new Migrator(db, {
+        migrations: { "001_a.sql": "CREATE TABLE {{tables.a}} (id int);" },
+        moduleName: "m",
+      });
+      assert.deepEqual(await migrator.getApplied(), []);
+      assert.deepEqual(await migrator.getHistory(), []);
+      assert.equal((await migrator.getStatus()).initialized, false);
+      assert.equal((await migrator.getPending()).length, 1);
+      assert.equal(await migrator.rollbackMigration("001_a.sql"), false);
+      assert.equal((await migrator.applyPending({ dryRun: true })).status, "dry_run");
+      assert.equal((await migrator.applyPending()).status, "success");
+      // Another module's first run, on a history table that exists.
+      const other = new Migrator(db, { migrations: {}, moduleName: "other" });
+      assert.equal((await other.applyPending()).status, "up_to_date");
+      assert.deepEqual(failed, []);
+      assert.equal(pool.getStats().errors, 0);
+    } finally {
+      await db.execute(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`).finally(() => pool.close());
+    }
+  },
+);
+
 serverTest("Migrator runs $$ bodies and strings containing semicolons intact", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {
