@@ -33,12 +33,12 @@ const NUMERIC_PREFIX = /^(\d+)_/;
 const PGDBM_TIMESTAMP = /^(\d{8})_(\d{6})_/;
 const FLYWAY = /^V(\d+(?:[._]\d+)*)__/;
 /**
- * A marker line: `--`, `pgdbm:no-transaction`, then whitespace (Python's, which adds
- * U+001C–U+001F and U+0085 to JavaScript's and lacks U+FEFF) or the end of the line.
- * pgdbm's rule is `^-- pgdbm:no-transaction(?=\s|$)`; this one also takes blanks before and
- * after `--` and any letter case (see {@link isNoTransaction}).
+ * A marker line's start: `--`, then `pgdbm:no-transaction`, which must be followed by
+ * Python's whitespace or the end of the line (checked in {@link isNoTransaction}). pgdbm's
+ * rule is `^-- pgdbm:no-transaction(?=\s|$)`; this one also takes blanks before and after
+ * `--` and any letter case.
  */
-const NO_TRANSACTION = /^[ \t]*--[ \t]*pgdbm:no-transaction(?:$|[^\S\ufeff]|[\x1c-\x1f\x85])/i;
+const NO_TRANSACTION = /^[ \t]*--[ \t]*pgdbm:no-transaction/i;
 const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]*\.sql$/;
 
 /**
@@ -196,7 +196,12 @@ export async function migrationChecksum(content: string): Promise<string> {
  */
 export function isNoTransaction(content: string): boolean {
   const lines = normalizeNewlines(content.replace(/^\ufeff/, "")).split("\n");
-  return lines.some((line) => NO_TRANSACTION.test(line));
+  return lines.some((line) => {
+    const marker = NO_TRANSACTION.exec(line);
+    if (marker === null) return false;
+    const next = line[marker[0].length];
+    return next === undefined || PY_WHITESPACE.has(next);
+  });
 }
 
 /**
