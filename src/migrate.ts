@@ -394,6 +394,29 @@ const POOLER_FIX = `set the Migrator option lock: "transaction" ("lock": "transa
   "pgdbm.json), whose lock lives in each migration's transaction, or run migrations on a URL " +
   "that goes directly to PostgreSQL (or through a session-mode pool)";
 
+/**
+ * Saves the session's own settings (those set with `SET`) in the transaction, before a
+ * migration's statements run; {@link RESTORE_SETTINGS_SQL} puts them back after them. Both
+ * are pipelined with the file, so this costs no round trip.
+ */
+const SAVE_SETTINGS_SQL = "SELECT pg_catalog.set_config('pgdbm.saved_settings', " +
+  "coalesce((SELECT pg_catalog.json_object_agg(name, setting) FROM pg_catalog.pg_settings " +
+  "WHERE source = 'session' AND name <> 'pgdbm.saved_settings'), '{}')::text, true)";
+
+/**
+ * Puts back, as session values, the settings {@link SAVE_SETTINGS_SQL} saved: a plain `SET`
+ * in a migration (pg_dump's `search_path` of '', say) would otherwise outlive the file and
+ * reach the next one and the application's queries. `set_config(name, NULL, false)` is RESET.
+ */
+const RESTORE_SETTINGS_SQL = `SELECT pg_catalog.count(pg_catalog.set_config(n, v, false))
+FROM (SELECT coalesce(now.name, was.key) AS n, was.value AS v
+  FROM (SELECT name, setting FROM pg_catalog.pg_settings
+        WHERE source = 'session' AND name <> 'pgdbm.saved_settings') AS now
+  FULL JOIN pg_catalog.json_each_text(
+    coalesce(pg_catalog.current_setting('pgdbm.saved_settings', true), '{}')::json) AS was
+    ON was.key = now.name
+  WHERE now.setting IS DISTINCT FROM was.value) AS changed`;
+
 /** `k`: the lock's two keys, and `marker`: the session setting naming the session's holder. */
 const LOCK_KEY_CTE = "WITH k AS (SELECT hashtext($1) AS a, hashtext($2) AS b, " +
   "format('pgdbm.migration_lock_%s_%s', to_hex(hashtext($1)), to_hex(hashtext($2))) AS marker)";
@@ -1017,8 +1040,12 @@ export class Migrator {
 
   // ---------------------------------------------------------------- internals
 
+  /**
+   * The history table, always schema-qualified (`public` for a manager without a schema):
+   * the migrator's own SQL must not depend on a `search_path` a migration changed.
+   */
   #tableRef(): string {
-    return `{{tables.${this.#table}}}`;
+    return `"${this.#db.schema ?? "public"}".${this.#table}`;
   }
 
   #where(): string {
@@ -1500,9 +1527,7 @@ export class Migrator {
               return { executionTimeMs: undefined };
             }
             this.#emit({ type: "apply_start", filename: migration.filename, attempt });
-            const before = await sessionSettings(tx);
             const executionTimeMs = await this.#runStatements(tx, prepared, undefined, signal);
-            await restoreSessionSettings(tx, before);
             return { executionTimeMs };
           }),
         this.#db,
@@ -1522,7 +1547,8 @@ export class Migrator {
    * Runs a migration's statements and its history row in `tx`. With `token` (the session
    * lock's run), the first statement also checks that `tx` runs in the session holding the
    * lock. When `signal` aborts, the statement running is cancelled on the server (the
-   * transaction then rolls back).
+   * transaction then rolls back). Session settings the file changed with a plain `SET`
+   * (which would outlive the transaction) are put back before it commits.
    */
   async #runStatements(
     tx: Transaction,
@@ -1539,6 +1565,7 @@ export class Migrator {
     // every later one with 25P02, and the transaction rolls back. The history row measures
     // the time since BEGIN on the server (now() is the transaction's start).
     const start = performance.now();
+    const saved = tx.execute(SAVE_SETTINGS_SQL);
     const settings = token === undefined
       ? tx.execute(
         "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
@@ -1550,11 +1577,19 @@ export class Migrator {
     );
     const history = tx.execute(
       `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
-        "VALUES ($1, $2, $3, " +
-        "greatest(1, round(extract(epoch FROM clock_timestamp() - now()) * 1000))::int)",
+        "VALUES ($1, $2, $3, greatest(1, pg_catalog.round(extract(epoch FROM " +
+        "pg_catalog.clock_timestamp() - pg_catalog.now()) * 1000))::int)",
       [migration.filename, migration.checksum, this.#module],
     );
-    const [first, ...results] = await Promise.allSettled([settings, ...sent, history]);
+    const restored = tx.execute(RESTORE_SETTINGS_SQL);
+    const [save, first, ...results] = await Promise.allSettled([
+      saved,
+      settings,
+      ...sent,
+      history,
+      restored,
+    ]);
+    if (save.status === "rejected") throw save.reason;
     if (first.status === "rejected") {
       const lost = token !== undefined && first.reason instanceof QueryError &&
         first.reason.sqlstate === "22012";
@@ -1568,6 +1603,8 @@ export class Migrator {
     }
     const last = results[statements.length];
     if (last.status === "rejected") throw last.reason;
+    const put = results[statements.length + 1];
+    if (put.status === "rejected") throw put.reason;
     return Math.max(1, Math.round(performance.now() - start));
   }
 
@@ -1578,10 +1615,8 @@ export class Migrator {
   ): Promise<number> {
     const { migration, statements } = prepared;
     const timeoutMs = this.#timeoutMs();
-    const saved = await conn.fetchOne<{ lock: string; statement: string }>(
-      "SELECT current_setting('lock_timeout') AS lock, " +
-        "current_setting('statement_timeout') AS statement",
-    );
+    // Settings the file changes (its own SET, and the timeouts below) end with the file.
+    const saved = await sessionSettings(conn);
     const invalidBefore = new Set(await this.#invalidIndexes(conn));
     const start = performance.now();
     let current: string | undefined;
@@ -1606,10 +1641,7 @@ export class Migrator {
         }
       }
     } finally {
-      await conn.execute(
-        "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, false)",
-        [saved?.lock ?? "0", saved?.statement ?? "0"],
-      ).catch(() => {});
+      await restoreSessionSettings(conn, saved).catch(() => {});
     }
     const executionTimeMs = Math.max(1, Math.round(performance.now() - start));
     await conn.execute(
@@ -1622,12 +1654,12 @@ export class Migrator {
 
   async #invalidIndexes(q: Queries): Promise<string[]> {
     const rows = await q.fetchAll<{ name: string }>(
-      `SELECT format('%I.%I', n.nspname, c.relname) AS name
-         FROM pg_index i
-         JOIN pg_class c ON c.oid = i.indexrelid
-         JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE NOT i.indisvalid AND n.nspname = coalesce($1::text, current_schema())`,
-      [this.#db.schema ?? null],
+      `SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS name
+         FROM pg_catalog.pg_index i
+         JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE NOT i.indisvalid AND n.nspname = $1`,
+      [this.#db.schema ?? "public"],
     );
     return rows.map((row) => row.name);
   }
@@ -1754,7 +1786,8 @@ class StatementFailure extends Error {
 /** Settings changed by `SET` in this session (not those sent when connecting). */
 async function sessionSettings(conn: Queries): Promise<Map<string, string>> {
   const rows = await conn.fetchAll<{ name: string; setting: string }>(
-    "SELECT name, setting FROM pg_settings WHERE source = 'session'",
+    "SELECT name, setting FROM pg_catalog.pg_settings " +
+      "WHERE source = 'session' AND name <> 'pgdbm.saved_settings'",
   );
   return new Map(rows.map((row) => [row.name, row.setting]));
 }
@@ -1782,7 +1815,8 @@ async function restoreSessionSettings(
   if (names.length === 0) return;
   // set_config(name, NULL, false) is RESET name.
   await conn.execute(
-    "SELECT set_config(n, v, false) FROM unnest($1::text[], $2::text[]) AS s(n, v)",
+    "SELECT pg_catalog.set_config(n, v, false) " +
+      "FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) AS s(n, v)",
     [names, values],
   );
 }
