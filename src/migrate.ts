@@ -23,6 +23,13 @@
  *    autocommit (for `CREATE INDEX CONCURRENTLY`); its history row is written after its
  *    last statement. Such files cannot be atomic: write them so that running them again
  *    is harmless (`IF NOT EXISTS`). A failure that left an INVALID index names it.
+ * 6. A migration runs with `search_path` set to the manager's schema, then `public`
+ *    (`SET LOCAL` in its transaction; set, then reset, on the dedicated connection of a
+ *    no-transaction file), as Python pgdbm runs it, so unqualified names in a file land in
+ *    the manager's schema and a file moves between the two libraries unchanged. Settings a
+ *    file changes with `SET` end with that file. The migrator's own SQL never depends on
+ *    `search_path`: its history table is always schema-qualified (`public` for a manager
+ *    without a schema). Queries of the application still never use `search_path`.
  *
  * ## Stopping a run: `applyPending({ signal })`
  *
@@ -1399,6 +1406,16 @@ export class Migrator {
     );
   }
 
+  /**
+   * The `search_path` a migration runs with: the manager's schema, then `public`, as Python
+   * pgdbm runs it, so unqualified names in a file land where they did there. `undefined`
+   * for a manager without a schema (the session's own `search_path` stays).
+   */
+  #searchPath(): string | undefined {
+    const schema = this.#db.schema;
+    return schema === undefined ? undefined : `"${schema}", public`;
+  }
+
   #lockKey(): [string, string] {
     return [`pgdbm_migration_${this.#module}`, this.#db.schema ?? "public"];
   }
@@ -1572,6 +1589,10 @@ export class Migrator {
         timeouts,
       )
       : tx.execute(SESSION_GUARD_SQL, [...this.#lockKey(), token, ...timeouts]);
+    const searchPath = this.#searchPath();
+    const path = searchPath === undefined
+      ? Promise.resolve(undefined)
+      : tx.execute("SELECT pg_catalog.set_config('search_path', $1, true)", [searchPath]);
     const sent = statements.map((statement) =>
       tx.execute(statement.text, [], { timeoutMs, signal })
     );
@@ -1582,9 +1603,10 @@ export class Migrator {
       [migration.filename, migration.checksum, this.#module],
     );
     const restored = tx.execute(RESTORE_SETTINGS_SQL);
-    const [save, first, ...results] = await Promise.allSettled([
+    const [save, first, pathSet, ...results] = await Promise.allSettled([
       saved,
       settings,
+      path,
       ...sent,
       history,
       restored,
@@ -1595,6 +1617,7 @@ export class Migrator {
         first.reason.sqlstate === "22012";
       throw lost ? this.#sessionLost() : first.reason;
     }
+    if (pathSet.status === "rejected") throw pathSet.reason;
     for (let i = 0; i < statements.length; i++) {
       const result = results[i];
       if (result.status === "rejected") {
@@ -1621,9 +1644,13 @@ export class Migrator {
     const start = performance.now();
     let current: string | undefined;
     try {
-      await conn.execute("SELECT set_config('statement_timeout', $1, false)", [
+      await conn.execute("SELECT pg_catalog.set_config('statement_timeout', $1, false)", [
         `${this.#statementTimeoutMs ?? 0}ms`,
       ]);
+      const searchPath = this.#searchPath();
+      if (searchPath !== undefined) {
+        await conn.execute("SELECT pg_catalog.set_config('search_path', $1, false)", [searchPath]);
+      }
       for (const statement of statements) {
         if (signal?.aborted) {
           throw new StatementFailure(new RunAborted("statement", signal.reason), statement, []);

@@ -106,3 +106,58 @@ for (const lock of ["session", "transaction"] as const) {
     },
   );
 }
+
+serverTest(
+  "Migrator runs each migration with search_path set to the manager's schema, then public",
+  async () => {
+    await withDatabase(async ({ pool, db: base }) => {
+      await base.execute(
+        "CREATE FUNCTION public.shared_helper() RETURNS int LANGUAGE sql AS 'SELECT 7'",
+      );
+      const db = new DatabaseManager({ pool, schema: "tenant_a" });
+      const migrator = new Migrator(db, {
+        migrations: {
+          // Written for Python pgdbm: unqualified names, an extension, a helper in public.
+          "001_tables.sql": [
+            'CREATE EXTENSION IF NOT EXISTS "uuid-ossp";',
+            "CREATE TABLE items (id uuid PRIMARY KEY DEFAULT uuid_generate_v4(), n int);",
+            "CREATE FUNCTION item_count() RETURNS bigint LANGUAGE sql AS",
+            "  'SELECT count(*) FROM items';",
+            "INSERT INTO items (n) VALUES (shared_helper());",
+          ].join("\n"),
+          "002_index.sql": [
+            "-- pgdbm:no-transaction",
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS items_n ON items (n);",
+            "CREATE TABLE later (id int);",
+          ].join("\n"),
+        },
+        moduleName: "m",
+      });
+      const result = await migrator.applyPending();
+      assert.equal(result.applied.length, 2);
+      const where = await base.fetchAll<{ kind: string; schema: string }>(
+        `SELECT 'table ' || c.relname AS kind, n.nspname AS schema
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relname IN ('items', 'items_n', 'later')
+         UNION ALL
+         SELECT 'extension', n.nspname FROM pg_extension e
+           JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'uuid-ossp'
+         UNION ALL
+         SELECT 'function', n.nspname FROM pg_proc p
+           JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = 'item_count'
+         ORDER BY 1`,
+      );
+      assert.deepEqual(where.map((w) => `${w.kind}: ${w.schema}`), [
+        "extension: tenant_a",
+        "function: tenant_a",
+        "table items: tenant_a",
+        "table items_n: tenant_a",
+        "table later: tenant_a",
+      ]);
+      assert.equal(await db.fetchValue("SELECT n FROM {{tables.items}}"), 7);
+      // Queries of the application still run with the session's own search_path.
+      assert.equal(await db.fetchValue("SHOW search_path"), '"$user", public');
+      assert.equal(await db.tableExists("tenant_a.schema_migrations"), true);
+    });
+  },
+);
