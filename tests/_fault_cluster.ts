@@ -26,8 +26,11 @@ export interface FaultCluster {
    * tuples-only output. `psql` is killed (and this rejects) after `timeoutMs`.
    */
   psql(sql: string, timeoutMs?: number): Promise<string>;
-  /** `pg_ctl restart -m fast`: every session ends, the server comes back on the same port. */
-  restart(): Promise<void>;
+  /**
+   * Restarts the server (`-m fast`): every session ends, the server comes back on the same
+   * port. With `downMs`, it stays stopped that long first (connections are refused).
+   */
+  restart(downMs?: number): Promise<void>;
   /**
    * Stops (SIGSTOP) the postmaster and all its children for `ms`, then continues them
    * (SIGCONT, also when something throws). Returns how many processes were frozen.
@@ -236,9 +239,17 @@ export async function startFaultCluster(options: FaultClusterOptions = {}): Prom
       ], AbortSignal.timeout(timeoutMs));
       return out.trim();
     },
-    async restart() {
+    async restart(downMs = 0) {
       thaw();
-      await pgCtl(["-m", "fast", "restart"]);
+      if (downMs <= 0) {
+        await pgCtl(["-m", "fast", "restart"]);
+        return;
+      }
+      await pgCtl(["-m", "fast", "stop"]);
+      running = false;
+      await new Promise((resolve) => setTimeout(resolve, downMs));
+      await pgCtl(["start"]);
+      running = true;
     },
     async freeze(ms) {
       const pid = await postmasterPid();

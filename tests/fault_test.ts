@@ -5,8 +5,8 @@
  * 1. A throwaway cluster (tests/_fault_cluster.ts) and a pool of 10 to it. Many callers
  *    run about 1,000 calls/s of mixed work (reads that must get their own result,
  *    inserts, two-row transactions, transfers that keep a sum) while an admin connection
- *    terminates a random pgdbm backend every 200 ms, the cluster restarts once (fast) and
- *    is frozen once (SIGSTOP of the postmaster and every backend for 3 s). Every call's
+ *    terminates a random pgdbm backend every 200 ms, the cluster restarts once (fast stop,
+ *    1.5 s down, start) and is frozen once (SIGSTOP of the postmaster and every backend for 3 s). Every call's
  *    outcome is recorded; at the end: no call got another call's result, every call
  *    settled, every error is a pgdbm error of the contract, no unhandled rejection, no
  *    committed write lost, no transaction half visible, the sum holds, the service is
@@ -292,6 +292,8 @@ const RATE_PER_S = 1_000;
 const MAX_OUTSTANDING = 6_000;
 const KILL_EVERY_MS = 200;
 const RESTART_AT_MS = 5_000;
+/** The server stays down this long in the restart: new connections are refused. */
+const RESTART_DOWN_MS = 1_500;
 const FREEZE_AT_MS = 12_000;
 const FREEZE_MS = 3_000;
 const ACCOUNTS = 20;
@@ -320,8 +322,11 @@ interface Committed {
   items: Set<number>;
   pairs: Set<number>;
   transfers: Set<number>;
+  batches: Set<number>;
   /** Writes refused before they were sent (POOL_EXHAUSTED): they must not be there. */
   neverSent: Set<number>;
+  /** Transactions that failed with their own statement's timeout or abort: rolled back. */
+  rolledBack: Set<number>;
 }
 
 const KINDS: Array<[string, number]> = [
@@ -333,8 +338,10 @@ const KINDS: Array<[string, number]> = [
   ["insertId", 8],
   ["pair", 9],
   ["transfer", 8],
+  ["batch", 4],
   ["timed", 5],
   ["aborted", 3],
+  ["txTimed", 3],
 ];
 const KIND_TOTAL = KINDS.reduce((sum, [, weight]) => sum + weight, 0);
 
@@ -467,6 +474,58 @@ function launch(
         },
       );
     }
+    case "batch":
+      return tally.track(
+        call,
+        () =>
+          db.executeMany("INSERT INTO {{tables.batches}} (id, side) VALUES ($1, $2)", [
+            [id, 1],
+            [id, 2],
+            [id, 3],
+          ]).catch(refusedBeforeSending),
+        (n) => {
+          same(n, 3);
+          committed.batches.add(id);
+        },
+      );
+    case "txTimed": {
+      // A transaction whose middle statement has its own short timeout or abort: it
+      // commits both rows, or fails with that timeout / abort and leaves nothing.
+      call.own = true;
+      const seconds = rng.pick([0, 0.005, 0.02]);
+      const timeoutMs = 1 + rng.int(30);
+      let options: { timeoutMs?: number; signal?: AbortSignal } = { timeoutMs };
+      if (rng.next() < 0.4) {
+        const controller = new AbortController();
+        call.abortReason = new Error(`transaction ${id} aborted by the harness`);
+        setTimeout(() => controller.abort(call.abortReason), rng.int(30));
+        options = { signal: controller.signal };
+      }
+      const insert = "INSERT INTO {{tables.pairs}} (pair, side) VALUES ($1, $2)";
+      return tally.track(
+        call,
+        () =>
+          db.transaction(async (tx) => {
+            await tx.execute(insert, [id, 1]);
+            same(
+              await tx.fetchValue("SELECT $1::int FROM pg_sleep($2)", [id, seconds], options),
+              id,
+            );
+            await tx.execute(insert, [id, 2]);
+            return id;
+          }).catch((error) => {
+            const own = options.signal !== undefined
+              ? error === call.abortReason || error?.cause === call.abortReason
+              : error instanceof TimeoutError && error.timeoutMs === timeoutMs;
+            if (own) committed.rolledBack.add(id);
+            return refusedBeforeSending(error);
+          }),
+        (got) => {
+          same(got, id);
+          committed.pairs.add(id);
+        },
+      );
+    }
     case "timed": {
       // Its own short timeout, on a statement that may or may not finish in time.
       call.own = true;
@@ -560,7 +619,7 @@ async function hurt(
     busy = true;
     const start = performance.now();
     try {
-      await cluster.restart();
+      await cluster.restart(RESTART_DOWN_MS);
       log.restartMs = Math.round(performance.now() - start);
     } catch (error) {
       log.restartError = String(error);
@@ -670,11 +729,28 @@ async function checkData(cluster: FaultCluster, committed: Committed): Promise<s
         off.slice(0, 5).map((r) => `${r[0]}: ${r[1]} ≠ ${expected.get(+r[0])}`).join(", "),
     );
   }
-  const phantoms = [...committed.neverSent].filter((id) =>
-    items.has(id) || pairs.has(id) || ledgerIds.has(id)
+  const batches = new Map(
+    (await rowsOf(cluster, `SELECT id, count(*) FROM ${SCHEMA}.batches GROUP BY id`))
+      .map((r) => [+r[0], +r[1]]),
   );
+  const partial = [...batches].filter(([, n]) => n !== 3).map(([id]) => id);
+  if (partial.length > 0) problems.push(`${partial.length} executeMany batches partly applied`);
+  const lostBatches = [...committed.batches].filter((id) => batches.get(id) !== 3);
+  if (lostBatches.length > 0) {
+    problems.push(`${lostBatches.length} committed executeMany batches lost`);
+  }
+  const present = (id: number) =>
+    items.has(id) || pairs.has(id) || ledgerIds.has(id) || batches.has(id);
+  const phantoms = [...committed.neverSent].filter(present);
   if (phantoms.length > 0) {
     problems.push(`${phantoms.length} writes refused with POOL_EXHAUSTED are in the tables`);
+  }
+  const undead = [...committed.rolledBack].filter(present);
+  if (undead.length > 0) {
+    problems.push(
+      `${undead.length} transactions failed with their own timeout/abort yet committed: ` +
+        undead.slice(0, 5).join(", "),
+    );
   }
   return problems;
 }
@@ -703,6 +779,9 @@ Deno.test({
         "CREATE TABLE {{tables.accounts}} (id int PRIMARY KEY, balance int NOT NULL)",
       );
       await db.execute(
+        "CREATE TABLE {{tables.batches}} (id int, side int, PRIMARY KEY (id, side))",
+      );
+      await db.execute(
         "CREATE TABLE {{tables.ledger}} " +
           "(id int PRIMARY KEY, src int NOT NULL, dst int NOT NULL, amount int NOT NULL)",
       );
@@ -716,7 +795,9 @@ Deno.test({
         items: new Set(),
         pairs: new Set(),
         transfers: new Set(),
+        batches: new Set(),
         neverSent: new Set(),
+        rolledBack: new Set(),
       };
       let nextId = ID_BASE;
       const isId = (v: unknown) => typeof v === "number" && v >= ID_BASE && v < nextId;
@@ -760,10 +841,12 @@ Deno.test({
         `(${Math.round(tally.started / loadMs * 1000)}/s, ${shed} shed at ` +
         `${MAX_OUTSTANDING} outstanding), ${tally.ok} ok, ${tally.failed} failed; ` +
         `${faults.kills} backends terminated in ${faults.killAttempts} tries, ` +
-        (faults.restartError ?? `restarted in ${faults.restartMs} ms`) + ", " +
+        (faults.restartError ?? `restarted in ${faults.restartMs} ms (down ${RESTART_DOWN_MS})`) +
+        ", " +
         (faults.freezeError ?? `${faults.frozen} processes frozen for ${FREEZE_MS} ms`) +
         `; committed ${committed.items.size} inserts, ${committed.pairs.size} ` +
-        `pairs, ${committed.transfers.size} transfers`;
+        `pairs, ${committed.transfers.size} transfers, ${committed.batches.size} batches; ` +
+        `${committed.rolledBack.size} transactions rolled back by their own timeout/abort`;
       console.log(`${stats}\nerrors:\n${tally.histogramText() || "  none"}`);
 
       const failures: string[] = [];
