@@ -9,6 +9,8 @@
  * line numbers reported. Like psql, it follows `standard_conforming_strings` as the text
  * sets it (`SET standard_conforming_strings = off` … `= on`, `RESET`): while it is off, a
  * backslash escapes the next character in every `'…'` string, as the server then reads it.
+ * And like `psql -f`, it reads the data block after a `COPY … FROM STDIN` statement (the
+ * lines after the statement's line, up to a line `\.`) as that statement's data, not as SQL.
  *
  * @module
  */
@@ -26,6 +28,15 @@ export interface SqlStatement {
   start: number;
   /** Offset just past the last character of {@link SqlStatement.text} in the input. */
   end: number;
+  /**
+   * For a `COPY … FROM STDIN` statement, the data block that follows it, as `psql -f` reads
+   * it: the lines after the line the statement ends on, up to (not including) a line that
+   * is exactly `\.`, or to the end of the text; each line with its line break. An empty
+   * string when there is no line. `undefined` for every other statement.
+   */
+  copyData?: string;
+  /** 1-based line of the first line of {@link SqlStatement.copyData}. */
+  copyDataLine?: number;
 }
 
 const IDENT_START = /[A-Za-z_\u0080-\uffff]/;
@@ -79,11 +90,24 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
   let beginDepth = 0;
   let identifierCount = 0;
   let heads: string[] = [];
+  // COPY … FROM STDIN: tokens of the statement so far, where FROM was, and what was seen.
+  let tokens = 0;
+  let fromToken = -1;
+  let isCopy = false;
+  let copyFromStdin = false;
+  // The data block of the COPY just ended: lexing jumps over it on reaching `from`; a
+  // statement started before it (after the COPY's `;`, on its line) leaves it out.
+  let jump: { from: number; to: number } | undefined;
+  let gap: { from: number; to: number } | undefined;
 
   const finish = (end: number): void => {
     if (start >= 0) {
-      const text = sql.slice(start, end).trimEnd();
+      let text = sql.slice(start, end).trimEnd();
+      if (gap !== undefined && start < gap.from && end > gap.to) {
+        text = (sql.slice(start, gap.from) + sql.slice(gap.to, end)).trimEnd();
+      }
       statements.push({ text, line: startLine, start, end: start + text.length });
+      gap = undefined;
       const change = stdStringsChange(text, initialStd);
       if (change === "end") localStd = undefined;
       else if (change?.local === true) localStd = change.value;
@@ -97,6 +121,39 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
     beginDepth = 0;
     identifierCount = 0;
     heads = [];
+    tokens = 0;
+    fromToken = -1;
+    isCopy = false;
+    copyFromStdin = false;
+  };
+
+  // After the `;` at `i` of a COPY … FROM STDIN: finds its data block, as psql reads it.
+  const copyBlock = (statement: SqlStatement): void => {
+    let from = n;
+    statement.copyDataLine = line;
+    for (let j = i + 1; j < n; j++) {
+      if (sql[j] === "\n" || sql[j] === "\r") {
+        from = sql[j] === "\r" && sql[j + 1] === "\n" ? j + 2 : j + 1;
+        statement.copyDataLine = line + 1;
+        break;
+      }
+    }
+    let lineStart = from;
+    let to = n;
+    let end = n;
+    while (lineStart < n) {
+      let eol = lineStart;
+      while (eol < n && sql[eol] !== "\n" && sql[eol] !== "\r") eol++;
+      const next = eol >= n ? n : sql[eol] === "\r" && sql[eol + 1] === "\n" ? eol + 2 : eol + 1;
+      if (sql.slice(lineStart, eol) === "\\.") {
+        end = lineStart;
+        to = next;
+        break;
+      }
+      lineStart = next;
+    }
+    statement.copyData = sql.slice(from, end);
+    jump = { from, to };
   };
 
   // Skips a quoted run that started at `i` (the opening quote) and returns the offset after
@@ -124,6 +181,14 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
   };
 
   while (i < n) {
+    if (jump !== undefined && i >= jump.from) {
+      // Skip the COPY's data block (and its `\.` line), counting its lines.
+      for (let j = i; j < jump.to; j++) if (isLineBreak(sql, j)) line++;
+      if (start >= 0) gap = { from: jump.from, to: jump.to };
+      i = Math.max(i, jump.to);
+      jump = undefined;
+      if (i >= n) break;
+    }
     const c = sql[i];
     if (c === "\n" || c === "\r") {
       if (isLineBreak(sql, i)) line++;
@@ -159,7 +224,9 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
     }
     if (c === ";") {
       if (parenDepth === 0 && beginDepth === 0) {
+        const copy = copyFromStdin && start >= 0;
         finish(i);
+        if (copy) copyBlock(statements[statements.length - 1]);
       }
       i++;
       continue;
@@ -168,6 +235,7 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
       start = i;
       startLine = line;
     }
+    tokens++;
     if (c === "'") {
       i = skipQuoted("'", !(localStd ?? sessionStd));
       continue;
@@ -215,6 +283,11 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
       }
       i = j;
       const lower = word.toLowerCase();
+      if (tokens === 1 && lower === "copy") isCopy = true;
+      if (isCopy && parenDepth === 0) {
+        if (lower === "from") fromToken = tokens;
+        else if (lower === "stdin" && fromToken === tokens - 1) copyFromStdin = true;
+      }
       if (identifierCount < 4 && FUNCTION_HEAD_WORDS.has(lower)) heads[identifierCount] = lower[0];
       identifierCount++;
       if (parenDepth === 0 && isFunctionHead(heads)) {

@@ -83,7 +83,7 @@ import {
   type MigrationSourceOptions,
   resolveMigrationSource,
 } from "./migration_source.ts";
-import type { ConnectionPool } from "./pool.ts";
+import type { ConnectionPool, Lease } from "./pool.ts";
 import type { Queries } from "./queries.ts";
 import {
   activeTracer,
@@ -93,7 +93,7 @@ import {
   withActiveSpan,
 } from "./_telemetry.ts";
 import { assertIdentifier } from "./template.ts";
-import type { Connection, Transaction } from "./transaction.ts";
+import { Connection, LeaseRunner, runTransaction, type Transaction } from "./transaction.ts";
 import {
   type ParsedMigrationFile,
   parseMigrationFiles,
@@ -494,6 +494,8 @@ export class Migrator {
   readonly #lockPollMaxMs: number;
   readonly #lockMode: MigrationLockMode;
   readonly #onEvent?: (event: MigrationEvent) => void;
+  /** How to run `COPY … FROM STDIN` with data on the connection of a migration's queries. */
+  readonly #copiers = new WeakMap<Queries, CopyIn>();
 
   /**
    * Creates a migrator; nothing is read or run until a method is called.
@@ -1324,7 +1326,7 @@ export class Migrator {
     fn: (conn: Connection, token: string) => Promise<T>,
     run?: RunState,
   ): Promise<T> {
-    return await this.#db.acquire(async (conn) => {
+    return await this.#acquire(async (conn) => {
       await this.#ensureTable(conn);
       const token = crypto.randomUUID();
       await this.#lock(conn, token, run?.signal);
@@ -1404,6 +1406,39 @@ export class Migrator {
         "default) on a URL that goes directly to PostgreSQL (or through a session-mode pool)",
       this.#details(file.filename),
     );
+  }
+
+  /**
+   * `manager.acquire()`, keeping the lease, so that a migration's `COPY … FROM STDIN` can
+   * stream its data block on the connection (see {@link Migrator.#copiers}).
+   */
+  async #acquire<T>(fn: (conn: Connection) => Promise<T>): Promise<T> {
+    const lease = await (this.#db.pool as ConnectionPool).lease();
+    const runner = new LeaseRunner(lease, false);
+    const conn = new Connection(runner, this.#db.schema);
+    this.#copiers.set(conn, copier(lease));
+    try {
+      return await fn(conn);
+    } finally {
+      runner.close();
+      if (runner.beganOwnTransaction) {
+        await lease.query("ROLLBACK", []).catch(() => lease.release(true));
+      }
+      lease.release();
+    }
+  }
+
+  /** `manager.transaction()`, keeping the lease (see {@link Migrator.#acquire}). */
+  async #transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T> {
+    const lease = await (this.#db.pool as ConnectionPool).lease();
+    try {
+      return await runTransaction(lease, this.#db.schema, (tx) => {
+        this.#copiers.set(tx, copier(lease));
+        return fn(tx);
+      });
+    } finally {
+      lease.release();
+    }
   }
 
   /**
@@ -1496,7 +1531,11 @@ export class Migrator {
       this.#emit({ type: "apply_start", filename: prepared.migration.filename, attempt });
       return prepared.migration.noTransaction
         ? this.#runAutocommit(conn, prepared, signal)
-        : conn.transaction((tx) => this.#runStatements(tx, prepared, token, signal));
+        : conn.transaction((tx) => {
+          const copy = this.#copiers.get(conn);
+          if (copy !== undefined) this.#copiers.set(tx, copy);
+          return this.#runStatements(tx, prepared, token, signal);
+        });
     };
   }
 
@@ -1516,7 +1555,7 @@ export class Migrator {
     return async (attempt) => {
       const outcome = await this.#poll(
         (taken) =>
-          this.#db.transaction(async (tx) => {
+          this.#transaction(async (tx) => {
             const [, locked] = await Promise.all([
               // Each statement must see what committed before it: the lock comes first.
               tx.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED"),
@@ -1593,9 +1632,42 @@ export class Migrator {
     const path = searchPath === undefined
       ? Promise.resolve(undefined)
       : tx.execute("SELECT pg_catalog.set_config('search_path', $1, true)", [searchPath]);
-    const sent = statements.map((statement) =>
-      tx.execute(statement.text, [], { timeoutMs, signal })
-    );
+    // A COPY … FROM STDIN streams its data block once everything before it has answered;
+    // the statements after it are pipelined again.
+    let sent: { statement: SqlStatement; result: Promise<unknown> }[] = [];
+    const settle = async (tail: Promise<unknown>[]): Promise<PromiseSettledResult<unknown>[]> => {
+      const [head, answers, ends] = await Promise.all([
+        Promise.allSettled([saved, settings, path]),
+        Promise.allSettled(sent.map((s) => s.result)),
+        Promise.allSettled(tail),
+      ]);
+      const [save, first, pathSet] = head;
+      if (save.status === "rejected") throw save.reason;
+      if (first.status === "rejected") {
+        const lost = token !== undefined && first.reason instanceof QueryError &&
+          first.reason.sqlstate === "22012";
+        throw lost ? this.#sessionLost() : first.reason;
+      }
+      if (pathSet.status === "rejected") throw pathSet.reason;
+      answers.forEach((answer, i) => {
+        if (answer.status === "rejected") {
+          throw new StatementFailure(answer.reason, sent[i].statement, []);
+        }
+      });
+      sent = [];
+      return ends;
+    };
+    for (const statement of statements) {
+      if (statement.copyData === undefined) {
+        sent.push({ statement, result: tx.execute(statement.text, [], { timeoutMs, signal }) });
+        continue;
+      }
+      await settle([]);
+      if (signal?.aborted) {
+        throw new StatementFailure(new RunAborted("statement", signal.reason), statement, []);
+      }
+      await this.#copy(tx, statement);
+    }
     const history = tx.execute(
       `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
         "VALUES ($1, $2, $3, greatest(1, pg_catalog.round(extract(epoch FROM " +
@@ -1603,30 +1675,8 @@ export class Migrator {
       [migration.filename, migration.checksum, this.#module],
     );
     const restored = tx.execute(RESTORE_SETTINGS_SQL);
-    const [save, first, pathSet, ...results] = await Promise.allSettled([
-      saved,
-      settings,
-      path,
-      ...sent,
-      history,
-      restored,
-    ]);
-    if (save.status === "rejected") throw save.reason;
-    if (first.status === "rejected") {
-      const lost = token !== undefined && first.reason instanceof QueryError &&
-        first.reason.sqlstate === "22012";
-      throw lost ? this.#sessionLost() : first.reason;
-    }
-    if (pathSet.status === "rejected") throw pathSet.reason;
-    for (let i = 0; i < statements.length; i++) {
-      const result = results[i];
-      if (result.status === "rejected") {
-        throw new StatementFailure(result.reason, statements[i], []);
-      }
-    }
-    const last = results[statements.length];
+    const [last, put] = await settle([history, restored]);
     if (last.status === "rejected") throw last.reason;
-    const put = results[statements.length + 1];
     if (put.status === "rejected") throw put.reason;
     return Math.max(1, Math.round(performance.now() - start));
   }
@@ -1661,8 +1711,13 @@ export class Migrator {
           current = lockTimeout;
         }
         try {
-          await conn.execute(statement.text, [], { timeoutMs, signal });
+          if (statement.copyData === undefined) {
+            await conn.execute(statement.text, [], { timeoutMs, signal });
+          } else {
+            await this.#copy(conn, statement);
+          }
         } catch (error) {
+          if (error instanceof StatementFailure) throw error;
           const after = await this.#invalidIndexes(conn).catch(() => [] as string[]);
           throw new StatementFailure(error, statement, after.filter((i) => !invalidBefore.has(i)));
         }
@@ -1677,6 +1732,30 @@ export class Migrator {
       [migration.filename, migration.checksum, this.#module, executionTimeMs],
     );
     return executionTimeMs;
+  }
+
+  /**
+   * Runs a `COPY … FROM STDIN` statement of a migration with its data block from the file,
+   * streamed through the driver's COPY, as `psql -f` feeds it.
+   */
+  async #copy(q: Queries, statement: SqlStatement): Promise<void> {
+    const copy = this.#copiers.get(q);
+    if (copy === undefined) {
+      throw new StatementFailure(
+        new MigrationError(
+          "Cannot run a COPY … FROM STDIN of a migration on this connection: run it with " +
+            "applyPending() or applyMigration()",
+          this.#details(undefined, statement.line),
+        ),
+        statement,
+        [],
+      );
+    }
+    try {
+      await copy(q.prepareQuery(statement.text), statement.copyData ?? "");
+    } catch (error) {
+      throw new StatementFailure(error, statement, []);
+    }
   }
 
   async #invalidIndexes(q: Queries): Promise<string[]> {
@@ -1808,6 +1887,20 @@ class StatementFailure extends Error {
   ) {
     super(cause instanceof Error ? cause.message : String(cause));
   }
+}
+
+/** Streams a COPY data block with `sql` (`COPY … FROM STDIN`); resolves with the row count. */
+type CopyIn = (sql: string, data: string) => Promise<number>;
+
+/** COPY on a leased connection, the data in chunks of 64 KiB. */
+function copier(lease: Lease): CopyIn {
+  return (sql, data) =>
+    lease.copyIn(
+      sql,
+      (async function* () {
+        for (let i = 0; i < data.length; i += 65536) yield data.slice(i, i + 65536);
+      })(),
+    );
 }
 
 /** Settings changed by `SET` in this session (not those sent when connecting). */

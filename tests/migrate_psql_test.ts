@@ -3,6 +3,7 @@
  * pgdbm), applied through the Migrator against the test server in fresh databases.
  */
 import assert from "node:assert/strict";
+import { MigrationError } from "../src/errors.ts";
 import { DatabaseManager } from "../src/manager.ts";
 import { Migrator } from "../src/migrate.ts";
 import { createSharedPool, type Pool } from "../src/pool.ts";
@@ -158,6 +159,90 @@ serverTest(
       // Queries of the application still run with the session's own search_path.
       assert.equal(await db.fetchValue("SHOW search_path"), '"$user", public');
       assert.equal(await db.tableExists("tenant_a.schema_migrations"), true);
+    });
+  },
+);
+
+/** A file as `pg_dump` writes table data: COPY … FROM stdin, its rows, then `\.`. */
+const COPY_FILE = [
+  "CREATE TABLE public.notes (id integer, body text, tags text[]);",
+  "",
+  "COPY public.notes (id, body, tags) FROM stdin;",
+  "1\ttab\\there; and 'quote'\t{a,b}",
+  "2\t\\N\t\\N",
+  "3\tback\\\\slash\\nnew line\t{}",
+  "\\.",
+  "",
+  "COPY public.notes (id, body) FROM stdin WITH (FORMAT csv);",
+  '4,"comma, ""csv"";"',
+  "\\.",
+  "",
+  "CREATE TABLE public.after_copy (id integer);",
+  "",
+].join("\n");
+
+for (const mode of ["transaction", "no-transaction"] as const) {
+  for (const lock of ["session", "transaction"] as const) {
+    if (mode === "no-transaction" && lock === "transaction") continue;
+    serverTest(
+      `Migrator feeds COPY … FROM stdin data blocks to the server (${mode}, lock: ${lock})`,
+      async () => {
+        await withDatabase(async ({ db }) => {
+          const marker = mode === "no-transaction" ? "-- pgdbm:no-transaction\n" : "";
+          const migrator = new Migrator(db, {
+            migrations: {
+              "001_data.sql": marker + COPY_FILE,
+              "002_more.sql": "COPY public.notes (id) FROM stdin;\n5\n\\.\n",
+            },
+            moduleName: "m",
+            lock,
+          });
+          const result = await migrator.applyPending();
+          assert.deepEqual(result.applied.map((m) => m.filename), ["001_data.sql", "002_more.sql"]);
+          const rows = await db.fetchAll<{ id: number; body: string | null; tags: string[] }>(
+            "SELECT id, body, tags FROM public.notes ORDER BY id",
+          );
+          assert.deepEqual(rows.map((r) => [r.id, r.body, r.tags]), [
+            [1, "tab\there; and 'quote'", ["a", "b"]],
+            [2, null, null],
+            [3, "back\\slash\nnew line", []],
+            [4, 'comma, "csv";', null],
+            [5, null, null],
+          ]);
+          assert.equal(await db.tableExists("public.after_copy"), true);
+          assert.equal((await migrator.applyPending()).status, "up_to_date");
+        });
+      },
+    );
+  }
+}
+
+serverTest(
+  "Migrator reports bad COPY data as the COPY's failure, records nothing and keeps no lock",
+  async () => {
+    await withDatabase(async ({ db }) => {
+      for (const marker of ["", "-- pgdbm:no-transaction\n"]) {
+        const migrator = new Migrator(db, {
+          migrations: {
+            "001_bad.sql": marker + "CREATE TABLE IF NOT EXISTS public.n (id int);\n" +
+              "COPY public.n (id) FROM stdin;\n1\nnot a number\n\\.\nSELECT 1;\n",
+          },
+          moduleName: "m",
+          lockWaitTimeoutMs: 2000,
+        });
+        await assert.rejects(migrator.applyPending(), (error: unknown) => {
+          assert.ok(error instanceof MigrationError, String(error));
+          assert.equal(error.filename, "001_bad.sql");
+          assert.equal(error.line, marker === "" ? 2 : 3);
+          assert.match(error.message, /invalid input syntax for type integer/);
+          return true;
+        });
+        assert.deepEqual(await migrator.getApplied(), []);
+        if (marker === "") assert.equal(await db.tableExists("public.n"), false);
+        else assert.equal(await db.fetchValue("SELECT count(*)::int FROM public.n"), 0);
+        // The lock was released: another run gets it at once (and fails the same way).
+        await assert.rejects(migrator.applyPending(), /invalid input syntax/);
+      }
     });
   },
 );

@@ -220,3 +220,75 @@ Deno.test("splitSqlStatements() follows standard_conforming_strings as the text 
     ],
   );
 });
+
+Deno.test("splitSqlStatements() reads the data block after COPY … FROM stdin as psql does", () => {
+  const sql = [
+    "CREATE TABLE t (a int, b text);",
+    "COPY public.t (a, b) FROM stdin;",
+    "1\ttab;semi'quote",
+    "2\t\\N",
+    "3\tback\\\\slash \\. not the end",
+    "\\.",
+    "",
+    "-- after the data",
+    "copy t FROM STDIN WITH (FORMAT csv);",
+    '4,"x;y"',
+    "\\.",
+    "COPY t TO stdout;",
+    "COPY t FROM '/tmp/stdin';",
+    "SELECT 'from stdin';",
+    "COPY t FROM stdin;",
+  ].join("\n");
+  const statements = splitSqlStatements(sql);
+  assert.deepEqual(
+    statements.map((s) => [s.text, s.line, s.copyData, s.copyDataLine]),
+    [
+      ["CREATE TABLE t (a int, b text)", 1, undefined, undefined],
+      [
+        "COPY public.t (a, b) FROM stdin",
+        2,
+        "1\ttab;semi'quote\n2\t\\N\n3\tback\\\\slash \\. not the end\n",
+        3,
+      ],
+      ["copy t FROM STDIN WITH (FORMAT csv)", 9, '4,"x;y"\n', 10],
+      ["COPY t TO stdout", 12, undefined, undefined],
+      ["COPY t FROM '/tmp/stdin'", 13, undefined, undefined],
+      ["SELECT 'from stdin'", 14, undefined, undefined],
+      // At the end of the text: no data at all.
+      ["COPY t FROM stdin", 15, "", 15],
+    ],
+  );
+});
+
+Deno.test("splitSqlStatements() takes COPY data to the end without \\., with any line ending", () => {
+  // No terminator: the data runs to the end of the text, as psql reads it.
+  assert.deepEqual(
+    splitSqlStatements("COPY t FROM stdin;\n1\n2\n").map((s) => s.copyData),
+    ["1\n2\n"],
+  );
+  // CRLF and CR-only files: the terminator line ends with its own line break.
+  for (const eol of ["\r\n", "\r"]) {
+    const sql = ["COPY t FROM stdin;", "1\tx", "\\.", "SELECT 2;", ""].join(eol);
+    assert.deepEqual(
+      splitSqlStatements(sql).map((s) => [s.text, s.line, s.copyData]),
+      [["COPY t FROM stdin", 1, `1\tx${eol}`], ["SELECT 2", 4, undefined]],
+    );
+  }
+  // A terminator with no line break at the very end.
+  assert.deepEqual(splitSqlStatements("COPY t FROM stdin;\n1\n\\.").map((s) => s.copyData), [
+    "1\n",
+  ]);
+  // SQL after the COPY's ; on its line runs after the data, as in psql.
+  assert.deepEqual(
+    splitSqlStatements("COPY t FROM stdin; SELECT 1;\n5\n\\.\nSELECT 2;").map((s) => [
+      s.text,
+      s.copyData,
+    ]),
+    [["COPY t FROM stdin", "5\n"], ["SELECT 1", undefined], ["SELECT 2", undefined]],
+  );
+  // A statement left open on that line goes on after the data, without it.
+  assert.deepEqual(
+    splitSqlStatements("COPY t FROM stdin; SELECT\n5\n\\.\n2;").map((s) => s.text),
+    ["COPY t FROM stdin", "SELECT\n2"],
+  );
+});
