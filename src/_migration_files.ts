@@ -330,6 +330,26 @@ export function transactionalBody(content: string, filename: string): Transactio
   return { statements, unwrapped };
 }
 
+/**
+ * Refuses a psql meta-command in a migration (`\connect`, `\set`, `\i`, …): only psql runs
+ * them, and skipping one silently could apply the file differently. (`\restrict` and
+ * `\unrestrict` lines, which pg_dump writes, never reach here: the splitter skips them.)
+ *
+ * @param statements The file's statements.
+ * @param filename The file name, for messages.
+ * @throws {MigrationError} When one of them is a psql meta-command.
+ */
+export function refusePsqlCommands(statements: readonly SqlStatement[], filename: string): void {
+  const command = statements.find((s) => s.psqlCommand !== undefined);
+  if (command === undefined) return;
+  throw new MigrationError(
+    `Cannot apply migration '${filename}': line ${command.line} is the psql command ` +
+      `'${command.psqlCommand}', which only psql runs (a migration's SQL goes to the server ` +
+      `as it is); remove it, or write what it does in SQL`,
+    { filename, line: command.line },
+  );
+}
+
 function words(text: string): string[] {
   return text
     .replace(/--[^\n\r]*/g, " ")

@@ -11,6 +11,10 @@
  * backslash escapes the next character in every `'…'` string, as the server then reads it.
  * And like `psql -f`, it reads the data block after a `COPY … FROM STDIN` statement (the
  * lines after the statement's line, up to a line `\.`) as that statement's data, not as SQL.
+ * A backslash outside quotes and comments starts a psql meta-command, which runs to the end
+ * of its line: `\restrict` and `\unrestrict` (which pg_dump writes around a dump) are
+ * skipped between statements, as they change nothing on the server; any other is returned
+ * with {@link SqlStatement.psqlCommand} set, for the caller to refuse.
  *
  * @module
  */
@@ -37,6 +41,11 @@ export interface SqlStatement {
   copyData?: string;
   /** 1-based line of the first line of {@link SqlStatement.copyData}. */
   copyDataLine?: number;
+  /**
+   * Set when this entry is a psql meta-command, not SQL: its name, such as `\connect`
+   * ({@link SqlStatement.text} is then the whole command line). No server runs it.
+   */
+  psqlCommand?: string;
 }
 
 const IDENT_START = /[A-Za-z_\u0080-\uffff]/;
@@ -229,6 +238,18 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
         if (copy) copyBlock(statements[statements.length - 1]);
       }
       i++;
+      continue;
+    }
+    if (c === "\\") {
+      // psql: a meta-command, up to the end of its line.
+      LINE_END.lastIndex = i;
+      const eol = LINE_END.exec(sql) === null ? n : LINE_END.lastIndex - 1;
+      const text = sql.slice(i, eol).trimEnd();
+      const name = /^\\[^\s\\]*/.exec(text)![0];
+      if (start >= 0 || (name !== "\\restrict" && name !== "\\unrestrict")) {
+        statements.push({ text, line, start: i, end: i + text.length, psqlCommand: name });
+      }
+      i = eol;
       continue;
     }
     if (start < 0) {

@@ -97,6 +97,7 @@ import { Connection, LeaseRunner, runTransaction, type Transaction } from "./tra
 import {
   type ParsedMigrationFile,
   parseMigrationFiles,
+  refusePsqlCommands,
   timestampVersion,
   transactionalBody,
 } from "./_migration_files.ts";
@@ -1461,6 +1462,7 @@ export class Migrator {
       const statements = migration.noTransaction
         ? splitSqlStatements(content)
         : transactionalBody(content, migration.filename).statements;
+      refusePsqlCommands(statements, migration.filename);
       return { migration, statements };
     } catch (error) {
       throw this.#decorate(error);

@@ -8,6 +8,7 @@ import { DatabaseManager } from "../src/manager.ts";
 import { Migrator } from "../src/migrate.ts";
 import { createSharedPool, type Pool } from "../src/pool.ts";
 import { createTestDatabase } from "../src/testing.ts";
+import { splitSqlStatements } from "../src/_sql_split.ts";
 import { serverTest, TEST_URL } from "./_server.ts";
 
 interface FreshDb {
@@ -246,3 +247,173 @@ serverTest(
     });
   },
 );
+
+/** A schema with most kinds of objects and awkward values, made in the source database. */
+const RICH_SCHEMA = String.raw`
+CREATE SCHEMA app;
+CREATE DOMAIN app.email AS text CHECK (VALUE ~ '^[^@]+@[^@]+$');
+CREATE TYPE app.mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TYPE app.pair AS (a int, b text);
+CREATE TYPE app.floatrange AS RANGE (subtype = float8);
+CREATE TABLE app.users (
+  id serial PRIMARY KEY,
+  email app.email UNIQUE,
+  mood app.mood DEFAULT 'ok',
+  pair app.pair,
+  span app.floatrange,
+  bio text,
+  created timestamptz DEFAULT now()
+);
+CREATE TABLE app.events (id bigint GENERATED ALWAYS AS IDENTITY, at date NOT NULL, payload jsonb)
+  PARTITION BY RANGE (at);
+CREATE TABLE app.events_2024 PARTITION OF app.events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE app.events_2025 PARTITION OF app.events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE FUNCTION app.touch() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+  NEW.bio := coalesce(NEW.bio, 'none; yet $$');
+  RETURN NEW;
+END
+$body$;
+CREATE TRIGGER users_touch BEFORE INSERT ON app.users FOR EACH ROW EXECUTE FUNCTION app.touch();
+CREATE FUNCTION app.add(a int, b int) RETURNS int LANGUAGE sql IMMUTABLE
+BEGIN ATOMIC
+  SELECT CASE WHEN a > 0 THEN a + b ELSE b END;
+END;
+CREATE FUNCTION app.greet(who text) RETURNS text LANGUAGE sql AS $fn$ SELECT 'hi; ' || who $fn$;
+CREATE PROCEDURE app.bump(n int) LANGUAGE plpgsql AS $$
+BEGIN UPDATE app.users SET mood = 'happy' WHERE id = n; END
+$$;
+CREATE TABLE app.audit (id serial PRIMARY KEY, note text);
+CREATE RULE users_audit AS ON UPDATE TO app.users DO ALSO (
+  INSERT INTO app.audit (note) VALUES ('u; ' || NEW.id);
+  INSERT INTO app.audit (note) VALUES ('twice')
+);
+CREATE VIEW app.happy AS SELECT id, email FROM app.users WHERE mood = 'happy';
+CREATE MATERIALIZED VIEW app.mood_counts AS SELECT mood, count(*) AS n FROM app.users GROUP BY mood;
+ALTER TABLE app.users ENABLE ROW LEVEL SECURITY;
+CREATE POLICY users_self ON app.users USING (email::text = current_user);
+COMMENT ON TABLE app.users IS E'People; with \'quotes\' and a\nnewline';
+COMMENT ON COLUMN app.users.bio IS 'bio $$ not a tag; -- nor a comment';
+CREATE INDEX users_bio ON app.users (lower(bio));
+INSERT INTO app.users (email, mood, pair, span, bio) VALUES
+  ('a@x.io', 'sad', ROW(1, 'x;y'), '[1.5,2.5)', E'tab\there\\back\nline \\N'),
+  ('b@x.io', 'happy', NULL, NULL, NULL),
+  ('c@x.io', 'ok', ROW(2, NULL), 'empty', 'semi; colon ''quoted'' \.');
+INSERT INTO app.events (at, payload) VALUES ('2024-05-01', '{"k": "v;\t\\"}'), ('2025-02-02', NULL);
+CALL app.bump(3);
+REFRESH MATERIALIZED VIEW app.mood_counts;
+`;
+
+const TABLES = ["app.users", "app.events", "app.audit", "app.mood_counts"];
+
+async function pgDump(url: string, ...args: string[]): Promise<string> {
+  const output = await new Deno.Command("pg_dump", {
+    args: [...args, "--exclude-table=public.schema_migrations*", url],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const decoder = new TextDecoder();
+  assert.equal(output.code, 0, decoder.decode(output.stderr));
+  return decoder.decode(output.stdout);
+}
+
+/** A dump to compare: without pg_dump's random \restrict keys. */
+function comparable(dump: string): string {
+  return dump.split("\n").filter((line) => !/^\\(un)?restrict /.test(line)).join("\n");
+}
+
+async function rowCounts(
+  db: DatabaseManager,
+  tables = TABLES,
+): Promise<Record<string, number>> {
+  const counts: Record<string, number> = {};
+  for (const table of tables) {
+    counts[table] = await db.fetchValue<number>(`SELECT count(*)::int FROM ${table}`) ?? -1;
+  }
+  return counts;
+}
+
+serverTest(
+  "Migrator applies pg_dump output of a rich schema as psql does (schema, data, --inserts)",
+  async (t) => {
+    await withDatabase(async ({ url: sourceUrl, db: source }) => {
+      for (const statement of splitSqlStatements(RICH_SCHEMA)) {
+        await source.execute(statement.text);
+      }
+      const expectedSchema = comparable(await pgDump(sourceUrl, "--schema-only"));
+      const expectedCounts = await rowCounts(source);
+      assert.deepEqual(expectedCounts, {
+        "app.users": 3,
+        "app.events": 2,
+        "app.audit": 2,
+        "app.mood_counts": 2,
+      });
+      const dumps = {
+        "schema only": await pgDump(sourceUrl, "--schema-only"),
+        "with COPY data": await pgDump(sourceUrl),
+        "with --inserts": await pgDump(sourceUrl, "--inserts"),
+      };
+      assert.match(dumps["with COPY data"], /^COPY app\.users .* FROM stdin;$/m);
+      assert.match(dumps["with COPY data"], /^\\restrict /m);
+      for (const [variant, dump] of Object.entries(dumps)) {
+        for (const marker of ["", "-- pgdbm:no-transaction\n"]) {
+          const mode = marker === "" ? "in a transaction" : "no-transaction";
+          await t.step(`${variant}, ${mode}`, async () => {
+            await withDatabase(async ({ url, db }) => {
+              const migrator = new Migrator(db, {
+                migrations: { "001_dump.sql": marker + dump },
+                moduleName: "dump",
+              });
+              const result = await migrator.applyPending();
+              assert.deepEqual(result.applied.map((m) => m.filename), ["001_dump.sql"]);
+              assert.equal(comparable(await pgDump(url, "--schema-only")), expectedSchema);
+              if (variant === "schema only") {
+                // Tables empty, and the materialized view made WITH NO DATA.
+                assert.deepEqual(await rowCounts(db, TABLES.slice(0, 3)), {
+                  "app.users": 0,
+                  "app.events": 0,
+                  "app.audit": 0,
+                });
+                assert.equal(
+                  await db.fetchValue(
+                    "SELECT relispopulated FROM pg_class WHERE oid = 'app.mood_counts'::regclass",
+                  ),
+                  false,
+                );
+              } else {
+                assert.deepEqual(await rowCounts(db), expectedCounts);
+                assert.deepEqual(
+                  await db.fetchAll("SELECT * FROM app.users ORDER BY id"),
+                  await source.fetchAll("SELECT * FROM app.users ORDER BY id"),
+                );
+                assert.deepEqual(
+                  await db.fetchAll("SELECT * FROM app.events ORDER BY id"),
+                  await source.fetchAll("SELECT * FROM app.events ORDER BY id"),
+                );
+              }
+              assert.equal((await migrator.applyPending()).status, "up_to_date");
+              assert.equal(await db.fetchValue("SHOW search_path"), '"$user", public');
+            });
+          });
+        }
+      }
+    });
+  },
+);
+
+serverTest("Migrator refuses a psql meta-command in a file, naming it and its line", async () => {
+  await withDatabase(async ({ db }) => {
+    const migrator = new Migrator(db, {
+      migrations: { "001_meta.sql": "CREATE TABLE a (id int);\n\\connect other\nSELECT 1;\n" },
+      moduleName: "m",
+    });
+    await assert.rejects(migrator.applyPending(), (error: unknown) => {
+      assert.ok(error instanceof MigrationError);
+      assert.equal(error.line, 2);
+      assert.match(error.message, /line 2 is the psql command '\\connect'/);
+      return true;
+    });
+    assert.equal(await db.tableExists("public.a"), false);
+    assert.deepEqual(await migrator.getApplied(), []);
+  });
+});

@@ -292,3 +292,35 @@ Deno.test("splitSqlStatements() takes COPY data to the end without \\., with any
     ["COPY t FROM stdin", "SELECT\n2"],
   );
 });
+
+Deno.test("splitSqlStatements() skips pg_dump's \\restrict lines and returns other psql commands", () => {
+  const sql = [
+    "--",
+    "-- PostgreSQL database dump",
+    "--",
+    "",
+    "\\restrict QGL0mCEpNtmLfslAjfdYxya",
+    "",
+    "SET statement_timeout = 0;",
+    "SELECT 'a\\b', E'\\\\', $$\\x$$; -- \\not a command",
+    "\\connect other",
+    "SELECT 2;",
+    "",
+    "\\unrestrict QGL0mCEpNtmLfslAjfdYxya",
+    "",
+  ].join("\n");
+  assert.deepEqual(
+    splitSqlStatements(sql).map((s) => [s.text, s.line, s.psqlCommand]),
+    [
+      ["SET statement_timeout = 0", 7, undefined],
+      ["SELECT 'a\\b', E'\\\\', $$\\x$$", 8, undefined],
+      ["\\connect other", 9, "\\connect"],
+      ["SELECT 2", 10, undefined],
+    ],
+  );
+  // Inside a statement even \restrict is returned (the statement is not what psql runs).
+  assert.deepEqual(
+    splitSqlStatements("SELECT\n\\restrict x\n1;").map((s) => s.psqlCommand),
+    ["\\restrict", undefined],
+  );
+});
