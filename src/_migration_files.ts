@@ -334,12 +334,22 @@ export function transactionalBody(content: string, filename: string): Transactio
  * Refuses a psql meta-command in a migration (`\connect`, `\set`, `\i`, …): only psql runs
  * them, and skipping one silently could apply the file differently. (`\restrict` and
  * `\unrestrict` lines, which pg_dump writes, never reach here: the splitter skips them.)
+ * Refuses a `COPY … TO STDOUT` too: psql prints its rows; the driver has nowhere to.
  *
  * @param statements The file's statements.
  * @param filename The file name, for messages.
- * @throws {MigrationError} When one of them is a psql meta-command.
+ * @throws {MigrationError} When one of them is a psql meta-command or a `COPY … TO STDOUT`.
  */
 export function refusePsqlCommands(statements: readonly SqlStatement[], filename: string): void {
+  const copyOut = statements.find((s) => s.copyToStdout === true);
+  if (copyOut !== undefined) {
+    throw new MigrationError(
+      `Cannot apply migration '${filename}': its statement at line ${copyOut.line} is a ` +
+        `'COPY … TO STDOUT', whose rows psql prints, but a migration has nowhere to print ` +
+        `them; remove it (or copy to a file on the server with COPY … TO '/path')`,
+      { filename, line: copyOut.line },
+    );
+  }
   const command = statements.find((s) => s.psqlCommand !== undefined);
   if (command === undefined) return;
   throw new MigrationError(

@@ -42,6 +42,11 @@ export interface SqlStatement {
   /** 1-based line of the first line of {@link SqlStatement.copyData}. */
   copyDataLine?: number;
   /**
+   * True for a `COPY … TO STDOUT` statement, whose rows psql prints (a migration has
+   * nowhere to print them).
+   */
+  copyToStdout?: boolean;
+  /**
    * Set when this entry is a psql meta-command, not SQL: its name, such as `\connect`
    * ({@link SqlStatement.text} is then the whole command line). No server runs it.
    */
@@ -104,6 +109,8 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
   let fromToken = -1;
   let isCopy = false;
   let copyFromStdin = false;
+  let toToken = -1;
+  let copyToStdout = false;
   // The data block of the COPY just ended: lexing jumps over it on reaching `from`; a
   // statement started before it (after the COPY's `;`, on its line) leaves it out.
   let jump: { from: number; to: number } | undefined;
@@ -116,6 +123,7 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
         text = (sql.slice(start, gap.from) + sql.slice(gap.to, end)).trimEnd();
       }
       statements.push({ text, line: startLine, start, end: start + text.length });
+      if (copyToStdout) statements[statements.length - 1].copyToStdout = true;
       gap = undefined;
       const change = stdStringsChange(text, initialStd);
       if (change === "end") localStd = undefined;
@@ -134,6 +142,8 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
     fromToken = -1;
     isCopy = false;
     copyFromStdin = false;
+    toToken = -1;
+    copyToStdout = false;
   };
 
   // After the `;` at `i` of a COPY … FROM STDIN: finds its data block, as psql reads it.
@@ -308,6 +318,8 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
       if (isCopy && parenDepth === 0) {
         if (lower === "from") fromToken = tokens;
         else if (lower === "stdin" && fromToken === tokens - 1) copyFromStdin = true;
+        else if (lower === "to") toToken = tokens;
+        else if (lower === "stdout" && toToken === tokens - 1) copyToStdout = true;
       }
       if (identifierCount < 4 && FUNCTION_HEAD_WORDS.has(lower)) heads[identifierCount] = lower[0];
       identifierCount++;

@@ -417,3 +417,23 @@ serverTest("Migrator refuses a psql meta-command in a file, naming it and its li
     assert.deepEqual(await migrator.getApplied(), []);
   });
 });
+
+serverTest("Migrator refuses COPY … TO STDOUT in a file, naming its line", async () => {
+  await withDatabase(async ({ db }) => {
+    for (const marker of ["", "-- pgdbm:no-transaction\n"]) {
+      const migrator = new Migrator(db, {
+        migrations: {
+          "001_out.sql": marker + "CREATE TABLE out_t (id int);\nCOPY out_t TO stdout;\n",
+        },
+        moduleName: "m",
+      });
+      await assert.rejects(migrator.applyPending(), (error: unknown) => {
+        assert.ok(error instanceof MigrationError);
+        assert.equal(error.line, marker === "" ? 2 : 3);
+        assert.match(error.message, /'COPY … TO STDOUT', whose rows psql prints/);
+        return true;
+      });
+      assert.equal(await db.tableExists("public.out_t"), false);
+    }
+  });
+});

@@ -324,3 +324,13 @@ Deno.test("splitSqlStatements() skips pg_dump's \\restrict lines and returns oth
     ["\\restrict", undefined],
   );
 });
+
+Deno.test("splitSqlStatements() marks COPY … TO STDOUT, whose rows psql prints", () => {
+  assert.deepEqual(
+    splitSqlStatements(
+      "COPY t TO stdout;COPY (SELECT 1) TO STDOUT WITH (FORMAT csv);COPY t TO '/tmp/stdout';" +
+        "SELECT 1 AS to, 2 AS stdout;",
+    ).map((s) => s.copyToStdout),
+    [true, true, undefined, undefined],
+  );
+});
