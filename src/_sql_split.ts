@@ -12,9 +12,12 @@
  * And like `psql -f`, it reads the data block after a `COPY … FROM STDIN` statement (the
  * lines after the statement's line, up to a line `\.`) as that statement's data, not as SQL.
  * A backslash outside quotes and comments starts a psql meta-command, which runs to the end
- * of its line: `\restrict` and `\unrestrict` (which pg_dump writes around a dump) are
- * skipped between statements, as they change nothing on the server; any other is returned
- * with {@link SqlStatement.psqlCommand} set, for the caller to refuse.
+ * of its line. Between statements, those that change nothing on the server and nothing in
+ * how psql runs the rest are skipped: `\restrict` and `\unrestrict` (which pg_dump writes
+ * around a dump), output (`\echo`, `\qecho`, `\warn`, `\pset`, `\timing`) and `\set` of
+ * psql's display and error variables (`ECHO`, `ECHO_HIDDEN`, `QUIET`, `ON_ERROR_STOP`,
+ * `VERBOSITY`, `SHOW_CONTEXT`). Any other is returned with {@link SqlStatement.psqlCommand}
+ * set, for the caller to refuse.
  *
  * @module
  */
@@ -256,7 +259,7 @@ export function splitSqlStatements(sql: string, options: SplitOptions = {}): Sql
       const eol = LINE_END.exec(sql) === null ? n : LINE_END.lastIndex - 1;
       const text = sql.slice(i, eol).trimEnd();
       const name = /^\\[^\s\\]*/.exec(text)![0];
-      if (start >= 0 || (name !== "\\restrict" && name !== "\\unrestrict")) {
+      if (start >= 0 || !isHarmlessPsqlCommand(text, name)) {
         statements.push({ text, line, start: i, end: i + text.length, psqlCommand: name });
       }
       i = eol;
@@ -380,6 +383,26 @@ function parseBoolSetting(raw: string): boolean | undefined {
   if ("true".startsWith(value) || "yes".startsWith(value)) return true;
   if ("false".startsWith(value) || "no".startsWith(value)) return false;
   return undefined;
+}
+
+const HARMLESS_COMMANDS = new Set([
+  "\\restrict",
+  "\\unrestrict",
+  "\\echo",
+  "\\qecho",
+  "\\warn",
+  "\\pset",
+  "\\timing",
+]);
+const HARMLESS_SET =
+  /^\\set\s+(?:ECHO|ECHO_HIDDEN|QUIET|ON_ERROR_STOP|VERBOSITY|SHOW_CONTEXT)(?:\s|$)/;
+
+/**
+ * True for a psql meta-command that changes nothing on the server nor in how psql runs the
+ * rest of the file, so skipping it applies the file as psql does.
+ */
+function isHarmlessPsqlCommand(text: string, name: string): boolean {
+  return HARMLESS_COMMANDS.has(name) || HARMLESS_SET.test(text);
 }
 
 /** True when `sql[i]` ends a line: a LF, or a CR not followed by a LF (CRLF counts once). */

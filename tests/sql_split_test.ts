@@ -318,6 +318,22 @@ Deno.test("splitSqlStatements() skips pg_dump's \\restrict lines and returns oth
       ["SELECT 2", 10, undefined],
     ],
   );
+  // Output and display settings are skipped too; what changes the run is returned.
+  assert.deepEqual(
+    splitSqlStatements(
+      [
+        "\\set ON_ERROR_STOP 1",
+        "\\set QUIET",
+        "\\echo Loading; please wait",
+        "\\pset format unaligned",
+        "SELECT 1;",
+        "\\set name value",
+        "\\i other.sql",
+        "\\quit",
+      ].join("\n"),
+    ).map((s) => s.psqlCommand ?? s.text),
+    ["SELECT 1", "\\set", "\\i", "\\quit"],
+  );
   // Inside a statement even \restrict is returned (the statement is not what psql runs).
   assert.deepEqual(
     splitSqlStatements("SELECT\n\\restrict x\n1;").map((s) => s.psqlCommand),
