@@ -1802,6 +1802,10 @@ export class Migrator {
       if (cause instanceof QueryError && cause.position !== undefined) {
         line += lineOfPosition(cause.sql ?? failure.statement.text, cause.position) - 1;
       }
+      const dataLine = copyDataLine(cause);
+      if (dataLine !== undefined && failure.statement.copyDataLine !== undefined) {
+        line = failure.statement.copyDataLine + dataLine - 1;
+      }
     }
     if (partial !== undefined) {
       partial.failure = { filename: migration.filename, line, message: serverMessage, sqlstate };
@@ -1955,6 +1959,17 @@ function toMigration(file: ParsedMigrationFile): Migration {
     content: file.content,
     noTransaction: file.noTransaction,
   };
+}
+
+/**
+ * The line of the COPY data a server error is about (its context says `COPY t, line 3…`),
+ * counted from 1 at the data block's first line.
+ */
+function copyDataLine(error: unknown): number | undefined {
+  if (!(error instanceof QueryError)) return undefined;
+  const where = (error.cause as { where?: unknown } | undefined)?.where;
+  const match = typeof where === "string" ? /\bCOPY [^\n]*?, line (\d+)/.exec(where) : null;
+  return match === null ? undefined : Number(match[1]);
 }
 
 function isMissingTable(error: unknown): boolean {
