@@ -402,6 +402,26 @@ function transactionControl(w: string[]): string | undefined {
 }
 
 /**
+ * The order Python pgdbm applies files in: `sorted()` of their names, by code point (so
+ * `00010_b.sql` comes before `0001_a.sql`, and `10_x.sql` before `2_y.sql`), where this
+ * library orders by version number.
+ *
+ * @param filenames The file names.
+ * @returns The names in pgdbm's order.
+ */
+export function pgdbmOrder(filenames: readonly string[]): string[] {
+  const codePoints = (name: string): number[] => Array.from(name, (ch) => ch.codePointAt(0)!);
+  return [...filenames].sort((a, b) => {
+    const x = codePoints(a);
+    const y = codePoints(b);
+    for (let i = 0; i < Math.min(x.length, y.length); i++) {
+      if (x[i] !== y[i]) return x[i] - y[i];
+    }
+    return x.length - y.length;
+  });
+}
+
+/**
  * A version stamp for a new migration file: UTC `YYYYMMDDHHMMSS`.
  *
  * @param date The moment.

@@ -97,6 +97,7 @@ import { Connection, LeaseRunner, runTransaction, type Transaction } from "./tra
 import {
   type ParsedMigrationFile,
   parseMigrationFiles,
+  pgdbmOrder,
   refusePsqlCommands,
   timestampVersion,
   transactionalBody,
@@ -226,6 +227,13 @@ export interface MigrationStatus {
   missing: AppliedMigration[];
   /** True when nothing is pending and nothing drifted. */
   upToDate: boolean;
+  /**
+   * Set only when Python pgdbm would apply this folder's files in another order: its order
+   * (plain name order, where this library orders by version number, so `0001_a.sql` comes
+   * before `00010_b.sql` here and after it there). A Python service sharing the folder would
+   * then apply pending files differently: rename them with equal-width versions.
+   */
+  pgdbmOrder?: string[];
 }
 
 /** Progress reported through {@link MigratorOptions.onEvent}. */
@@ -656,7 +664,7 @@ export class Migrator {
       this.#readApplied(this.#db),
     ]);
     const plan = this.#plan(files, applied ?? []);
-    return {
+    const status: MigrationStatus = {
       module: this.#module,
       schema: this.#db.schema ?? null,
       initialized: applied !== undefined,
@@ -666,6 +674,10 @@ export class Migrator {
       missing: plan.missing,
       upToDate: plan.pending.length === 0 && plan.drifted.length === 0,
     };
+    const names = files.map((f) => f.filename);
+    const theirs = pgdbmOrder(names);
+    if (theirs.some((name, i) => name !== names[i])) status.pgdbmOrder = theirs;
+    return status;
   }
 
   /**

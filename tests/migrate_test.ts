@@ -563,6 +563,34 @@ serverTest(
   },
 );
 
+serverTest(
+  "Migrator.getStatus() says when Python pgdbm would apply the files in another order",
+  async () => {
+    await withSchema(async ({ db }) => {
+      const differ = new Migrator(db, {
+        migrations: {
+          "0001_a.sql": "SELECT 1;",
+          "00010_b.sql": "SELECT 10;",
+          "0002_c.sql": "SELECT 2;",
+        },
+        moduleName: "m",
+      });
+      const status = await differ.getStatus();
+      assert.deepEqual(status.pending.map((m) => m.filename), [
+        "0001_a.sql",
+        "0002_c.sql",
+        "00010_b.sql",
+      ]);
+      assert.deepEqual(status.pgdbmOrder, ["00010_b.sql", "0001_a.sql", "0002_c.sql"]);
+      const same = new Migrator(db, {
+        migrations: { "00001_a.sql": "SELECT 1;", "00010_b.sql": "SELECT 10;" },
+        moduleName: "n",
+      });
+      assert.equal("pgdbmOrder" in await same.getStatus(), false);
+    });
+  },
+);
+
 serverTest("Migrator runs $$ bodies and strings containing semicolons intact", async () => {
   await withSchema(async ({ db }) => {
     const migrator = new Migrator(db, {

@@ -8,6 +8,7 @@ import {
   normalizeNewlines,
   parseMigrationFiles,
   parseMigrationVersion,
+  pgdbmOrder,
   pythonStrip,
   timestampVersion,
   transactionalBody,
@@ -265,4 +266,18 @@ Deno.test("transactionalBody() rejects transaction control inside the file", () 
 
 Deno.test("timestampVersion() formats UTC YYYYMMDDHHMMSS", () => {
   assert.equal(timestampVersion(new Date(Date.UTC(2025, 9, 5, 7, 8, 9))), "20251005070809");
+});
+
+Deno.test("pgdbmOrder() sorts names as Python's sorted() does", () => {
+  assert.deepEqual(pgdbmOrder(["0001_a.sql", "00010_b.sql", "2_c.sql", "10_d.sql"]), [
+    "00010_b.sql",
+    "0001_a.sql",
+    "10_d.sql",
+    "2_c.sql",
+  ]);
+  // By code point: an astral character sorts after U+FFFD (UTF-16 would put it first).
+  assert.deepEqual(pgdbmOrder(["1_\u{1F600}.sql", "1_\uFFFD.sql"]), [
+    "1_\uFFFD.sql",
+    "1_\u{1F600}.sql",
+  ]);
 });
