@@ -5,8 +5,8 @@
  * file knows which one it has, and no driver type leaks into the public API.
  *
  * Drivers reject with {@link QueryError} for every failure of a statement; a failure that
- * lost the connection has `sqlstate` class `08` (or `57P01` when the server terminated
- * the backend) and leaves {@link DriverConnection.closed} `true`.
+ * lost the connection has `sqlstate` class `08` (or `57P01`, when the server's message
+ * arrived before the session ended) and leaves {@link DriverConnection.closed} `true`.
  *
  * @module
  */
@@ -31,8 +31,16 @@ export interface RunningQuery {
   /** Settles with the result or a `QueryError`. */
   readonly result: Promise<DriverResult>;
   /**
-   * Asks the server to cancel this statement (a no-op once it finished). The result then
-   * rejects with SQLSTATE `57014`. Resolves once the cancel request is sent.
+   * Cancels this statement; a no-op once it finished. A statement not yet written to the
+   * session is withdrawn: its result rejects with SQLSTATE `57014` and the server never sees
+   * it. One the session is running is stopped by a cancel request (its result then rejects
+   * with `57014`, or resolves when it finished first). One written behind others gets its
+   * cancel request when the session reaches it, by which time the server may run a later
+   * statement of the session: that one then fails with `57014` instead, so a caller that
+   * cancels must treat the statements in flight on the session as possibly cancelled (the
+   * pool runs such autocommit statements again). Drivers that cannot interrupt a running
+   * statement let it run to its end. Resolves once the cancel request has been delivered
+   * (or the statement withdrawn or finished).
    */
   cancel(): Promise<void>;
 }
@@ -48,8 +56,11 @@ export interface DriverConnection {
   /**
    * Runs one statement. With `params` it uses the extended protocol, as a named prepared
    * statement when `prepare` is true; without params it uses the simple protocol, which
-   * accepts several statements separated by `;` (the result is the last one's).
-   * Statements sent before earlier ones finish are pipelined on the session.
+   * accepts several statements separated by `;`: the result has the last statement's
+   * `command`, and the rows and `rowCount` of the last statement that returned rows on the
+   * network driver (postgres.js keeps no count for a later statement without rows), of the
+   * last statement on the embedded one. Statements sent before earlier ones finish are
+   * pipelined on the session.
    */
   query(sql: string, params: readonly unknown[], prepare: boolean): RunningQuery;
   /**
