@@ -1093,6 +1093,32 @@ serverTest("new Migrator() validates its options before any SQL", () => {
   check(undefined, "moduleName");
 });
 
+Deno.test("Migrator reads checksums byte-identical to Python pgdbm's on 45 file variants", async () => {
+  // Each file's checksum as pgdbm computes it (Path.read_text(encoding="utf-8"), CRLF to LF,
+  // str.strip(), SHA-256 hex), over LF, CRLF and CR endings, with and without a BOM, and
+  // with whitespace only Python strips.
+  const cases = JSON.parse(
+    await Deno.readTextFile(new URL("./fixtures/pgdbm_checksums.json", import.meta.url)),
+  ) as { filename: string; content: string; checksum: string }[];
+  assert.equal(cases.length, 45);
+  const dir = await Deno.makeTempDir({ prefix: "pgdbm_checksums_" });
+  try {
+    for (const c of cases) {
+      await Deno.writeFile(join(dir, c.filename), new TextEncoder().encode(c.content));
+    }
+    // Never connected: reading the folder needs no database.
+    const db = new DatabaseManager({ connectionString: "pglite:memory" });
+    const files = await new Migrator(db, { migrationsPath: dir, moduleName: "m" })
+      .findMigrationFiles();
+    assert.deepEqual(
+      files.map((f) => [f.filename, f.checksum]),
+      cases.map((c) => [c.filename, c.checksum]),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("new Migrator() refuses a first argument that is not a DatabaseManager", () => {
   for (const db of [null, undefined, {}, "postgres://x/y"]) {
     assert.throws(
