@@ -1680,7 +1680,7 @@ export class Migrator {
       if (signal?.aborted) {
         throw new StatementFailure(new RunAborted("statement", signal.reason), statement, []);
       }
-      await this.#copy(tx, statement);
+      await this.#copy(tx, statement, signal);
     }
     const history = tx.execute(
       `INSERT INTO ${this.#tableRef()} (filename, checksum, module_name, execution_time_ms) ` +
@@ -1728,7 +1728,7 @@ export class Migrator {
           if (statement.copyData === undefined) {
             await conn.execute(statement.text, [], { timeoutMs, signal });
           } else {
-            await this.#copy(conn, statement);
+            await this.#copy(conn, statement, signal);
           }
         } catch (error) {
           if (error instanceof StatementFailure) throw error;
@@ -1750,9 +1750,10 @@ export class Migrator {
 
   /**
    * Runs a `COPY … FROM STDIN` statement of a migration with its data block from the file,
-   * streamed through the driver's COPY, as `psql -f` feeds it.
+   * streamed through the driver's COPY, as `psql -f` feeds it. When `signal` aborts, the
+   * data stops and the COPY fails (the server rolls it back).
    */
-  async #copy(q: Queries, statement: SqlStatement): Promise<void> {
+  async #copy(q: Queries, statement: SqlStatement, signal?: AbortSignal): Promise<void> {
     const copy = this.#copiers.get(q);
     if (copy === undefined) {
       throw new StatementFailure(
@@ -1766,7 +1767,7 @@ export class Migrator {
       );
     }
     try {
-      await copy(q.prepareQuery(statement.text), statement.copyData ?? "");
+      await copy(q.prepareQuery(statement.text), statement.copyData ?? "", signal);
     } catch (error) {
       throw new StatementFailure(error, statement, []);
     }
@@ -1907,16 +1908,22 @@ class StatementFailure extends Error {
   }
 }
 
-/** Streams a COPY data block with `sql` (`COPY … FROM STDIN`); resolves with the row count. */
-type CopyIn = (sql: string, data: string) => Promise<number>;
+/**
+ * Streams a COPY data block with `sql` (`COPY … FROM STDIN`); resolves with the row count.
+ * Stops sending when `signal` aborts, which fails the COPY with a `RunAborted`.
+ */
+type CopyIn = (sql: string, data: string, signal?: AbortSignal) => Promise<number>;
 
 /** COPY on a leased connection, the data in chunks of 64 KiB. */
 function copier(lease: Lease): CopyIn {
-  return (sql, data) =>
+  return (sql, data, signal) =>
     lease.copyIn(
       sql,
       (async function* () {
-        for (let i = 0; i < data.length; i += 65536) yield data.slice(i, i + 65536);
+        for (let i = 0; i < data.length; i += 65536) {
+          if (signal?.aborted) throw new RunAborted("statement", signal.reason);
+          yield data.slice(i, i + 65536);
+        }
       })(),
     );
 }

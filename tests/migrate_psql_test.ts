@@ -438,3 +438,49 @@ serverTest("Migrator refuses COPY … TO STDOUT in a file, naming its line", asy
     }
   });
 });
+
+serverTest("applyPending({ signal }) stops a long COPY data block and rolls it back", async () => {
+  await withDatabase(async ({ url, db }) => {
+    const rows = Array.from(
+      { length: 400_000 },
+      (_, i) => `${i}\tsome text to make the row longer`,
+    );
+    const migrator = new Migrator(db, {
+      migrations: {
+        "001_big.sql": "CREATE TABLE public.big (id int, body text);\n" +
+          "COPY public.big (id, body) FROM stdin;\n" + rows.join("\n") + "\n\\.\n",
+      },
+      moduleName: "m",
+    });
+    const controller = new AbortController();
+    // Abort once the server is running the COPY.
+    const watcher = (async () => {
+      const pool = await createSharedPool({ connectionString: url, maxConnections: 1 });
+      try {
+        const watch = new DatabaseManager({ pool });
+        while (!controller.signal.aborted) {
+          const copying = await watch.fetchValue<number>(
+            "SELECT count(*)::int FROM pg_stat_activity " +
+              "WHERE datname = current_database() AND query LIKE 'COPY public.big%'",
+          );
+          if (copying === 1) controller.abort(new Error("stop"));
+          else await new Promise((resolve) => setTimeout(resolve, 5));
+        }
+      } finally {
+        await pool.close();
+      }
+    })();
+    await assert.rejects(migrator.applyPending({ signal: controller.signal }), (error: unknown) => {
+      assert.ok(error instanceof MigrationError, String(error));
+      assert.match(error.message, /aborted \(stop\)/);
+      assert.match(error.message, /rolled it back/);
+      return true;
+    });
+    await watcher;
+    assert.equal(await db.tableExists("public.big"), false);
+    assert.deepEqual(await migrator.getApplied(), []);
+    // The lock was released: the next run applies the file.
+    assert.equal((await migrator.applyPending()).status, "success");
+    assert.equal(await db.fetchValue("SELECT count(*)::int FROM public.big"), 400_000);
+  });
+});
