@@ -14,10 +14,11 @@
  * A backslash outside quotes and comments starts a psql meta-command, which runs to the end
  * of its line. Between statements, those that change nothing on the server and nothing in
  * how psql runs the rest are skipped: `\restrict` and `\unrestrict` (which pg_dump writes
- * around a dump), output (`\echo`, `\qecho`, `\warn`, `\pset`, `\timing`) and `\set` of
- * psql's display and error variables (`ECHO`, `ECHO_HIDDEN`, `QUIET`, `ON_ERROR_STOP`,
- * `VERBOSITY`, `SHOW_CONTEXT`). Any other is returned with {@link SqlStatement.psqlCommand}
- * set, for the caller to refuse.
+ * around a dump), output and display (`\echo`, `\qecho`, `\warn`, `\o`, `\pset`, `\timing`,
+ * `\t`, `\a`, `\x`, `\H`, `\C`, `\f`), `\encoding UTF8`, and `\set`/`\unset` of psql's
+ * display and error variables (`ECHO`, `ECHO_HIDDEN`, `QUIET`, `ON_ERROR_STOP`, `VERBOSITY`,
+ * `SHOW_CONTEXT`). Any other is returned with {@link SqlStatement.psqlCommand} set, for the
+ * caller to refuse.
  *
  * @module
  */
@@ -391,18 +392,28 @@ const HARMLESS_COMMANDS = new Set([
   "\\echo",
   "\\qecho",
   "\\warn",
+  "\\o",
+  "\\out",
   "\\pset",
   "\\timing",
+  "\\t",
+  "\\a",
+  "\\x",
+  "\\H",
+  "\\C",
+  "\\f",
 ]);
 const HARMLESS_SET =
-  /^\\set\s+(?:ECHO|ECHO_HIDDEN|QUIET|ON_ERROR_STOP|VERBOSITY|SHOW_CONTEXT)(?:\s|$)/;
+  /^\\(?:set|unset)\s+(?:ECHO|ECHO_HIDDEN|QUIET|ON_ERROR_STOP|VERBOSITY|SHOW_CONTEXT)(?:\s|$)/;
+/** The file's own encoding, which the migrator already reads it in. */
+const HARMLESS_ENCODING = /^\\encoding\s+['"]?UTF-?8['"]?\s*$/i;
 
 /**
  * True for a psql meta-command that changes nothing on the server nor in how psql runs the
  * rest of the file, so skipping it applies the file as psql does.
  */
 function isHarmlessPsqlCommand(text: string, name: string): boolean {
-  return HARMLESS_COMMANDS.has(name) || HARMLESS_SET.test(text);
+  return HARMLESS_COMMANDS.has(name) || HARMLESS_SET.test(text) || HARMLESS_ENCODING.test(text);
 }
 
 /** True when `sql[i]` ends a line: a LF, or a CR not followed by a LF (CRLF counts once). */

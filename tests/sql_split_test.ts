@@ -326,13 +326,18 @@ Deno.test("splitSqlStatements() skips pg_dump's \\restrict lines and returns oth
         "\\set QUIET",
         "\\echo Loading; please wait",
         "\\pset format unaligned",
+        "\\t",
+        "\\o /dev/null",
+        "\\encoding UTF-8",
+        "\\unset ECHO",
         "SELECT 1;",
+        "\\encoding LATIN1",
         "\\set name value",
         "\\i other.sql",
         "\\quit",
       ].join("\n"),
     ).map((s) => s.psqlCommand ?? s.text),
-    ["SELECT 1", "\\set", "\\i", "\\quit"],
+    ["SELECT 1", "\\encoding", "\\set", "\\i", "\\quit"],
   );
   // Inside a statement even \restrict is returned (the statement is not what psql runs).
   assert.deepEqual(
