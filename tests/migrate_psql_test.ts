@@ -131,6 +131,12 @@ serverTest(
             "-- pgdbm:no-transaction",
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS items_n ON items (n);",
             "CREATE TABLE later (id int);",
+            "COPY later FROM stdin;",
+            "1",
+            "\\.",
+            "COPY {{tables.later}} (id) FROM stdin;",
+            "2",
+            "\\.",
           ].join("\n"),
         },
         moduleName: "m",
@@ -157,6 +163,7 @@ serverTest(
         "table later: tenant_a",
       ]);
       assert.equal(await db.fetchValue("SELECT n FROM {{tables.items}}"), 7);
+      assert.equal(await db.fetchValue("SELECT sum(id)::int FROM {{tables.later}}"), 3);
       // Queries of the application still run with the session's own search_path.
       assert.equal(await db.fetchValue("SHOW search_path"), '"$user", public');
       assert.equal(await db.tableExists("tenant_a.schema_migrations"), true);
