@@ -7,7 +7,11 @@
  * ## How a run works
  *
  * 1. The source is read and ordered by version (`001_`, `V1__`, timestamps); a repeated
- *    version, a name without a version or an empty file is refused.
+ *    version, a name without a version or a file with no statement (empty, or only
+ *    comments, as a fresh `migrate create` stub) is refused. Files are split as `psql -f`
+ *    reads them (see `_sql_split.ts`): a `COPY … FROM stdin` takes its data block, pg_dump's
+ *    `\restrict` lines and psql's output-only commands are skipped, and any other psql
+ *    meta-command (or a `COPY … TO STDOUT`) is refused with its line.
  * 2. The history is read without any lock. When nothing is pending, the run ends here
  *    (`up_to_date`): checking a fleet of up-to-date tenants costs one query each.
  * 3. Otherwise one connection of the pool is leased for the rest of the run. It takes the
@@ -609,7 +613,7 @@ export class Migrator {
    *
    * @returns The migrations, ordered by version.
    * @throws {MigrationError} When the source cannot be read, a name has no version, two
-   *   files share a version, or a file is empty.
+   *   files share a version, or a file has no statement (empty, or only comments).
    */
   async findMigrationFiles(): Promise<Migration[]> {
     const files = await this.#source.read();
