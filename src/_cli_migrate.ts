@@ -361,6 +361,7 @@ function statusJson(status: MigrationStatus): Record<string, unknown> {
     })),
     drifted: status.drifted,
     missing: status.missing.map((m) => m.filename),
+    ...(status.pgdbmOrder === undefined ? {} : { pgdbmOrder: status.pgdbmOrder }),
   };
 }
 
@@ -431,6 +432,15 @@ async function status(context: CliContext, input: ParsedCommand): Promise<number
       context.out.print();
       context.out.print(`Applied but their file is gone, in ${s.module}:`);
       for (const m of s.missing) context.out.print(`  ${m.filename}`);
+    }
+    if (s.pgdbmOrder !== undefined) {
+      context.out.print();
+      context.out.print(
+        `Python pgdbm would apply ${s.module}'s files in another order (it sorts by plain ` +
+          "name; pgdbm for Deno by version number). Rename them with equal-width numbers if " +
+          "both libraries migrate this folder:",
+      );
+      for (const name of s.pgdbmOrder) context.out.print(`  ${name}`);
     }
   }
   if (check && !clean) {

@@ -244,6 +244,31 @@ serverTest("cli migrate apply, status and --dry-run on a --path module", async (
   });
 });
 
+serverTest(
+  "cli migrate status says when Python pgdbm would apply the files in another order",
+  async () => {
+    const schema = uniqueName("cli_order");
+    await inTempDir(async (dir) => {
+      const folder = join(dir, "migrations", "orders");
+      await Deno.mkdir(folder, { recursive: true });
+      await Deno.writeTextFile(join(folder, "0001_a.sql"), "CREATE TABLE {{tables.a}} (id int);");
+      await Deno.writeTextFile(join(folder, "00010_b.sql"), "CREATE TABLE {{tables.b}} (id int);");
+      const flags = ["--path", "migrations/orders", "--schema", schema, "--module", "orders"];
+      try {
+        const status = await cli(dir, ["migrate", "status", ...flags]);
+        assert.equal(status.code, 0, status.stderr);
+        assert.match(status.stdout, /Python pgdbm would apply orders's files in another order/);
+        assert.match(status.stdout, / {2}00010_b\.sql\n {2}0001_a\.sql/);
+        const json = parseJson(await cli(dir, ["migrate", "status", "--json", ...flags]));
+        const [module] = json.modules as Array<Record<string, unknown>>;
+        assert.deepEqual(module.pgdbmOrder, ["00010_b.sql", "0001_a.sql"]);
+      } finally {
+        await dropSchemas(schema);
+      }
+    });
+  },
+);
+
 serverTest("cli migrate --json prints one JSON document and nothing else on stdout", async () => {
   const schema = uniqueName("cli");
   await inTempDir(async (dir) => {
