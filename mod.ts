@@ -16,7 +16,7 @@
 
 export { DatabaseManager } from "./src/manager.ts";
 export type { DropSchemaOptions, ManagerPoolStats, SharedPoolOptions } from "./src/manager.ts";
-export { createSharedPool } from "./src/pool.ts";
+export { createSharedPool } from "./src/pool/pool.ts";
 export type {
   ConnectionCounts,
   Pool,
@@ -24,7 +24,7 @@ export type {
   QueryOptions,
   ReplicaStats,
   WaitPercentiles,
-} from "./src/pool.ts";
+} from "./src/pool/pool.ts";
 export type { QueryEvent, QueryHook } from "./src/query_event.ts";
 export type { DatabaseConfig, Logger, RetryConfig, SslConfig, SslMode } from "./src/config.ts";
 export { Queries } from "./src/queries.ts";
@@ -44,7 +44,7 @@ export type {
   StandardSchemaV1,
 } from "./src/standard_schema.ts";
 export { expandTemplate } from "./src/template.ts";
-export { Migrator } from "./src/migrate.ts";
+export { Migrator } from "./src/migrate/migrator.ts";
 export type {
   AppliedMigration,
   AppliedMigrationResult,
@@ -58,8 +58,8 @@ export type {
   MigrationResult,
   MigrationStatus,
   MigratorOptions,
-} from "./src/migrate.ts";
-export { checkSchemas, migrateSchemas } from "./src/migrate_fleet.ts";
+} from "./src/migrate/migrator.ts";
+export { checkSchemas, migrateSchemas } from "./src/migrate/fleet.ts";
 export type {
   CheckSchemasOptions,
   FleetProgress,
@@ -68,19 +68,19 @@ export type {
   MigrateSchemasOptions,
   SchemaMigrationResult,
   SchemaStatus,
-} from "./src/migrate_fleet.ts";
+} from "./src/migrate/fleet.ts";
 export {
   createDirectorySource,
   createRecordSource,
   createUrlSource,
   writeMigrationManifest,
-} from "./src/migration_source.ts";
+} from "./src/migrate/source.ts";
 export type {
   MigrationFile,
   MigrationSource,
   MigrationSourceOptions,
   UrlSourceOptions,
-} from "./src/migration_source.ts";
+} from "./src/migrate/source.ts";
 export {
   ConfigurationError,
   ConnectionError,

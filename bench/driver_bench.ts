@@ -1,5 +1,5 @@
 /**
- * Which driver should sit behind pgdbm's seam (`src/driver.ts`)? The same workloads through
+ * Which driver should sit behind pgdbm's seam (`src/drivers/driver.ts`)? The same workloads through
  * each candidate, in one run, against raw postgres.js on one connection (the baseline of
  * every group). See docs/driver.md for the numbers and the decision.
  *

@@ -13,9 +13,9 @@
 
 import { fileURLToPath } from "node:url";
 import { DatabaseManager } from "../src/manager.ts";
-import { Migrator } from "../src/migrate.ts";
-import { checkSchemas, migrateSchemas } from "../src/migrate_fleet.ts";
-import { createSharedPool, type Pool } from "../src/pool.ts";
+import { Migrator } from "../src/migrate/migrator.ts";
+import { checkSchemas, migrateSchemas } from "../src/migrate/fleet.ts";
+import { createSharedPool, type Pool } from "../src/pool/pool.ts";
 
 const URL_ = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 const FLEET = fileURLToPath(new URL("../tests/fixtures/migrations/fleet/", import.meta.url));

@@ -8,7 +8,7 @@
  */
 import postgres from "postgres";
 import { createSharedPool, DatabaseManager } from "../mod.ts";
-import { QueryMonitor } from "../src/monitoring.ts";
+import { QueryMonitor } from "../src/monitoring/mod.ts";
 
 const url = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 const BATCH = 1000;

@@ -1,13 +1,13 @@
 /**
  * Read throughput with and without a read replica, and through PgBouncer. Starts a
- * throwaway primary with one streaming standby (tests/_replica_cluster.ts; needs root and
+ * throwaway primary with one streaming standby (tests/_support/replica_cluster.ts; needs root and
  * the PostgreSQL binaries), then for each read shape runs 64 callers looping on a read for
  * a few seconds in each mode, and prints queries/s, p50 / p99 and ratios against the
  * baseline of the same run:
  *
  * - `primary only` vs `primary + 1 replica` (reads routed to the standby);
  * - `direct, prepare: false` and `PgBouncer (transaction mode), prepare: false` vs
- *   `direct` (PgBouncer needs tests/_pgbouncer.ts and a pgbouncer binary).
+ *   `direct` (PgBouncer needs tests/_support/pgbouncer.ts and a pgbouncer binary).
  *
  * Every node runs on this machine, so a replica adds no CPU: with few cores expect no gain
  * (or a loss), unlike a replica on its own host.
@@ -15,8 +15,15 @@
  *   deno run -A bench/replicas.ts
  */
 import { createSharedPool, type DatabaseConfig, DatabaseManager, type Pool } from "../mod.ts";
-import { type PgBouncer, pgbouncerUnavailable, startPgBouncer } from "../tests/_pgbouncer.ts";
-import { replicaClusterUnavailable, startReplicaCluster } from "../tests/_replica_cluster.ts";
+import {
+  type PgBouncer,
+  pgbouncerUnavailable,
+  startPgBouncer,
+} from "../tests/_support/pgbouncer.ts";
+import {
+  replicaClusterUnavailable,
+  startReplicaCluster,
+} from "../tests/_support/replica_cluster.ts";
 
 const SECONDS = Number(Deno.env.get("REPLICA_BENCH_SECONDS") ?? 3);
 const CALLERS = 64;

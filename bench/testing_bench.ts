@@ -17,7 +17,7 @@ import {
   cleanupTestDatabases,
   createTestDatabase,
   type TestDatabaseOptions,
-} from "../src/testing.ts";
+} from "../src/testing/mod.ts";
 
 const URL_ = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 const PREFIX = `pgdbm_bench_${crypto.randomUUID().replaceAll("-", "").slice(0, 6)}`;

@@ -14,7 +14,7 @@ import {
   snapshotTable,
   type TestDatabaseOptions,
   withTestDatabase,
-} from "../src/testing.ts";
+} from "../src/testing/mod.ts";
 import { NOTES_MIGRATIONS, NOTES_MODULE, NotesRepository } from "./notes_service.ts";
 
 const options: TestDatabaseOptions = {

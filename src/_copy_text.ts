@@ -6,7 +6,7 @@
  * @module
  */
 
-import { byteaToHex } from "./_bytea.ts";
+import { byteaToHex } from "./drivers/_bytea.ts";
 
 /** Characters that need a COPY escape (backslash, tab, LF, CR, backspace, FF, VT) or are refused (NUL). */
 // deno-lint-ignore no-control-regex -- NUL is matched on purpose, to refuse it

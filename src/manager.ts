@@ -6,7 +6,7 @@
  */
 
 import { type DatabaseConfig, resolveConfig, type ResolvedConfig } from "./config.ts";
-import type { DriverResult } from "./driver.ts";
+import type { DriverResult } from "./drivers/driver.ts";
 import { ConfigurationError, PoolError, QueryError } from "./errors.ts";
 import {
   ConnectionPool,
@@ -14,7 +14,7 @@ import {
   type Pool,
   type PoolStats,
   type QueryOptions,
-} from "./pool.ts";
+} from "./pool/pool.ts";
 import { Queries, type Runner } from "./queries.ts";
 import { assertIdentifier } from "./template.ts";
 import { Connection, LeaseRunner, runTransaction, type Transaction } from "./transaction.ts";

@@ -10,9 +10,9 @@ import { encodeCopyRows } from "./_copy_text.ts";
 import { instrumented } from "./_instrument.ts";
 import { activeTracer } from "./_telemetry.ts";
 import type { ResolvedConfig } from "./config.ts";
-import type { DriverResult, Row } from "./driver.ts";
+import type { DriverResult, Row } from "./drivers/driver.ts";
 import { QueryError, SchemaError, ValidationError } from "./errors.ts";
-import type { QueryOptions } from "./pool.ts";
+import type { QueryOptions } from "./pool/pool.ts";
 import type { InferOutput, StandardSchemaV1 } from "./standard_schema.ts";
 import { assertIdentifier, expandTemplate } from "./template.ts";
 

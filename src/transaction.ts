@@ -7,9 +7,9 @@
  */
 
 import type { ResolvedConfig } from "./config.ts";
-import type { DriverResult } from "./driver.ts";
+import type { DriverResult } from "./drivers/driver.ts";
 import { PoolError } from "./errors.ts";
-import type { Lease, QueryOptions } from "./pool.ts";
+import type { Lease, QueryOptions } from "./pool/pool.ts";
 import { abortedCommitError, Queries, type Runner } from "./queries.ts";
 
 /** Anything that may open a transaction (over-matching only costs a harmless ROLLBACK). */

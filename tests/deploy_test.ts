@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import postgres from "postgres";
-import { observe, serverTest, TEST_URL, uniqueName } from "./_server.ts";
+import { observe, serverTest, TEST_URL, uniqueName } from "./_support/server.ts";
 
 const ROOT = new URL("..", import.meta.url);
 const ENTRY = "examples/deploy/main.ts";

@@ -15,7 +15,7 @@ import {
   type StandardSchemaV1,
   ValidationError,
 } from "../mod.ts";
-import { observe, serverTest, TEST_URL, uniqueName, withManager } from "./_server.ts";
+import { observe, serverTest, TEST_URL, uniqueName, withManager } from "./_support/server.ts";
 
 /** Resolves for everyone once `n` callers have arrived (to hold `n` connections at once). */
 function barrier(n: number): () => Promise<void> {

@@ -13,7 +13,7 @@ import {
   type QueryEvent,
   SchemaError,
 } from "../mod.ts";
-import { observe, serverTest, TEST_URL, withManager } from "./_server.ts";
+import { observe, serverTest, TEST_URL, withManager } from "./_support/server.ts";
 
 const SECRET = "s3cr3t-value";
 const NUMBER_SECRET = 987654;

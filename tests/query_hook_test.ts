@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { ConfigurationError, createSharedPool, DatabaseManager, type QueryEvent } from "../mod.ts";
-import { observe, serverTest, TEST_URL, uniqueName } from "./_server.ts";
+import { observe, serverTest, TEST_URL, uniqueName } from "./_support/server.ts";
 
 const PASSWORD = "hunter2-correct-horse";
 

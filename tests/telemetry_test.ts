@@ -14,7 +14,7 @@ import {
 } from "@opentelemetry/sdk-trace-base";
 import { Migrator } from "../mod.ts";
 import { activeTracer, operationName } from "../src/_telemetry.ts";
-import { serverTest, TEST_URL, withManager } from "./_server.ts";
+import { serverTest, TEST_URL, withManager } from "./_support/server.ts";
 
 const SECRET = "s3cret-never-in-a-span";
 

@@ -1,0 +1,90 @@
+/**
+ * The narrow seam between pgdbm and the wire: "a connection that runs SQL". Two
+ * implementations sit behind it: {@link ./postgres.ts} (postgres.js over TCP, Unix
+ * socket or TLS) and {@link ./pglite.ts} (PGlite in process). Nothing above this
+ * file knows which one it has, and no driver type leaks into the public API.
+ *
+ * Drivers reject with {@link QueryError} for every failure of a statement; a failure that
+ * lost the connection has `sqlstate` class `08` (or `57P01`, when the server's message
+ * arrived before the session ended) and leaves {@link DriverConnection.closed} `true`.
+ *
+ * @module
+ */
+
+/** A row as a plain object keyed by column name. */
+export type Row = Record<string, unknown>;
+
+/** What one statement returned. */
+export interface DriverResult {
+  /** Rows as plain objects (empty for commands that return none). */
+  rows: Row[];
+  /** The command tag's verb, such as `"INSERT"` or `"SELECT"`. */
+  command: string;
+  /** Rows affected or returned, as the command tag reports it. */
+  rowCount: number;
+  /** Set to `"replica"` by the pool when a read replica answered. */
+  node?: "replica";
+}
+
+/** A statement on its way: its result, and a way to cancel it on the server. */
+export interface RunningQuery {
+  /** Settles with the result or a `QueryError`. */
+  readonly result: Promise<DriverResult>;
+  /**
+   * Cancels this statement; a no-op once it finished. A statement not yet written to the
+   * session is withdrawn: its result rejects with SQLSTATE `57014` and the server never sees
+   * it. One the session is running is stopped by a cancel request (its result then rejects
+   * with `57014`, or resolves when it finished first). One written behind others gets its
+   * cancel request when the session reaches it, by which time the server may run a later
+   * statement of the session: that one then fails with `57014` instead, so a caller that
+   * cancels must treat the statements in flight on the session as possibly cancelled (the
+   * pool runs such autocommit statements again). Drivers that cannot interrupt a running
+   * statement let it run to its end. Resolves once the cancel request has been delivered
+   * (or the statement withdrawn or finished).
+   */
+  cancel(): Promise<void>;
+}
+
+/** One physical session with PostgreSQL. */
+export interface DriverConnection {
+  /** The server process id of this session. */
+  readonly pid: number;
+  /** `server_version` as the server reports it. */
+  readonly serverVersion: string;
+  /** True once the session is gone (closed by us, by the server, or by the network). */
+  readonly closed: boolean;
+  /**
+   * Runs one statement. With `params` it uses the extended protocol, as a named prepared
+   * statement when `prepare` is true; without params it uses the simple protocol, which
+   * accepts several statements separated by `;`: the result has the last statement's
+   * `command`, and the rows and `rowCount` of the last statement that returned rows on the
+   * network driver (postgres.js keeps no count for a later statement without rows), of the
+   * last statement on the embedded one. Statements sent before earlier ones finish are
+   * pipelined on the session.
+   */
+  query(sql: string, params: readonly unknown[], prepare: boolean): RunningQuery;
+  /**
+   * Runs `COPY … FROM STDIN` with `sql`, streaming `chunks` (COPY text format) to the
+   * server. Resolves with the number of rows copied.
+   */
+  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
+  /** Calls `listener` once when the session ends, for whatever reason. */
+  onClose(listener: () => void): void;
+  /** Ends the session after the statements already sent; idempotent. */
+  close(): Promise<void>;
+  /**
+   * Ends the session now, for a session that stopped answering: statements in flight
+   * reject. Drivers that cannot interrupt a statement end it as `close()` does.
+   */
+  terminate(): Promise<void>;
+}
+
+/** Opens sessions to one server. */
+export interface Driver {
+  /** The most sessions this driver can have open at once (`Infinity` when unbounded). */
+  readonly maxSessions: number;
+  /** Opens one session with the server settings applied. Rejects on failure. */
+  connect(): Promise<DriverConnection>;
+  /** Releases what the driver holds beyond its sessions (the embedded engine). */
+  close(): Promise<void>;
+}

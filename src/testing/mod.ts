@@ -1,0 +1,494 @@
+/**
+ * Test helpers for code built on pgdbm: throwaway databases and schemas, fixtures, table
+ * snapshots.
+ *
+ * ## Where the databases live
+ *
+ * - `PGDBM_TEST_URL` (else `DATABASE_URL`) names a server: every test database is a new,
+ *   uniquely named database on it, created from the database in that URL (which is
+ *   otherwise left alone). The user needs `CREATEDB`; without it, use
+ *   {@link withTestSchema}.
+ * - Neither set (or `embedded: true`): an in-memory PostgreSQL in the process (PGlite,
+ *   `connectionString: "pglite:memory"`), so a test suite runs on a machine with nothing
+ *   installed. Each one takes about 2 s and several hundred MB to start, and holds one
+ *   connection: share one per test file where you can.
+ *
+ * ## Migrations and templates
+ *
+ * With `migrations`, the first call migrates a template database once per distinct set of
+ * migration files and every later call clones it (`CREATE DATABASE … TEMPLATE`), so the
+ * hundredth test database costs a copy, not a migration run. Templates are named
+ * `<prefix>_tpl_<hash of modules>_<hash of checksums>`, reused across runs, and replaced
+ * (the old one dropped) when a file changes. Processes running `deno test --parallel`
+ * build each template once, serialized by an advisory lock; a template refuses
+ * connections, so nothing keeps it from being cloned.
+ *
+ * ## Leftovers
+ *
+ * Every database the helpers make is marked (`COMMENT ON DATABASE … IS 'pgdbm-testing …'`).
+ * A crashed run leaves its databases behind; {@link cleanupTestDatabases} drops the marked
+ * ones older than a limit and never touches others.
+ *
+ * @example A test with its own database (needs a server, or runs on PGlite without one)
+ * ```ts ignore
+ * import { loadFixtures, withTestDatabase } from "@pgdbm/pgdbm/testing";
+ * import assert from "node:assert/strict";
+ *
+ * Deno.test("NoteRepository.search() finds notes by word", async () => {
+ *   await withTestDatabase(async (db) => {
+ *     await loadFixtures(db, { notes: [{ id: 1, body: "buy milk" }] });
+ *     assert.equal(await db.fetchValue("SELECT count(*)::int FROM {{tables.notes}}"), 1);
+ *   }, { migrations: { moduleName: "notes", migrationsPath: "./migrations" } });
+ * });
+ * ```
+ *
+ * @module
+ */
+
+import type { DatabaseConfig } from "../config.ts";
+import { ConfigurationError, QueryError } from "../errors.ts";
+import { DatabaseManager } from "../manager.ts";
+import { ConnectionPool, createSharedPool, type Pool } from "../pool/pool.ts";
+import {
+  checkPrefix,
+  createDatabase,
+  DEFAULT_PREFIX,
+  dropDatabase,
+  listMarked,
+  serverUrlFromEnv,
+  uniqueTestName,
+  withAdmin,
+  withDatabase,
+} from "./_server.ts";
+import {
+  applyMigrations,
+  ensureTemplate,
+  type LoadedMigrations,
+  loadMigrations,
+  templateName,
+  type TestMigrations,
+} from "./_template.ts";
+import type { Connection } from "../transaction.ts";
+
+export type { TestMigrations } from "./_template.ts";
+export { assertTableUnchanged, countRows, snapshotTable, truncateTable } from "./_tables.ts";
+export type { SnapshotOptions, TableSnapshot, TruncateOptions } from "./_tables.ts";
+export { loadFixtures } from "./_fixtures.ts";
+export type { Fixtures, Transactional } from "./_fixtures.ts";
+
+/** Where the helpers put a database: shared by every helper's options. */
+export interface TestTargetOptions {
+  /**
+   * The server: a `postgres://` URL whose database the test databases are created from.
+   * @default {Deno.env.get("PGDBM_TEST_URL") ?? Deno.env.get("DATABASE_URL")}
+   */
+  url?: string;
+  /**
+   * Use the in-memory PostgreSQL (PGlite) even when a server is configured. Without a
+   * `url` and without either variable, it is used anyway.
+   * @default {false}
+   */
+  embedded?: boolean;
+  /**
+   * Extra settings of the pool opened for the test (`maxConnections`, `logger`,
+   * timeouts…); the connection target and schema are set by the helper.
+   * @default {{ minConnections: 1 }}
+   */
+  config?: DatabaseConfig;
+  /**
+   * The start of every name the helpers create (databases, schemas, templates):
+   * 1 to 20 lowercase letters, digits or `_`.
+   * @default {"pgdbm_test"}
+   */
+  prefix?: string;
+}
+
+/** Options of {@link createTestDatabase} and {@link withTestDatabase}. */
+export interface TestDatabaseOptions extends TestTargetOptions {
+  /** One module's migrations, or several (applied in order) to run before the test. */
+  migrations?: TestMigrations | readonly TestMigrations[];
+  /**
+   * The schema of the returned manager.
+   * @default {the `schema` of the first migration set, else none}
+   */
+  schema?: string;
+  /**
+   * Clone a migrated template instead of migrating each database (server only).
+   * `false` migrates every new database from scratch.
+   * @default {true}
+   */
+  template?: boolean;
+  /**
+   * How long to wait for another process that builds the same template.
+   * @default {300000}
+   */
+  lockWaitMs?: number;
+}
+
+/** A database made by {@link createTestDatabase}; dispose of it to drop it. */
+export interface TestDatabase extends AsyncDisposable {
+  /** A connected standalone manager over the database. */
+  readonly db: DatabaseManager;
+  /** Its connection string (`pglite:memory` when embedded). */
+  readonly url: string;
+  /** The database's name. */
+  readonly name: string;
+  /** True on the in-memory PostgreSQL (PGlite). */
+  readonly embedded: boolean;
+  /** True when it was cloned from a migrated template (`CREATE DATABASE … TEMPLATE`). */
+  readonly fromTemplate: boolean;
+  /** True when this call built (or rebuilt) the template it was cloned from. */
+  readonly templateBuilt: boolean;
+  /** The template's name, or `null`. */
+  readonly template: string | null;
+  /** Closes the manager and drops the database; a second call does nothing. */
+  drop(): Promise<void>;
+}
+
+/** Options of {@link withTestSchema}. */
+export interface TestSchemaOptions extends TestTargetOptions {
+  /** Migrations to apply to the throwaway schema (their `schema` must be left out). */
+  migrations?: TestMigrations | readonly TestMigrations[];
+  /** A pool of your own to use (it stays open); by default one is opened and closed. */
+  pool?: Pool;
+}
+
+/** What {@link withTestSchema} gives the test besides the manager. */
+export interface TestSchemaContext {
+  /** The throwaway schema's name. */
+  readonly schema: string;
+  /** The pool the manager runs on. */
+  readonly pool: Pool;
+  /** True on the in-memory PostgreSQL (PGlite). */
+  readonly embedded: boolean;
+}
+
+/** Options of {@link cleanupTestDatabases}. */
+export interface CleanupOptions {
+  /**
+   * Drop only databases created longer ago than this (by the server's clock).
+   * @default {3600000} (one hour)
+   */
+  olderThanMs?: number;
+  /**
+   * The server.
+   * @default {Deno.env.get("PGDBM_TEST_URL") ?? Deno.env.get("DATABASE_URL")}
+   */
+  url?: string;
+  /**
+   * The name prefix the databases were created with.
+   * @default {"pgdbm_test"}
+   */
+  prefix?: string;
+  /**
+   * Also drop templates (and half-built ones) older than the limit.
+   * @default {false}
+   */
+  templates?: boolean;
+  /**
+   * Report what would be dropped without dropping it.
+   * @default {false}
+   */
+  dryRun?: boolean;
+}
+
+/** What {@link cleanupTestDatabases} did. */
+export interface CleanupResult {
+  /** The databases dropped (or that would be, in a dry run). */
+  dropped: string[];
+  /** Marked databases kept because they are younger than the limit (or are templates). */
+  kept: string[];
+}
+
+/**
+ * Creates a fresh, uniquely named database for one test, migrated when `migrations` are
+ * given (by cloning a template built once per set of migration files), and returns it
+ * with a connected manager. Dispose of it (`await using`) to close the manager and drop
+ * the database. Without a server configured, it is an in-memory PGlite database instead
+ * (about 2 s to start).
+ *
+ * @param options Migrations, the manager's schema, the server and pool settings.
+ * @returns The database; `fromTemplate`/`templateBuilt` tell how it was made.
+ * @throws {ConfigurationError} When an option is invalid.
+ * @throws {QueryError} When the user may not create databases.
+ * @throws {MigrationError} When a migration fails (nothing is left behind).
+ * @throws {ConnectionError} When the server cannot be reached.
+ *
+ * @example Clone a migrated template for each test (needs a server)
+ * ```ts ignore
+ * import { createTestDatabase } from "@pgdbm/pgdbm/testing";
+ * Deno.test("notes are stored", async () => {
+ *   await using test = await createTestDatabase({
+ *     migrations: { moduleName: "notes", migrationsPath: "./migrations", schema: "notes" },
+ *   });
+ *   await test.db.execute("INSERT INTO {{tables.notes}} (body) VALUES ($1)", ["hi"]);
+ * });
+ * ```
+ */
+export async function createTestDatabase(
+  options: TestDatabaseOptions = {},
+): Promise<TestDatabase> {
+  const prefix = checkPrefix(options.prefix ?? DEFAULT_PREFIX);
+  const sets = await loadMigrations(options.migrations);
+  const schema = options.schema ?? sets[0]?.set.schema;
+  const url = serverUrl(options);
+  if (url === undefined) {
+    const db = new DatabaseManager({
+      ...options.config,
+      connectionString: "pglite:memory",
+      schema,
+    });
+    await db.connect();
+    try {
+      await applyMigrations(db, sets);
+      const name = await db.fetchValue<string>("SELECT current_database()");
+      return testDatabase({
+        db,
+        url: "pglite:memory",
+        name: name ?? "postgres",
+        embedded: true,
+        fromTemplate: false,
+        templateBuilt: false,
+        template: null,
+        drop: () => db.close(),
+      });
+    } catch (error) {
+      await db.close();
+      throw error;
+    }
+  }
+  const name = uniqueTestName(prefix);
+  const useTemplate = sets.length > 0 && options.template !== false;
+  const made = await withAdmin(url, async (conn) => {
+    if (!useTemplate) {
+      await createDatabase(conn, name, "database");
+      return { template: null, templateBuilt: false };
+    }
+    const template = await templateName(prefix, sets);
+    const built = await cloneTemplate(conn, url, name, template, sets, options);
+    return { template: template.name, templateBuilt: built };
+  });
+  const dropIt = () => withAdmin(url, (conn) => dropDatabase(conn, name));
+  const dbUrl = withDatabase(url, name);
+  const db = new DatabaseManager({
+    minConnections: 1,
+    ...options.config,
+    connectionString: dbUrl,
+    schema,
+  });
+  try {
+    await db.connect();
+    if (!useTemplate) await applyMigrations(db, sets);
+  } catch (error) {
+    await db.close();
+    await dropIt();
+    throw error;
+  }
+  return testDatabase({
+    db,
+    url: dbUrl,
+    name,
+    embedded: false,
+    fromTemplate: made.template !== null,
+    templateBuilt: made.templateBuilt,
+    template: made.template,
+    drop: async () => {
+      await db.close();
+      await dropIt();
+    },
+  });
+}
+
+/**
+ * Runs `fn` with a fresh test database (see {@link createTestDatabase}) and drops the
+ * database afterwards, also when `fn` throws.
+ *
+ * @param fn The test body; it gets the connected manager and the database.
+ * @param options As for {@link createTestDatabase}.
+ * @returns What `fn` returns.
+ * @throws What `fn` throws, after the cleanup; and what {@link createTestDatabase} throws.
+ *
+ * @example Run a test in its own database (needs a server, or runs on PGlite)
+ * ```ts ignore
+ * import { withTestDatabase } from "@pgdbm/pgdbm/testing";
+ * Deno.test("notes table exists", async () => {
+ *   await withTestDatabase(async (db) => {
+ *     console.log(await db.tableExists("notes"));
+ *   }, { migrations: { moduleName: "notes", migrationsPath: "./migrations" } });
+ * });
+ * ```
+ */
+export async function withTestDatabase<T>(
+  fn: (db: DatabaseManager, database: TestDatabase) => Promise<T>,
+  options: TestDatabaseOptions = {},
+): Promise<T> {
+  const database = await createTestDatabase(options);
+  return await afterwards(() => fn(database.db, database), () => database.drop());
+}
+
+/**
+ * Runs `fn` with a manager over a throwaway schema, migrated when `migrations` are
+ * given, and drops the schema (`CASCADE`) afterwards, also when `fn` throws. Cheaper than
+ * a database and needs no `CREATEDB`: only the right to create schemas. It opens a pool
+ * and closes it after `fn` unless you pass `pool`.
+ *
+ * @param fn The test body; it gets the manager and the schema, pool and mode.
+ * @param options Migrations, a pool of your own, the server and pool settings.
+ * @returns What `fn` returns.
+ * @throws {ConfigurationError} When a migration set names a schema, or an option is invalid.
+ * @throws {MigrationError} When a migration fails (the schema is dropped).
+ * @throws What `fn` throws, after the cleanup.
+ *
+ * @example A test in a schema of a shared pool (needs a server, or runs on PGlite)
+ * ```ts ignore
+ * import { withTestSchema } from "@pgdbm/pgdbm/testing";
+ * Deno.test("notes in a throwaway schema", async () => {
+ *   await withTestSchema(async (db, { schema }) => {
+ *     await db.execute("CREATE TABLE {{tables.notes}} (id int)");
+ *     console.log(schema);
+ *   });
+ * });
+ * ```
+ */
+export async function withTestSchema<T>(
+  fn: (db: DatabaseManager, context: TestSchemaContext) => Promise<T>,
+  options: TestSchemaOptions = {},
+): Promise<T> {
+  const prefix = checkPrefix(options.prefix ?? DEFAULT_PREFIX);
+  const sets = await loadMigrations(options.migrations);
+  const named = sets.find((loaded) => loaded.set.schema !== undefined);
+  if (named !== undefined) {
+    throw new ConfigurationError(
+      "migrations",
+      `Cannot apply module '${named.set.moduleName}' to a throwaway schema: it names schema ` +
+        `'${named.set.schema}'; leave 'schema' out (every module migrates into the test ` +
+        "schema) or use withTestDatabase()",
+    );
+  }
+  const url = options.pool === undefined ? serverUrl(options) : undefined;
+  const pool = options.pool ?? await createSharedPool({
+    minConnections: 1,
+    ...options.config,
+    connectionString: url ?? "pglite:memory",
+  });
+  const embedded = options.pool === undefined ? url === undefined : isEmbedded(pool);
+  const schema = uniqueTestName(prefix);
+  const db = new DatabaseManager({ pool, schema });
+  const cleanup = async () => {
+    try {
+      await db.dropSchema({ cascade: true });
+    } finally {
+      if (options.pool === undefined) await pool.close();
+    }
+  };
+  return await afterwards(async () => {
+    await db.ensureSchema();
+    await applyMigrations(db, sets, schema);
+    return await fn(db, { schema, pool, embedded });
+  }, cleanup);
+}
+
+/**
+ * Drops the test databases that crashed runs left behind: those whose name starts with
+ * the prefix, that carry the helpers' marker, and that are older than `olderThanMs`.
+ * Databases without the marker are never touched; templates only with `templates: true`.
+ * Without a server configured there is nothing to clean.
+ *
+ * @param options The age limit, the server, the prefix, templates, dry run.
+ * @returns The databases dropped and those kept.
+ * @throws {RangeError} When `olderThanMs` is negative or not a number.
+ * @throws {ConnectionError} When the server cannot be reached.
+ *
+ * @example Clean up before a test run (needs a server)
+ * ```ts ignore
+ * import { cleanupTestDatabases } from "@pgdbm/pgdbm/testing";
+ * const { dropped } = await cleanupTestDatabases({ olderThanMs: 60 * 60 * 1000 });
+ * console.log(`dropped ${dropped.length} leftover test databases`);
+ * ```
+ */
+export async function cleanupTestDatabases(options: CleanupOptions = {}): Promise<CleanupResult> {
+  const olderThanMs = options.olderThanMs ?? 3_600_000;
+  if (typeof olderThanMs !== "number" || !(olderThanMs >= 0)) {
+    throw new RangeError(
+      `Cannot clean up test databases: 'olderThanMs' must be a number of milliseconds ` +
+        `of at least 0; got ${String(olderThanMs)}`,
+    );
+  }
+  const prefix = checkPrefix(options.prefix ?? DEFAULT_PREFIX);
+  const url = options.url ?? serverUrlFromEnv();
+  const result: CleanupResult = { dropped: [], kept: [] };
+  if (url === undefined) return result;
+  await withAdmin(url, async (conn) => {
+    for (const found of await listMarked(conn, `${prefix}_`)) {
+      const eligible = found.kind === "database" || options.templates === true;
+      if (!eligible || found.ageMs <= olderThanMs) {
+        result.kept.push(found.name);
+        continue;
+      }
+      if (!options.dryRun) await dropDatabase(conn, found.name);
+      result.dropped.push(found.name);
+    }
+  });
+  return result;
+}
+
+function serverUrl(options: TestTargetOptions): string | undefined {
+  if (options.embedded === true) {
+    if (options.url !== undefined) {
+      throw new ConfigurationError(
+        "embedded",
+        "Cannot use both 'embedded: true' and 'url': pass one of them",
+      );
+    }
+    return undefined;
+  }
+  return options.url ?? serverUrlFromEnv();
+}
+
+function isEmbedded(pool: Pool): boolean {
+  return pool instanceof ConnectionPool && pool.config.kind === "embedded";
+}
+
+/** Clones the template into `name`, building the template first when it is missing. */
+async function cloneTemplate(
+  conn: Connection,
+  url: string,
+  name: string,
+  template: { family: string; name: string },
+  sets: readonly LoadedMigrations[],
+  options: TestDatabaseOptions,
+): Promise<boolean> {
+  try {
+    await createDatabase(conn, name, "database", template.name);
+    return false;
+  } catch (error) {
+    // 3D000: the template does not exist (yet, or was replaced); build it.
+    if (!(error instanceof QueryError && error.sqlstate === "3D000")) throw error;
+  }
+  const built = await ensureTemplate(conn, url, template, sets, options.lockWaitMs ?? 300_000);
+  await createDatabase(conn, name, "database", template.name);
+  return built;
+}
+
+function testDatabase(
+  fields: Omit<TestDatabase, typeof Symbol.asyncDispose | "drop"> & {
+    drop: () => Promise<void>;
+  },
+): TestDatabase {
+  let dropped: Promise<void> | undefined;
+  const drop = () => dropped ??= fields.drop();
+  return { ...fields, drop, [Symbol.asyncDispose]: drop };
+}
+
+/** Runs `fn`, then `cleanup`; an error of `fn` wins over one of the cleanup. */
+async function afterwards<T>(fn: () => Promise<T>, cleanup: () => Promise<void>): Promise<T> {
+  let result: T;
+  try {
+    result = await fn();
+  } catch (error) {
+    await cleanup().catch(() => {});
+    throw error;
+  }
+  await cleanup();
+  return result;
+}

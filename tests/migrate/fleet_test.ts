@@ -1,0 +1,240 @@
+import assert from "node:assert/strict";
+import { fileURLToPath } from "node:url";
+import { MigrationError } from "../../src/errors.ts";
+import { DatabaseManager } from "../../src/manager.ts";
+import { createSharedPool, type Pool } from "../../src/pool/pool.ts";
+import { checkSchemas, type FleetProgress, migrateSchemas } from "../../src/migrate/fleet.ts";
+import { serverTest } from "../_support/server.ts";
+
+const URL_ = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
+const FLEET = fileURLToPath(new URL("../fixtures/migrations/fleet/", import.meta.url));
+const FLEET_FILES = [
+  "001_accounts.sql",
+  "002_accounts_email.sql",
+  "003_projects.sql",
+  "004_touch_function.sql",
+  "005_seed.sql",
+];
+
+function tenantNames(count: number): string[] {
+  const run = crypto.randomUUID().replaceAll("-", "").slice(0, 8);
+  return Array.from({ length: count }, (_, i) => `pgdbm_fleet_${run}_${i}`);
+}
+
+/** A shared pool and tenant schema names, all dropped afterwards. */
+async function withTenants(
+  count: number,
+  fn: (pool: Pool, tenants: string[]) => Promise<void>,
+): Promise<void> {
+  const pool = await createSharedPool({ connectionString: URL_, maxConnections: 8 });
+  const tenants = tenantNames(count);
+  try {
+    await fn(pool, tenants);
+  } finally {
+    try {
+      const db = new DatabaseManager({ pool });
+      await Promise.all(
+        tenants.map((t) => db.execute(`DROP SCHEMA IF EXISTS "${t}" CASCADE`)),
+      );
+    } finally {
+      await pool.close();
+    }
+  }
+}
+
+async function historyCount(pool: Pool, schema: string): Promise<number> {
+  const db = new DatabaseManager({ pool, schema });
+  return (await db.fetchValue<number>(
+    "SELECT count(*)::int FROM {{tables.schema_migrations}} WHERE module_name = 'tenant'",
+  ))!;
+}
+
+serverTest("migrateSchemas() migrates 200 tenant schemas over one pool with progress", async () => {
+  await withTenants(200, async (pool, tenants) => {
+    const progress: FleetProgress[] = [];
+    let maxUsed = 0;
+    const result = await migrateSchemas(pool, tenants, {
+      migrationsPath: FLEET,
+      moduleName: "tenant",
+      concurrency: 6,
+      onProgress: (p) => {
+        progress.push(p);
+        maxUsed = Math.max(maxUsed, pool.getStats().used);
+      },
+    });
+    assert.equal(result.status, "success");
+    assert.equal(result.module, "tenant");
+    assert.equal(result.succeeded.length, 200);
+    assert.deepEqual(result.failed, []);
+    assert.deepEqual(result.notStarted, []);
+    assert.equal(result.appliedCount, 1000);
+    assert.deepEqual(result.results.map((r) => r.schema), tenants);
+    for (const r of result.results) {
+      assert.equal(r.status, "success");
+      assert.deepEqual(r.applied.map((m) => m.filename), FLEET_FILES);
+    }
+    assert.equal(progress.length, 200);
+    assert.deepEqual(progress.map((p) => p.done), Array.from({ length: 200 }, (_, i) => i + 1));
+    assert.equal(progress.at(-1)!.appliedCount, 1000);
+    assert.ok(maxUsed <= 8, `pool used ${maxUsed} connections`);
+    for (const schema of [tenants[0], tenants[99], tenants[199]]) {
+      assert.equal(await historyCount(pool, schema), 5);
+      const db = new DatabaseManager({ pool, schema });
+      assert.equal(await db.fetchValue("SELECT name FROM {{tables.projects}}"), "First project");
+    }
+
+    const again = await migrateSchemas(pool, tenants, {
+      migrationsPath: FLEET,
+      moduleName: "tenant",
+    });
+    assert.equal(again.status, "up_to_date");
+    assert.equal(again.appliedCount, 0);
+    assert.ok(again.results.every((r) => r.status === "up_to_date"));
+  });
+});
+
+serverTest("migrateSchemas() reports one tenant's failure and migrates the others", async () => {
+  await withTenants(6, async (pool, tenants) => {
+    // This tenant already has an incompatible table, so its first migration fails.
+    const broken = new DatabaseManager({ pool, schema: tenants[2] });
+    await broken.ensureSchema();
+    await broken.execute("CREATE TABLE {{tables.projects}} (id int)");
+    const result = await migrateSchemas(pool, tenants, {
+      migrationsPath: FLEET,
+      moduleName: "tenant",
+      concurrency: 3,
+    });
+    assert.equal(result.status, "failed");
+    assert.deepEqual(result.failed, [tenants[2]]);
+    assert.equal(result.succeeded.length, 5);
+    const failure = result.results[2];
+    assert.equal(failure.status, "failed");
+    assert.deepEqual(failure.applied.map((m) => m.filename), FLEET_FILES.slice(0, 2));
+    assert.ok(failure.error instanceof MigrationError);
+    assert.equal(failure.error.filename, "003_projects.sql");
+    assert.equal(failure.error.schema, tenants[2]);
+    assert.equal(failure.error.line, 1);
+    assert.match(failure.error.message, /already exists/);
+    assert.equal(await historyCount(pool, tenants[2]), 2);
+    for (const i of [0, 1, 3, 4, 5]) assert.equal(await historyCount(pool, tenants[i]), 5);
+  });
+});
+
+serverTest("migrateSchemas() resumes an interrupted run where it stopped", async () => {
+  await withTenants(12, async (pool, tenants) => {
+    const controller = new AbortController();
+    const first = await migrateSchemas(pool, tenants, {
+      migrationsPath: FLEET,
+      moduleName: "tenant",
+      concurrency: 2,
+      signal: controller.signal,
+      onProgress: (p) => {
+        if (p.done === 4) controller.abort();
+      },
+    });
+    assert.equal(first.status, "interrupted");
+    const finished = first.results.filter((r) => r.status === "success").map((r) => r.schema);
+    assert.ok(finished.length >= 4 && finished.length <= 5, `finished ${finished.length}`);
+    assert.equal(first.notStarted.length, 12 - finished.length);
+    assert.ok(first.results.every((r) => r.status === "success" || r.status === "not_started"));
+
+    const report = await checkSchemas(pool, tenants, {
+      migrationsPath: FLEET,
+      moduleName: "tenant",
+    });
+    assert.deepEqual(report.upToDate, finished);
+    assert.deepEqual(report.behind, first.notStarted);
+
+    const second = await migrateSchemas(pool, tenants, {
+      migrationsPath: FLEET,
+      moduleName: "tenant",
+    });
+    assert.equal(second.status, "success");
+    for (const r of second.results) {
+      assert.equal(r.status, finished.includes(r.schema) ? "up_to_date" : "success", r.schema);
+    }
+    for (const t of tenants) assert.equal(await historyCount(pool, t), 5);
+  });
+});
+
+serverTest("checkSchemas() lists tenants that are up to date, behind or drifted", async () => {
+  await withTenants(5, async (pool, tenants) => {
+    const migrations: Record<string, string> = {};
+    for (const name of FLEET_FILES) migrations[name] = await Deno.readTextFile(FLEET + name);
+    const firstThree = Object.fromEntries(FLEET_FILES.slice(0, 3).map((n) => [n, migrations[n]]));
+    await migrateSchemas(pool, tenants.slice(0, 3), { migrations, moduleName: "tenant" });
+    await migrateSchemas(pool, [tenants[3]], { migrations: firstThree, moduleName: "tenant" });
+    // Simulate a file edited after it was applied in one tenant.
+    await new DatabaseManager({ pool, schema: tenants[1] }).execute(
+      "UPDATE {{tables.schema_migrations}} SET checksum = repeat('0', 64) " +
+        "WHERE filename = '002_accounts_email.sql'",
+    );
+    const seen: string[] = [];
+    const report = await checkSchemas(pool, tenants, {
+      migrations,
+      moduleName: "tenant",
+      onProgress: (p) => seen.push(p.schema),
+    });
+    assert.equal(report.module, "tenant");
+    assert.deepEqual(report.upToDate, [tenants[0], tenants[2]]);
+    assert.deepEqual(report.drifted, [tenants[1]]);
+    assert.deepEqual(report.behind, [tenants[3], tenants[4]]);
+    assert.deepEqual(report.errors, []);
+    assert.deepEqual(seen.sort(), [...tenants].sort());
+    const byName = new Map(report.schemas.map((s) => [s.schema, s]));
+    assert.deepEqual(byName.get(tenants[3])!.pending, FLEET_FILES.slice(3));
+    assert.equal(byName.get(tenants[3])!.initialized, true);
+    assert.equal(byName.get(tenants[4])!.initialized, false);
+    assert.deepEqual(byName.get(tenants[1])!.drifted.map((d) => d.appliedChecksum), [
+      "0".repeat(64),
+    ]);
+
+    // The fleet refuses the drifted tenant and still brings the one behind up to date.
+    const result = await migrateSchemas(pool, tenants, { migrations, moduleName: "tenant" });
+    assert.equal(result.status, "failed");
+    assert.deepEqual(result.failed, [tenants[1]]);
+    assert.match(result.results[1].error!.message, /changed after it was applied/);
+    assert.deepEqual(result.results[3].applied.map((m) => m.filename), FLEET_FILES.slice(3));
+  });
+});
+
+serverTest("migrateSchemas({ dryRun }) reports pending files and changes nothing", async () => {
+  await withTenants(3, async (pool, tenants) => {
+    const db = new DatabaseManager({ pool });
+    const result = await migrateSchemas(db, tenants, {
+      migrationsPath: FLEET,
+      moduleName: "tenant",
+      dryRun: true,
+    });
+    assert.equal(result.status, "dry_run");
+    for (const r of result.results) assert.deepEqual(r.pending, FLEET_FILES);
+    assert.equal(
+      await db.fetchValue("SELECT count(*)::int FROM pg_namespace WHERE nspname = ANY($1)", [
+        tenants,
+      ]),
+      0,
+    );
+  });
+});
+
+serverTest("migrateSchemas() refuses an invalid source before touching any schema", async () => {
+  await withTenants(2, async (pool, tenants) => {
+    await assert.rejects(
+      migrateSchemas(pool, tenants, {
+        migrations: { "001_a.sql": "SELECT 1;", "1_b.sql": "SELECT 2;" },
+        moduleName: "tenant",
+      }),
+      /same version 1/,
+    );
+    await assert.rejects(
+      migrateSchemas(pool, tenants, { migrations: {}, moduleName: "tenant", concurrency: 0 }),
+      RangeError,
+    );
+    const bad = await migrateSchemas(pool, ["not-a-schema", tenants[0]], {
+      migrations: { "001_a.sql": "CREATE TABLE {{tables.a}} (id int);" },
+      moduleName: "tenant",
+    });
+    assert.deepEqual(bad.failed, ["not-a-schema"]);
+    assert.deepEqual(bad.succeeded, [tenants[0]]);
+  });
+});
