@@ -4,7 +4,9 @@
  * `[databases]` entry (named like the target database) pointing to the server of
  * PGDBM_TEST_URL. Run as root, it drops to the `postgres` user (`pgbouncer -u postgres`:
  * PgBouncer refuses to run as root); run as anyone else, it runs as that user. `stop()`
- * kills it and removes the temp dir.
+ * kills it and removes the temp dir. Beyond installing a missing `pgbouncer` package and
+ * its own temp dirs, the helper changes nothing on the host: it starts, stops or disables
+ * no service.
  */
 import postgres from "postgres";
 import { SERVER_AVAILABLE } from "./server.ts";
@@ -104,8 +106,10 @@ export const IGNORED_STARTUP_PARAMETERS: readonly string[] = [
 
 /**
  * Installs PgBouncer from Debian's packages when it is absent and this runs as root with
- * apt-get, and stops the service the package starts (the tests run instances of their own).
- * Concurrent callers wait for each other on dpkg's lock.
+ * apt-get; concurrent callers wait for each other on dpkg's lock. Nothing else on the host
+ * is touched: if the package starts a system PgBouncer (Debian's listens on 6432 and
+ * `/var/run/postgresql`), it is left as it is, since the tests' own instances listen on a
+ * free port with their own socket and pid files in a temp dir and never meet it.
  */
 async function installPgBouncer(): Promise<void> {
   if (findBinary() !== undefined || Deno.uid() !== 0) return;
@@ -121,15 +125,6 @@ async function installPgBouncer(): Promise<void> {
   if (!(await apt(install)).success) {
     await apt(["-o", "DPkg::Lock::Timeout=120", "update", "-q"]);
     await apt(install);
-  }
-  for (
-    const [command, args] of [["service", ["pgbouncer", "stop"]], ["systemctl", [
-      "disable",
-      "pgbouncer",
-    ]]] as const
-  ) {
-    await new Deno.Command(command, { args: [...args], stdout: "null", stderr: "null" }).output()
-      .catch(() => {});
   }
 }
 
