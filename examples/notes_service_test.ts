@@ -5,6 +5,12 @@
  * snapshots.
  *
  *   PGDBM_TEST_URL=postgres://postgres@127.0.0.1:5432/test deno test -A examples/notes_service_test.ts
+ *
+ * A user's own tests leave the target out and let the helpers choose from the environment.
+ * Here, as part of this repository's suite, they follow the suite's one rule
+ * (tests/_support/server.ts): the test server (PGDBM_TEST_URL, else DATABASE_URL, else
+ * the default local server `deno task test` uses) when it answers, the embedded PGlite only
+ * when none does; so `deno task test` never runs them on PGlite beside a running server.
  */
 import assert from "node:assert/strict";
 import {
@@ -16,8 +22,10 @@ import {
   withTestDatabase,
 } from "../src/testing/mod.ts";
 import { NOTES_MIGRATIONS, NOTES_MODULE, NotesRepository } from "./notes_service.ts";
+import { targetTest, TEST_TARGET } from "../tests/_support/server.ts";
 
 const options: TestDatabaseOptions = {
+  ...TEST_TARGET,
   migrations: { moduleName: NOTES_MODULE, migrationsPath: NOTES_MIGRATIONS, schema: "notes" },
 };
 
@@ -30,7 +38,7 @@ const fixtures = {
   authors: [{ id: 1, name: "ann" }, { id: 2, name: "bob" }],
 };
 
-Deno.test("NotesRepository.add() stores a note and creates its author once", async () => {
+targetTest("NotesRepository.add() stores a note and creates its author once", async () => {
   await withTestDatabase(async (db) => {
     const notes = new NotesRepository(db);
     const first = await notes.add("ann", "hello");
@@ -41,7 +49,7 @@ Deno.test("NotesRepository.add() stores a note and creates its author once", asy
   }, options);
 });
 
-Deno.test("NotesRepository.add() refuses an empty body and changes nothing", async () => {
+targetTest("NotesRepository.add() refuses an empty body and changes nothing", async () => {
   await withTestDatabase(async (db) => {
     await loadFixtures(db, fixtures);
     const before = await snapshotTable(db, "notes");
@@ -50,7 +58,7 @@ Deno.test("NotesRepository.add() refuses an empty body and changes nothing", asy
   }, options);
 });
 
-Deno.test("NotesRepository.pin() puts a note first in its author's list", async () => {
+targetTest("NotesRepository.pin() puts a note first in its author's list", async () => {
   await withTestDatabase(async (db) => {
     await loadFixtures(db, fixtures);
     const notes = new NotesRepository(db);
@@ -61,7 +69,7 @@ Deno.test("NotesRepository.pin() puts a note first in its author's list", async 
   }, options);
 });
 
-Deno.test("NotesRepository.search() matches words case-insensitively, literally", async () => {
+targetTest("NotesRepository.search() matches words case-insensitively, literally", async () => {
   await withTestDatabase(async (db) => {
     await loadFixtures(db, fixtures);
     const notes = new NotesRepository(db);

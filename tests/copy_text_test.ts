@@ -2,9 +2,7 @@ import assert from "node:assert/strict";
 import { once } from "node:events";
 import postgres from "postgres";
 import { encodeCopyRows, encodeCopyValue } from "../src/_copy_text.ts";
-import { serverTest } from "./_support/server.ts";
-
-const TEST_URL = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
+import { serverTest, TEST_URL } from "./_support/server.ts";
 
 async function collect(
   records: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>,

@@ -2,14 +2,30 @@
  * Shared setup of the tests that need a PostgreSQL server: where it is, whether it is
  * up, and fresh uniquely named schemas. Without a server the tests are skipped with a
  * message saying why, unless PGDBM_REQUIRE_SERVER=1 (CI), which makes them fail instead.
+ *
+ * The suite's one rule for where a test runs:
+ * - The server is the one the testing helpers would use (`PGDBM_TEST_URL`, else
+ *   `DATABASE_URL`: `serverUrlFromEnv()` of src/testing), else the documented default
+ *   {@link DEFAULT_TEST_URL}, the server `deno task test` expects on a developer's machine.
+ * - When it answers, every test that can use a server runs on it, including the tests
+ *   that could run on either engine (the example tests, the fixture and snapshot helpers):
+ *   they take {@link TEST_TARGET} (or use {@link targetTest}) instead of leaving the choice
+ *   to the helpers, which without an environment variable would pick the embedded engine
+ *   even with the default server up.
+ * - When it does not answer, server-only tests are skipped (with PGDBM_REQUIRE_SERVER=1
+ *   the import fails instead), and the either-engine tests run on the embedded PostgreSQL
+ *   (PGlite), saying so in their names. Tests of the embedded engine itself always run on it.
  */
 import postgres from "postgres";
 import { createSharedPool, DatabaseManager, type Pool } from "../../mod.ts";
 import type { DatabaseConfig } from "../../src/config.ts";
+import { serverUrlFromEnv } from "../../src/testing/_server.ts";
 
-/** The server the tests use. */
-export const TEST_URL: string = Deno.env.get("PGDBM_TEST_URL") ??
-  "postgres://postgres@127.0.0.1:5432/test";
+/** The server `deno task test` uses when no environment variable names one. */
+export const DEFAULT_TEST_URL: string = "postgres://postgres@127.0.0.1:5432/test";
+
+/** The server the tests use: `PGDBM_TEST_URL`, else `DATABASE_URL`, else the default. */
+export const TEST_URL: string = serverUrlFromEnv() ?? DEFAULT_TEST_URL;
 
 const REQUIRED = Deno.env.get("PGDBM_REQUIRE_SERVER") === "1";
 
@@ -41,6 +57,29 @@ if (unavailable !== undefined) {
 
 /** True when the test server answers. */
 export const SERVER_AVAILABLE: boolean = unavailable === undefined;
+
+/**
+ * Where a test that can run on either engine runs, as options of the testing helpers
+ * (`withTestDatabase`, `withTestSchema`, `createTestDatabase`): the test server when it
+ * answers, else the embedded PostgreSQL.
+ */
+export const TEST_TARGET: { url: string } | { embedded: true } = SERVER_AVAILABLE
+  ? { url: TEST_URL }
+  : { embedded: true };
+
+/**
+ * Registers a test that runs on {@link TEST_TARGET}: the server when it answers, else the
+ * embedded PostgreSQL, named so (never silently).
+ */
+export function targetTest(
+  name: string,
+  fn: (t: Deno.TestContext) => void | Promise<void>,
+): void {
+  Deno.test({
+    name: SERVER_AVAILABLE ? name : `${name} (on embedded PGlite: no server at PGDBM_TEST_URL)`,
+    fn,
+  });
+}
 
 /** Registers a test that needs the server; skipped (ignored, with the reason) without one. */
 export function serverTest(

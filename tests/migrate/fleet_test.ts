@@ -4,9 +4,8 @@ import { MigrationError } from "../../src/errors.ts";
 import { DatabaseManager } from "../../src/manager.ts";
 import { createSharedPool, type Pool } from "../../src/pool/pool.ts";
 import { checkSchemas, type FleetProgress, migrateSchemas } from "../../src/migrate/fleet.ts";
-import { serverTest } from "../_support/server.ts";
+import { serverTest, TEST_URL } from "../_support/server.ts";
 
-const URL_ = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 const FLEET = fileURLToPath(new URL("../fixtures/migrations/fleet/", import.meta.url));
 const FLEET_FILES = [
   "001_accounts.sql",
@@ -26,7 +25,7 @@ async function withTenants(
   count: number,
   fn: (pool: Pool, tenants: string[]) => Promise<void>,
 ): Promise<void> {
-  const pool = await createSharedPool({ connectionString: URL_, maxConnections: 8 });
+  const pool = await createSharedPool({ connectionString: TEST_URL, maxConnections: 8 });
   const tenants = tenantNames(count);
   try {
     await fn(pool, tenants);

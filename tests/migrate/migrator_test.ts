@@ -6,9 +6,8 @@ import { DatabaseManager } from "../../src/manager.ts";
 import { createSharedPool, type Pool } from "../../src/pool/pool.ts";
 import { type MigrationEvent, Migrator } from "../../src/migrate/migrator.ts";
 import { migrationChecksum } from "../../src/migrate/_files.ts";
-import { holdTableLock, serverTest } from "../_support/server.ts";
+import { holdTableLock, serverTest, TEST_URL } from "../_support/server.ts";
 
-const URL_ = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 const FIXTURES = new URL("../fixtures/migrations/", import.meta.url);
 const fixture = (name: string): string => fileURLToPath(new URL(`${name}/`, FIXTURES));
 
@@ -25,7 +24,7 @@ function uniqueSchema(prefix = "mig"): string {
 /** A shared pool and a fresh schema, dropped and closed afterwards. */
 async function withSchema(fn: (ctx: Ctx) => Promise<void>, maxConnections = 4): Promise<void> {
   const pool = await createSharedPool({
-    connectionString: URL_,
+    connectionString: TEST_URL,
     maxConnections,
     minConnections: 1,
   });
@@ -399,7 +398,7 @@ serverTest(
     const schema = uniqueSchema("stub");
     const dir = await Deno.makeTempDir({ prefix: "pgdbm_stub_" });
     const run = async (...args: string[]) => {
-      const env: Record<string, string> = { NO_COLOR: "1", DATABASE_URL: URL_ };
+      const env: Record<string, string> = { NO_COLOR: "1", DATABASE_URL: TEST_URL };
       for (const name of ["PATH", "HOME", "DENO_DIR", "XDG_CACHE_HOME", "TMPDIR"]) {
         const value = Deno.env.get(name);
         if (value !== undefined) env[name] = value;
@@ -427,7 +426,7 @@ serverTest(
         stderr: decoder.decode(output.stderr),
       };
     };
-    const pool = await createSharedPool({ connectionString: URL_, maxConnections: 1 });
+    const pool = await createSharedPool({ connectionString: TEST_URL, maxConnections: 1 });
     const db = new DatabaseManager({ pool, schema });
     try {
       const created = await run("migrate", "create", "add_notes");
@@ -532,7 +531,7 @@ serverTest(
   async () => {
     const failed: string[] = [];
     const pool = await createSharedPool({
-      connectionString: URL_,
+      connectionString: TEST_URL,
       maxConnections: 2,
       onQuery: (event) => {
         if (event.error !== undefined) failed.push(`${event.sql}: ${event.error.message}`);
@@ -909,7 +908,7 @@ serverTest("Migrator applies each migration exactly once across racing processes
     const script = fileURLToPath(new URL("../fixtures/migrate_race.ts", import.meta.url));
     const children = Array.from({ length: 5 }, () =>
       new Deno.Command(Deno.execPath(), {
-        args: ["run", "-A", script, URL_, db.schema!, "race", fixture("race")],
+        args: ["run", "-A", script, TEST_URL, db.schema!, "race", fixture("race")],
         stdout: "piped",
         stderr: "piped",
       }).output());
@@ -938,7 +937,7 @@ serverTest(
     await withSchema(async ({ db }) => {
       const script = fileURLToPath(new URL("../fixtures/migrate_race.ts", import.meta.url));
       const child = new Deno.Command(Deno.execPath(), {
-        args: ["run", "-A", script, URL_, db.schema!, "killed", fixture("killed")],
+        args: ["run", "-A", script, TEST_URL, db.schema!, "killed", fixture("killed")],
         stdout: "piped",
         stderr: "null",
       }).spawn();
@@ -1045,7 +1044,7 @@ serverTest(
   "Migrator.createMigration() writes a timestamped file into the folder only",
   async () => {
     const dir = await Deno.makeTempDir();
-    const pool = await createSharedPool({ connectionString: URL_, maxConnections: 1 });
+    const pool = await createSharedPool({ connectionString: TEST_URL, maxConnections: 1 });
     try {
       const db = new DatabaseManager({ pool, schema: uniqueSchema() });
       const migrator = new Migrator(db, {
@@ -1075,7 +1074,7 @@ serverTest(
 );
 
 serverTest("new Migrator() validates its options before any SQL", () => {
-  const db = new DatabaseManager({ connectionString: URL_, schema: "never_used" });
+  const db = new DatabaseManager({ connectionString: TEST_URL, schema: "never_used" });
   const check = (options: unknown, field: string): void => {
     assert.throws(
       () => new Migrator(db, options as ConstructorParameters<typeof Migrator>[1]),

@@ -1,6 +1,8 @@
 /**
  * The test helpers (`@pgdbm/pgdbm/testing`) against the real server, plus one run on the
- * embedded PostgreSQL. Each test uses a name prefix of its own, so what it creates and
+ * embedded PostgreSQL. The fixture, snapshot and row-count tests need no server of their
+ * own, so they follow the suite's rule (tests/_support/server.ts): on the server when it
+ * answers, on the embedded PostgreSQL only when none does. Each test uses a name prefix of its own, so what it creates and
  * cleans up never meets another test's (or another run's) databases.
  */
 import assert from "node:assert/strict";
@@ -17,7 +19,7 @@ import {
   withTestDatabase,
   withTestSchema,
 } from "../../src/testing/mod.ts";
-import { observe, serverTest, TEST_URL } from "../_support/server.ts";
+import { observe, serverTest, targetTest, TEST_TARGET, TEST_URL } from "../_support/server.ts";
 
 /** A prefix no other test or run uses (the helpers allow 20 characters). */
 function prefix(): string {
@@ -272,7 +274,7 @@ serverTest("withTestSchema() leaves a pool it was given open", async () => {
   }
 });
 
-serverTest("loadFixtures() loads rows in foreign-key order, in one transaction", async (t) => {
+targetTest("loadFixtures() loads rows in foreign-key order, in one transaction", async (t) => {
   await withTestSchema(async (db) => {
     await db.execute(`
       CREATE TABLE {{tables.users}} (id serial PRIMARY KEY, name text NOT NULL);
@@ -340,10 +342,10 @@ serverTest("loadFixtures() loads rows in foreign-key order, in one transaction",
       );
       assert.equal(await countRows(db, "users"), before);
     });
-  }, { url: TEST_URL });
+  }, TEST_TARGET);
 });
 
-serverTest("snapshotTable() and assertTableUnchanged() show what changed", async () => {
+targetTest("snapshotTable() and assertTableUnchanged() show what changed", async () => {
   await withTestSchema(async (db) => {
     await db.execute(
       "CREATE TABLE {{tables.items}} (id int PRIMARY KEY, name text, data bytea)",
@@ -375,10 +377,10 @@ serverTest("snapshotTable() and assertTableUnchanged() show what changed", async
     await assert.rejects(snapshotTable(db, "items", { orderBy: "nope" }), SchemaError);
     await assert.rejects(snapshotTable(db, "missing"), SchemaError);
     await assert.rejects(snapshotTable(db, "items x"), SchemaError);
-  }, { url: TEST_URL });
+  }, TEST_TARGET);
 });
 
-serverTest("countRows() filters with parameters and truncateTable() empties tables", async () => {
+targetTest("countRows() filters with parameters and truncateTable() empties tables", async () => {
   await withTestSchema(async (db, { schema }) => {
     await db.execute(`
       CREATE TABLE {{tables.parents}} (id serial PRIMARY KEY);
@@ -395,7 +397,7 @@ serverTest("countRows() filters with parameters and truncateTable() empties tabl
     assert.equal(await countRows(db, "kids"), 0);
     const id = await db.executeAndReturnId("INSERT INTO {{tables.parents}} DEFAULT VALUES");
     assert.equal(id, 1, "identity restarts");
-  }, { url: TEST_URL });
+  }, TEST_TARGET);
 });
 
 serverTest("cleanupTestDatabases() drops only old marked databases", async () => {
