@@ -8,6 +8,7 @@
 import { ConfigurationError } from "./errors.ts";
 import type { QueryHook } from "./query_event.ts";
 import { assertIdentifier } from "./template.ts";
+import { suggest } from "./_suggest.ts";
 
 /** TLS verification modes, as in libpq's `sslmode`. */
 export type SslMode = "require" | "verify-ca" | "verify-full";
@@ -1079,7 +1080,7 @@ function readPem(value: unknown, field: string, source: string): string {
 function checkKnownNames(value: object, known: readonly string[], prefix: string): void {
   for (const [name, option] of Object.entries(value)) {
     if (option === undefined || known.includes(name)) continue;
-    const suggestion = closest(name, known);
+    const suggestion = suggest(name, known);
     const hint = suggestion === undefined
       ? `use one of ${known.join(", ")}`
       : `did you mean '${prefix}${suggestion}'?`;
@@ -1088,35 +1089,6 @@ function checkKnownNames(value: object, known: readonly string[], prefix: string
       `${PREFIX}: unknown option '${prefix}${name}'; ${hint}`,
     );
   }
-}
-
-/** The known name closest to `name`, when it is close enough to be a typo. */
-function closest(name: string, known: readonly string[]): string | undefined {
-  let best: string | undefined;
-  let bestDistance = 3;
-  for (const candidate of known) {
-    const distance = candidate.toLowerCase() === name.toLowerCase()
-      ? 0
-      : editDistance(name, candidate);
-    if (distance < bestDistance) {
-      best = candidate;
-      bestDistance = distance;
-    }
-  }
-  return best;
-}
-
-function editDistance(a: string, b: string): number {
-  let previous = Array.from({ length: b.length + 1 }, (_, index) => index);
-  for (let i = 1; i <= a.length; i++) {
-    const current = [i];
-    for (let j = 1; j <= b.length; j++) {
-      const substitution = previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1);
-      current[j] = Math.min(previous[j] + 1, current[j - 1] + 1, substitution);
-    }
-    previous = current;
-  }
-  return previous[b.length];
 }
 
 function isPlainObject(value: unknown): value is Record<string, unknown> {

@@ -306,6 +306,21 @@ Deno.test("resolveConfig() suggests the option a typo meant", () => {
   assert.match(error.message, /unknown option 'maxConnection'; did you mean 'maxConnections'\?/);
 });
 
+Deno.test("resolveConfig() suggests as the CLI does: a name cut short, a swap, any case", () => {
+  for (
+    const [typo, meant] of [
+      ["connection", "connectionString"],
+      ["prot", "port"],
+      ["STATEMENTTIMEOUTMS", "statementTimeoutMs"],
+    ]
+  ) {
+    const error = configurationError(() =>
+      resolveClean({ [typo]: 1 } as unknown as DatabaseConfig)
+    );
+    assert.match(error.message, new RegExp(`unknown option '${typo}'; did you mean '${meant}'\\?`));
+  }
+});
+
 Deno.test("resolveConfig() throws SchemaError for a bad or empty schema", () => {
   for (const schema of ["", "bad-name", "a;b", 'x"y', "1abc", "a".repeat(64)]) {
     assert.throws(() => resolveClean({ schema }), SchemaError, JSON.stringify(schema));

@@ -5,6 +5,8 @@
  * @module
  */
 
+import { suggest } from "../_suggest.ts";
+
 /** The name the CLI calls itself in messages. */
 export const PROGRAM = "pgdbm";
 
@@ -184,44 +186,6 @@ export function parseCommand<C>(
     );
   }
   return { args, flags };
-}
-
-/** The closest of `choices` to `input` when it is close enough to be a typo. */
-export function suggest(input: string, choices: readonly string[]): string | undefined {
-  let best: string | undefined;
-  let bestDistance = Infinity;
-  for (const choice of choices) {
-    const distance = choice.startsWith(input) && input.length >= 2
-      ? 1
-      : editDistance(input.toLowerCase(), choice.toLowerCase());
-    if (distance < bestDistance) {
-      best = choice;
-      bestDistance = distance;
-    }
-  }
-  const limit = Math.max(1, Math.min(3, Math.floor((best?.length ?? 0) / 3)));
-  return best !== undefined && bestDistance <= limit && bestDistance < best.length
-    ? best
-    : undefined;
-}
-
-/** Optimal string alignment distance: insertions, deletions, substitutions, swaps. */
-function editDistance(a: string, b: string): number {
-  let before: number[] = [];
-  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    const current = [i];
-    for (let j = 1; j <= b.length; j++) {
-      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
-      current[j] = Math.min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + cost);
-      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
-        current[j] = Math.min(current[j], before[j - 2] + 1);
-      }
-    }
-    before = previous;
-    previous = current;
-  }
-  return previous[b.length];
 }
 
 /** `pgdbm migrate create NAME`: the words to type, without the flags. */

@@ -6,7 +6,8 @@
  */
 
 import { dirname, isAbsolute, resolve } from "node:path";
-import { suggest, UsageError } from "./_args.ts";
+import { UsageError } from "./_args.ts";
+import { suggest } from "../_suggest.ts";
 import type { MigrationLockMode } from "../migrate/migrator.ts";
 import { assertIdentifier } from "../template.ts";
 

@@ -145,10 +145,10 @@ import {
   isHelp,
   parseCommand,
   PROGRAM,
-  suggest,
   tokenize,
   UsageError,
 } from "./_args.ts";
+import { suggest } from "../_suggest.ts";
 import { type CliContext, CommandFailure, CommandInterrupted, Interrupt } from "./_context.ts";
 import { DB_GROUP } from "./commands/db.ts";
 import { MIGRATE_GROUP } from "./commands/migrate.ts";
