@@ -1,8 +1,9 @@
 /**
  * The narrow seam between pgdbm and the wire: "a connection that runs SQL". Two
  * implementations sit behind it: {@link ./postgres.ts} (postgres.js over TCP, Unix
- * socket or TLS) and {@link ./pglite.ts} (PGlite in process). Nothing above this
- * file knows which one it has, and no driver type leaks into the public API.
+ * socket or TLS) and {@link ./pglite.ts} (PGlite in process); {@link ./mod.ts} is the one
+ * place that chooses. Above the seam nothing knows which one it has: what differs is stated
+ * as {@link DriverCapabilities}. No driver type leaks into the public API.
  *
  * Drivers reject with {@link QueryError} for every failure of a statement; a failure that
  * lost the connection has `sqlstate` class `08` (or `57P01`, when the server's message
@@ -22,8 +23,26 @@ export interface DriverResult {
   command: string;
   /** Rows affected or returned, as the command tag reports it. */
   rowCount: number;
-  /** Set to `"replica"` by the pool when a read replica answered. */
-  node?: "replica";
+}
+
+/** Options of one statement. */
+export interface StatementOptions {
+  /**
+   * Run a statement with parameters as a named prepared statement (kept on the session).
+   * @default {the driver's `prepare` setting}
+   */
+  prepare?: boolean;
+}
+
+/** What the pool must know of a driver's sessions. */
+export interface DriverCapabilities {
+  /**
+   * A statement with parameters must travel alone on its session: nothing else in flight
+   * when it is sent, nothing sent after it until it is answered. The network driver with
+   * `prepare: false` sends it as Parse/Describe/Flush before its Sync, and a transaction
+   * pooler up to PgBouncer 1.20 hands the server connection away at an earlier Sync's answer.
+   */
+  readonly parameterizedAlone: boolean;
 }
 
 /** A statement on its way: its result, and a way to cancel it on the server. */
@@ -55,14 +74,14 @@ export interface DriverConnection {
   readonly closed: boolean;
   /**
    * Runs one statement. With `params` it uses the extended protocol, as a named prepared
-   * statement when `prepare` is true; without params it uses the simple protocol, which
+   * statement when `options.prepare` (default: the driver's setting) is true; without params it uses the simple protocol, which
    * accepts several statements separated by `;`: the result has the last statement's
    * `command`, and the rows and `rowCount` of the last statement that returned rows on the
    * network driver (postgres.js keeps no count for a later statement without rows), of the
    * last statement on the embedded one. Statements sent before earlier ones finish are
    * pipelined on the session.
    */
-  query(sql: string, params: readonly unknown[], prepare: boolean): RunningQuery;
+  query(sql: string, params: readonly unknown[], options?: StatementOptions): RunningQuery;
   /**
    * Runs `COPY … FROM STDIN` with `sql`, streaming `chunks` (COPY text format) to the
    * server. Resolves with the number of rows copied.
@@ -83,6 +102,8 @@ export interface DriverConnection {
 export interface Driver {
   /** The most sessions this driver can have open at once (`Infinity` when unbounded). */
   readonly maxSessions: number;
+  /** What the pool must know of its sessions. */
+  readonly capabilities: DriverCapabilities;
   /** Opens one session with the server settings applied. Rejects on failure. */
   connect(): Promise<DriverConnection>;
   /** Releases what the driver holds beyond its sessions (the embedded engine). */

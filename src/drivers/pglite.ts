@@ -19,7 +19,15 @@ import {
   PGlite,
   type Results,
 } from "@electric-sql/pglite";
-import type { Driver, DriverConnection, DriverResult, Row, RunningQuery } from "./driver.ts";
+import type {
+  Driver,
+  DriverCapabilities,
+  DriverConnection,
+  DriverResult,
+  Row,
+  RunningQuery,
+  StatementOptions,
+} from "./driver.ts";
 import { QueryError } from "../errors.ts";
 
 /** Options of {@link createPgliteDriver}. */
@@ -47,7 +55,7 @@ export interface PgliteDriverOptions {
  * Limitations: PGlite cannot interrupt a running statement, so `cancel()` only removes a
  * statement that is still queued behind others (it then rejects with SQLSTATE `57014`); a
  * statement that has started runs to its end. Named prepared statements are not used (the
- * `prepare` flag of `query()` is ignored). After a statement that kept the engine busy for
+ * `prepare` option of `query()` is ignored). After a statement that kept the engine busy for
  * more than 10 ms, the driver yields to the event loop once, so timers keep firing.
  *
  * @example Run a query in memory
@@ -56,7 +64,7 @@ export interface PgliteDriverOptions {
  *
  * const driver = createPgliteDriver({ serverSettings: { lock_timeout: "5s" } });
  * const conn = await driver.connect();
- * const { rows } = await conn.query("SELECT 1 + $1::int AS n", [1], false).result;
+ * const { rows } = await conn.query("SELECT 1 + $1::int AS n", [1]).result;
  * console.log(rows[0].n); // 2
  * await conn.close();
  * await driver.close();
@@ -112,6 +120,7 @@ interface Task {
 
 class PgliteDriver implements Driver {
   readonly maxSessions = 1;
+  readonly capabilities: DriverCapabilities = { parameterizedAlone: false };
   readonly #options: PgliteDriverOptions;
   #engine?: Promise<TaggedPGlite>;
   #pg?: TaggedPGlite;
@@ -303,7 +312,7 @@ class PgliteConnection implements DriverConnection {
     return this.#closed;
   }
 
-  query(sql: string, params: readonly unknown[], _prepare: boolean): RunningQuery {
+  query(sql: string, params: readonly unknown[], _options?: StatementOptions): RunningQuery {
     if (this.#closed) {
       return { result: Promise.reject(sessionClosedError(sql, params)), cancel: resolved };
     }

@@ -10,7 +10,14 @@
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import postgres from "postgres";
 import type { ResolvedConfig, ResolvedSsl } from "../config.ts";
-import type { Driver, DriverConnection, DriverResult, Row, RunningQuery } from "./driver.ts";
+import type {
+  Driver,
+  DriverConnection,
+  DriverResult,
+  Row,
+  RunningQuery,
+  StatementOptions,
+} from "./driver.ts";
 import { QueryError, type ServerErrorFields } from "../errors.ts";
 import { parseArrayBody, serializeArray } from "./_pg_array.ts";
 import { byteaFromHex, byteaToHex } from "./_bytea.ts";
@@ -42,6 +49,7 @@ export function createPostgresDriver(config: ResolvedConfig): Driver {
   const options = connectionOptions(config);
   return {
     maxSessions: Infinity,
+    capabilities: { parameterizedAlone: !config.prepare },
     connect: () => PostgresConnection.open(options),
     close: () => Promise.resolve(),
   };
@@ -96,12 +104,14 @@ function tlsOptions(ssl: ResolvedSsl | undefined, host: string): boolean | TlsOp
 
 class PostgresConnection implements DriverConnection {
   readonly #sql: Sql;
+  readonly #prepare: boolean;
   #pid = 0;
   #serverVersion = "";
   #closed = false;
   #listeners: Array<() => void> = [];
 
   private constructor(options: postgres.Options<Record<string, never>>) {
+    this.#prepare = options.prepare !== false;
     // A lost session must fail what postgres.js still holds for it: left alone, it keeps
     // the queries not yet sent and reconnects to run them, so they hang while the server
     // is down.
@@ -145,11 +155,13 @@ class PostgresConnection implements DriverConnection {
     return this.#closed;
   }
 
-  query(sql: string, params: readonly unknown[], prepare: boolean): RunningQuery {
+  query(sql: string, params: readonly unknown[], options?: StatementOptions): RunningQuery {
     if (this.#closed) return closedQuery(sql, params);
     const query = params.length === 0
       ? this.#sql.unsafe(sql)
-      : this.#sql.unsafe(sql, this.#bindable(params), { prepare });
+      : this.#sql.unsafe(sql, this.#bindable(params), {
+        prepare: options?.prepare ?? this.#prepare,
+      });
     return new PostgresRunningQuery(query, this, sql, params);
   }
 

@@ -8,192 +8,75 @@
  * @module
  */
 
+import { type DatabaseConfig, poolKey, resolveConfig, type ResolvedConfig } from "../config.ts";
+import type { Driver, DriverResult } from "../drivers/driver.ts";
+import { createDriver } from "../drivers/mod.ts";
+import { PoolError } from "../errors.ts";
 import {
-  type DatabaseConfig,
-  describeTarget,
-  poolKey,
-  resolveConfig,
-  type ResolvedConfig,
-} from "../config.ts";
-import type { Driver, DriverConnection, DriverResult, RunningQuery } from "../drivers/driver.ts";
-import { ConnectionError, PoolError, QueryError, TimeoutError } from "../errors.ts";
-import { createPostgresDriver } from "../drivers/postgres.ts";
-import { ReplicaSet, type ReplicaStats } from "./replicas.ts";
+  type CallGuard,
+  CANCEL_GRACE_MS,
+  cancelInFlight,
+  guarded,
+  MAX_CANCEL_RETRIES,
+  statementTimeoutError,
+  strayCancelVictim,
+  timeoutError,
+} from "./_cancel.ts";
+import { connectWithRetry, prepareStatement } from "./_connect.ts";
+import { available, type InFlight, openedSlot, type Slot } from "./_slot.ts";
+import { StatementTimings } from "./_statement_timings.ts";
+import { ReplicaSet } from "./replicas.ts";
+import type {
+  ConnectionCounts,
+  Lease,
+  Pool,
+  PoolStats,
+  QueryOptions,
+  QueryResult,
+  ReplicaStats,
+  WaitPercentiles,
+} from "./types.ts";
 
-export type { ReplicaStats };
-
-/** Per-call options of every query method. */
-export interface QueryOptions {
-  /**
-   * Reject with {@link TimeoutError} after this many milliseconds from the call, and cancel
-   * the query (default `commandTimeoutMs`).
-   */
-  timeoutMs?: number;
-  /** Reject with `signal.reason` when this signal aborts, and cancel the query. */
-  signal?: AbortSignal;
-  /**
-   * Send a read to the primary even when the pool has replicas (to read what was just
-   * written).
-   * @default {false}
-   */
-  primary?: boolean;
-}
-
-/** The connections of one pool, and who waits for one. */
-export interface ConnectionCounts {
-  /** Open connections. */
-  size: number;
-  /** Open connections with nothing running and not leased. */
-  idle: number;
-  /** Open connections running queries or leased to a transaction / `acquire()`. */
-  used: number;
-  /** Callers waiting for a connection. */
-  waiting: number;
-}
-
-/** Percentiles of the time callers waited for a connection. */
-export interface WaitPercentiles {
-  /** Median, in milliseconds. */
-  p50: number;
-  /** 99th percentile, in milliseconds. */
-  p99: number;
-}
-
-/** Live statistics of a pool. */
-export interface PoolStats extends ConnectionCounts {
-  /** `connected` until `close()` is called. */
-  status: "connected" | "closed";
-  /** `minConnections`. */
-  minSize: number;
-  /** `maxConnections`. */
-  maxSize: number;
-  /** Statements run since the pool opened (on the primary). */
-  queries: number;
-  /** Statements that failed since the pool opened (on the primary). */
-  errors: number;
-  /**
-   * Time transactions, `acquire()` calls and queued queries waited for a connection, over
-   * the last 1,024 of them.
-   */
-  acquireWaitMs: WaitPercentiles;
-  /** One entry per read replica (empty without `replicas`). */
-  replicas: ReplicaStats[];
-}
+export type {
+  ConnectionCounts,
+  Lease,
+  Pool,
+  PoolStats,
+  QueryOptions,
+  QueryResult,
+  ReplicaStats,
+  WaitPercentiles,
+};
 
 /**
- * A shared connection pool, made by {@link createSharedPool}. Managers over it
- * (`new DatabaseManager({ pool, schema })`) never close it; its owner does.
+ * A head statement this long without progress marks its connection stalled: new work goes
+ * elsewhere. A point read takes well under a millisecond, so 10 ms is a stall, not a queue.
  */
-export interface Pool {
-  /** True once `close()` was called. */
-  readonly closed: boolean;
-  /** Live statistics. */
-  getStats(): PoolStats;
-  /** Waits for running queries and transactions, then closes every connection. */
-  close(): Promise<void>;
-  /** Same as `close()`, for `await using`. */
-  [Symbol.asyncDispose](): Promise<void>;
-}
-
-/** A connection leased to one transaction or `acquire()` callback. */
-export interface Lease {
-  /** The configuration of the pool the connection belongs to. */
-  readonly config: ResolvedConfig;
-  /** The session's server process id. */
-  readonly pid: number;
-  /** Runs a statement on the leased connection. */
-  query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
-  /** Streams COPY text to the leased connection. */
-  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
-  /** Returns the connection; `discard` closes it instead (its state is unknown). */
-  release(discard?: boolean): void;
-}
-
-/** A head query this long without progress marks its connection stalled for new work. */
 const STALL_MS = 10;
-/** A statement averaging longer than this is slow: it gets a connection of its own. */
-const SLOW_MS = 20;
-/** The most statements in flight on one shared connection. */
-const PIPELINE_LIMIT = 250;
-/** How often deadlines, hung cancels, idle and old connections are checked. */
-const TICK_MS = 250;
 /**
- * How long a statement may go on after its cancel request was delivered before its session
- * is ended (a pooler that lost the statement, a network that drops the answer).
+ * The most statements in flight on one shared connection. More adds latency without adding
+ * throughput (postgres.js itself writes at most 100 and queues the rest).
  */
-const CANCEL_GRACE_MS = 1000;
-/** How often a statement failed by another statement's cancel is run again. */
-const MAX_CANCEL_RETRIES = 3;
-const MAX_TRACKED_STATEMENTS = 5000;
+const PIPELINE_LIMIT = 250;
+/**
+ * How often deadlines (`commandTimeoutMs`), hung cancels, idle and old connections are
+ * checked: the precision of `commandTimeoutMs` and of idle closing.
+ */
+const TICK_MS = 250;
+/** Wait times kept for the `acquireWaitMs` percentiles. */
 const WAIT_WINDOW = 1024;
 /** A `SET` (not `SET LOCAL`) or `set_config(…, false)`: state of the session. */
 const SESSION_SET = /^\s*set\s+(?!local\b)|set_config\s*\([^)]*,\s*false\s*\)/i;
-/** Statements that may commit part of their work before a cancel stops them. */
-const COMMITS_INSIDE = /^\s*(?:call|do)\b|;\s*(?:commit|end|begin|start|rollback|savepoint)\b/i;
 
-/** One open connection and what runs on it. */
-interface Slot {
-  conn: DriverConnection;
-  /** Statements sent and not yet settled, in the order they were sent. */
-  running: Set<InFlight>;
-  prepared: Set<string>;
-  slowRunning: number;
-  leased: boolean;
-  /** Takes no new shared work, so that it comes free for a waiting transaction. */
-  draining: boolean;
-  /** Takes no new work of any kind and is closed once its work is done. */
-  retiring: boolean;
-  /**
-   * Cancels requested on this connection that have not yet taken effect (the request not
-   * delivered, or its target not settled). While above 0 the connection gets no new work,
-   * so a late cancel can only reach statements that were already in flight.
-   */
-  cancelling: number;
-  /** Settles when `cancelling` is back to 0 (for the next statement of a lease). */
-  cancelsDone?: Promise<void>;
-  endCancels?: () => void;
-  queries: number;
-  createdAt: number;
-  lastUsed: number;
-  lastProgress: number;
-}
-
-/** One statement sent on a slot. */
-interface InFlight {
-  running: RunningQuery;
-  sql: string;
-  /** When the pool's tick cancels it (`commandTimeoutMs`); `Infinity` when its call has its own timer. */
-  deadline: number;
-  slow: boolean;
-  start: number;
-  /** What its caller gets once it was cancelled (a timeout or the abort reason). */
-  cancelError?: unknown;
-  /** When the cancel request reached the server. */
-  cancelSentAt?: number;
-  /** A cancel aimed at another statement on its connection was requested while it ran. */
-  exposed: boolean;
-}
-
-/**
- * The timeout and abort signal of one call, armed when the call is made. When it fires the
- * caller's promise rejects at once; `onFire` takes the work out of the queue or cancels it.
- */
-interface CallGuard {
-  fired?: unknown;
-  onFire?: () => void;
-}
-
-interface StatementTiming {
-  avg: number;
-  seen: number;
-  slow: boolean;
-}
-
+/** A caller queued for a connection. */
 interface Waiter {
+  /** Wants a connection of its own (a transaction, `acquire()`). */
   exclusive: boolean;
   /** Takes the slot synchronously, so the next waiter already sees it busy. */
   take: (slot: Slot) => void;
+  /** Fails the wait (`acquireTimeoutMs`, a closed pool, a fired guard). */
   reject: (error: unknown) => void;
+  /** The `acquireTimeoutMs` timer. */
   timer: TimerId;
 }
 
@@ -232,7 +115,7 @@ export class ConnectionPool implements Pool {
   readonly #slots: Slot[] = [];
   readonly #waiters: Waiter[] = [];
   readonly #prepared = new Map<string, string>();
-  readonly #durations = new Map<string, StatementTiming>();
+  readonly #timings = new StatementTimings();
   readonly #waits = new Float64Array(WAIT_WINDOW);
   #waitCount = 0;
   #queries = 0;
@@ -265,12 +148,7 @@ export class ConnectionPool implements Pool {
           "SET), or with 'serverSettings' through a direct connection",
       );
     }
-    const driver = config.kind === "embedded"
-      ? (await import("../drivers/pglite.ts")).createPgliteDriver({
-        dataDir: config.embeddedDataDir,
-        serverSettings: config.serverSettings,
-      })
-      : createPostgresDriver(config);
+    const driver = await createDriver(config);
     const pool = new ConnectionPool(config, driver);
     const key = poolKey(config);
     openPools.set(key, (openPools.get(key) ?? 0) + 1);
@@ -343,7 +221,7 @@ export class ConnectionPool implements Pool {
    * Runs a read: on a healthy replica when the pool has replicas (unless
    * `options.primary`), else like {@link query}.
    */
-  read(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
+  read(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<QueryResult> {
     if (this.#replicas === undefined || options?.primary === true) {
       return this.query(sql, params, options);
     }
@@ -360,13 +238,21 @@ export class ConnectionPool implements Pool {
    */
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
     if (this.#closed) return Promise.reject(this.#closedError());
-    if (!this.config.prepare && params.length > 0) {
-      return this.#guarded(options, (guard) => this.#queryAlone(sql, params, guard));
+    if (params.length > 0 && this.#driver.capabilities.parameterizedAlone) {
+      return guarded(
+        options,
+        this.config.commandTimeoutMs,
+        (guard) => this.#queryAlone(sql, params, guard),
+      );
     }
     if (options?.timeoutMs === undefined && options?.signal === undefined) {
       return this.#dispatch(sql, params, undefined, 0);
     }
-    return this.#guarded(options, (guard) => this.#dispatch(sql, params, guard, 0));
+    return guarded(
+      options,
+      this.config.commandTimeoutMs,
+      (guard) => this.#dispatch(sql, params, guard, 0),
+    );
   }
 
   /** Sends a statement to a shared connection, or queues it until one is free. */
@@ -376,7 +262,7 @@ export class ConnectionPool implements Pool {
     guard: CallGuard | undefined,
     retries: number,
   ): Promise<DriverResult> {
-    const slow = this.#durations.get(sql)?.slow === true;
+    const slow = this.#timings.isSlow(sql);
     const slot = slow ? this.#pickQuiet() : this.#pickShared();
     if (slot !== undefined) return this.#run(slot, sql, params, guard, slow, retries);
     const start = performance.now();
@@ -397,43 +283,6 @@ export class ConnectionPool implements Pool {
     } finally {
       this.release(slot, false);
     }
-  }
-
-  /**
-   * Arms a call's timeout (`timeoutMs`, else `commandTimeoutMs`) and abort signal around
-   * `work`. The caller's promise rejects as soon as either fires: with a
-   * {@link TimeoutError} naming the limit, or with the signal's reason (as `fetch` does).
-   * The work itself is taken out of the queue or cancelled on the server, and its outcome
-   * is dropped.
-   */
-  #guarded(
-    options: QueryOptions | undefined,
-    work: (guard: CallGuard) => Promise<DriverResult>,
-  ): Promise<DriverResult> {
-    const signal = options?.signal;
-    if (signal?.aborted) return Promise.reject(signal.reason);
-    const limitMs = options?.timeoutMs ?? this.config.commandTimeoutMs;
-    return new Promise<DriverResult>((resolve, reject) => {
-      const guard: CallGuard = {};
-      const fire = (error: unknown) => {
-        if (guard.fired !== undefined) return;
-        guard.fired = error;
-        clearTimeout(timer);
-        signal?.removeEventListener("abort", onAbort);
-        reject(error);
-        guard.onFire?.();
-      };
-      const onAbort = () => fire(signal!.reason);
-      const timer = setTimeout(() => fire(timeoutError(limitMs)), limitMs);
-      signal?.addEventListener("abort", onAbort, { once: true });
-      work(guard).then((result) => {
-        if (guard.fired !== undefined) return;
-        guard.fired = null;
-        clearTimeout(timer);
-        signal?.removeEventListener("abort", onAbort);
-        resolve(result);
-      }, (error) => fire(error));
-    });
   }
 
   /** Leases a connection for a transaction or `acquire()`. */
@@ -508,7 +357,7 @@ export class ConnectionPool implements Pool {
         ? this.#run(slot, sql, params, guard, false, 0)
         : slot.cancelsDone.then(() => this.#run(slot, sql, params, guard, false, 0));
     if (options?.timeoutMs === undefined && options?.signal === undefined) return work(undefined);
-    return this.#guarded(options, work);
+    return guarded(options, this.config.commandTimeoutMs, work);
   }
 
   /** Streams COPY text on a leased slot. */
@@ -557,7 +406,7 @@ export class ConnectionPool implements Pool {
   ): Promise<DriverResult> {
     if (guard?.fired !== undefined) return Promise.reject(guard.fired);
     const start = performance.now();
-    const running = slot.conn.query(sql, params, this.config.prepare);
+    const running = slot.conn.query(sql, params);
     const entry: InFlight = {
       running,
       sql,
@@ -598,52 +447,20 @@ export class ConnectionPool implements Pool {
     retries: number,
   ): Promise<DriverResult> {
     if (entry.cancelError !== undefined) throw entry.cancelError;
-    const cancelled = error instanceof QueryError && error.sqlstate === "57014";
     if (
-      cancelled && entry.exposed && !slot.leased && retries < MAX_CANCEL_RETRIES &&
-      guard?.fired === undefined && !COMMITS_INSIDE.test(entry.sql)
+      strayCancelVictim(entry, error) && !slot.leased && retries < MAX_CANCEL_RETRIES &&
+      guard?.fired === undefined
     ) {
       return this.#dispatch(entry.sql, params, guard, retries + 1);
     }
     this.#errors++;
-    if (cancelled && !isUserCancel(error)) throw this.#statementTimeoutError(error);
-    throw error;
+    throw statementTimeoutError(error, this.config.serverSettings.statement_timeout) ?? error;
   }
 
-  #statementTimeoutError(error: QueryError): TimeoutError {
-    const limitMs = this.config.serverSettings.statement_timeout === undefined
-      ? undefined
-      : parseDurationMs(this.config.serverSettings.statement_timeout);
-    return new TimeoutError(
-      `Cannot finish the query: the server cancelled it after its statement_timeout` +
-        `${limitMs === undefined ? "" : ` (${limitMs} ms)`}; raise statementTimeoutMs ` +
-        "(or the statement_timeout set on the server) or make the query faster",
-      limitMs,
-      { cause: error, sqlstate: error.sqlstate },
-    );
-  }
-
-  /**
-   * Cancels one statement: its caller gets `error`, and the driver takes it out of its
-   * queue or asks the server to stop it once it is the statement the session runs. Until
-   * the cancel has taken effect the connection gets no new work; statements already in
-   * flight on it are marked exposed, so one the cancel reaches instead runs again.
-   */
+  /** Cancels a statement; once the cancel has taken effect its slot takes work again. */
   #cancel(slot: Slot, entry: InFlight, error: unknown): void {
-    if (entry.cancelError !== undefined || !slot.running.has(entry)) return;
-    entry.cancelError = error;
-    for (const other of slot.running) if (other !== entry) other.exposed = true;
-    if (slot.cancelling++ === 0) {
-      slot.cancelsDone = new Promise<void>((resolve) => slot.endCancels = resolve);
-    }
-    const delivered = entry.running.cancel().then(() => {
-      entry.cancelSentAt = performance.now();
-    });
-    const settled = entry.running.result.then(() => {}, () => {});
-    Promise.all([delivered, settled]).then(() => {
-      if (--slot.cancelling > 0) return;
-      slot.cancelsDone = undefined;
-      slot.endCancels!();
+    cancelInFlight(slot, entry, error)?.then(() => {
+      if (slot.cancelling > 0) return;
       if (slot.running.size === 0 && !slot.leased) this.#afterWork(slot);
       else if (this.#waiters.length > 0) this.#serveWaiters();
     });
@@ -657,33 +474,17 @@ export class ConnectionPool implements Pool {
     slot.lastUsed = now;
     if (++slot.queries >= this.config.maxQueries) slot.retiring = true;
     if (entry.slow) slot.slowRunning--;
-    if (entry.cancelError === undefined) this.#learn(entry.sql, serviceMs);
+    if (entry.cancelError === undefined && this.#timings.learn(entry.sql, serviceMs)) {
+      this.#markQueuedSlow(entry.sql);
+    }
     if (slot.running.size === 0 && !slot.leased) this.#afterWork(slot);
   }
 
   /**
-   * Remembers statements that ran slowly (twice or more) so they get a quiet connection.
-   * When a statement turns slow, the copies of it already queued count as slow too, so
-   * fast queries stop joining the queues they are in (a burst of a new slow statement
-   * would otherwise hold them).
+   * When a statement turns slow, the copies of it already queued count as slow too, so fast
+   * queries stop joining the queues they are in (a burst of a new slow statement would
+   * otherwise hold them).
    */
-  #learn(sql: string, ms: number): void {
-    const known = this.#durations.get(sql);
-    if (known !== undefined) {
-      const wasSlow = known.slow;
-      known.avg = known.avg * 0.7 + ms * 0.3;
-      known.seen++;
-      known.slow = known.avg > SLOW_MS && known.seen >= 2;
-      if (known.slow && !wasSlow) this.#markQueuedSlow(sql);
-      return;
-    }
-    if (ms < SLOW_MS) return;
-    if (this.#durations.size >= MAX_TRACKED_STATEMENTS) {
-      this.#durations.delete(this.#durations.keys().next().value!);
-    }
-    this.#durations.set(sql, { avg: ms, seen: 1, slow: false });
-  }
-
   #markQueuedSlow(sql: string): void {
     for (const slot of this.#slots) {
       for (const entry of slot.running) {
@@ -871,26 +672,17 @@ export class ConnectionPool implements Pool {
   async #openSlot(): Promise<void> {
     this.#opening++;
     try {
-      const conn = await this.#connectWithRetry();
+      const conn = await connectWithRetry(
+        this.#driver,
+        this.config,
+        this.#prepared,
+        () => this.#closed,
+      );
       if (this.#closed) {
         await conn.close();
         return;
       }
-      const now = performance.now();
-      const slot: Slot = {
-        conn,
-        running: new Set(),
-        prepared: new Set(this.#prepared.keys()),
-        slowRunning: 0,
-        leased: false,
-        draining: false,
-        retiring: false,
-        cancelling: 0,
-        queries: 0,
-        createdAt: now,
-        lastUsed: now,
-        lastProgress: now,
-      };
+      const slot = openedSlot(conn, this.#prepared.keys());
       conn.onClose(() => {
         if (!slot.leased && slot.running.size === 0) this.#remove(slot);
         else slot.retiring = true;
@@ -900,48 +692,6 @@ export class ConnectionPool implements Pool {
     } finally {
       this.#opening--;
     }
-  }
-
-  async #connectWithRetry(): Promise<DriverConnection> {
-    const { attempts, delayMs, backoff, maxDelayMs } = this.config.retry;
-    let delay = delayMs;
-    let lastError: unknown;
-    let made = 0;
-    for (let attempt = 1; attempt <= attempts; attempt++) {
-      made = attempt;
-      try {
-        const conn = await this.#driver.connect();
-        try {
-          for (const command of this.config.initCommands) {
-            await conn.query(command, [], false).result;
-          }
-          for (const [name, sql] of this.#prepared) {
-            await conn.query(prepareStatement(name, sql), [], false).result;
-          }
-        } catch (error) {
-          await conn.close();
-          throw error;
-        }
-        return conn;
-      } catch (error) {
-        lastError = error;
-        if (!isRetryable(error) || this.#closed) break;
-        if (attempt < attempts) {
-          await new Promise((resolve) => setTimeout(resolve, delay));
-          delay = Math.min(delay * backoff, maxDelayMs);
-        }
-      }
-    }
-    const reason = lastError instanceof Error ? lastError.message : String(lastError);
-    throw new ConnectionError(
-      this.config,
-      made,
-      `Cannot connect to ${describeTarget(this.config)} (${made} attempt${made === 1 ? "" : "s"}` +
-        `${isRetryable(lastError) ? "" : "; not retried, retrying cannot help"}): ${reason}. ` +
-        "Check that the server is running and that the host, port, database, user and password " +
-        "are right",
-      { cause: lastError },
-    );
   }
 
   #remove(slot: Slot): void {
@@ -1035,56 +785,6 @@ class SlotLease implements Lease {
 }
 
 const EMPTY: DriverResult = { rows: [], command: "", rowCount: 0 };
-
-function prepareStatement(name: string, sql: string): string {
-  return `PREPARE "${name}" AS ${sql}`;
-}
-
-/** Whether opening a connection may succeed when tried again (not bad credentials or SQL). */
-function isRetryable(error: unknown): boolean {
-  if (!(error instanceof QueryError)) return true;
-  const state = error.sqlstate ?? "";
-  return state === "" || state.startsWith("08") || state.startsWith("57P");
-}
-
-function timeoutError(ms: number): TimeoutError {
-  return new TimeoutError(
-    `Cannot finish the query within ${ms} ms: it was cancelled on the server; ` +
-      "raise timeoutMs (or commandTimeoutMs) or make the query faster",
-    ms,
-  );
-}
-
-/** Whether a slot may take new work (shared or leased). */
-function available(slot: Slot): boolean {
-  return !slot.leased && !slot.draining && !slot.retiring && slot.cancelling === 0 &&
-    !slot.conn.closed;
-}
-
-/**
- * Whether a 57014 came from a cancel request (`pg_cancel_backend`, another client) rather
- * than from the server's `statement_timeout`. The server's English message says so; with
- * another `lc_messages` every 57014 pgdbm did not cause counts as a statement timeout.
- */
-function isUserCancel(error: QueryError): boolean {
-  return error.message.includes("user request");
-}
-
-/** A PostgreSQL duration setting (`"5000"`, `"5s"`, `"1min"`) in milliseconds; 0 is none. */
-function parseDurationMs(setting: string): number | undefined {
-  const match = /^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\s*$/.exec(setting);
-  if (match === null) return undefined;
-  const scale: Record<string, number> = {
-    us: 0.001,
-    ms: 1,
-    s: 1000,
-    min: 60_000,
-    h: 3_600_000,
-    d: 86_400_000,
-  };
-  const ms = Number(match[1]) * scale[match[2] ?? "ms"];
-  return ms > 0 ? ms : undefined;
-}
 
 function releasedError(): PoolError {
   return new PoolError(

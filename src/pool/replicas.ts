@@ -7,31 +7,8 @@
  */
 
 import type { ResolvedConfig } from "../config.ts";
-import type { DriverResult } from "../drivers/driver.ts";
 import { ConnectionError, PoolError, QueryError } from "../errors.ts";
-import type { ConnectionCounts, QueryOptions } from "./pool.ts";
-
-/** Statistics of one replica. */
-export interface ReplicaStats extends ConnectionCounts {
-  /** `host:port/database`. */
-  target: string;
-  /** Open, answering, and within `maxReplicaLagMs`. */
-  healthy: boolean;
-  /** Replay lag last measured, or `null` when not measured. */
-  lagMs: number | null;
-  /** Reads it answered. */
-  queries: number;
-  /** Reads that failed on it (those retried on the primary included). */
-  errors: number;
-}
-
-/** What a replica set needs of a pool (the primary's and each replica's). */
-export interface ReadPool {
-  readonly closed: boolean;
-  query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
-  getStats(): ConnectionCounts;
-  close(): Promise<void>;
-}
+import type { QueryOptions, QueryResult, ReadPool, ReplicaStats } from "./types.ts";
 
 interface ReplicaNode {
   config: ResolvedConfig;
@@ -98,7 +75,7 @@ export class ReplicaSet {
     sql: string,
     params: readonly unknown[],
     options: QueryOptions | undefined,
-  ): Promise<DriverResult> {
+  ): Promise<QueryResult> {
     const node = READ_STATEMENT.test(sql) && !this.#writes.has(sql) ? this.#pick() : undefined;
     if (node === undefined) return primary.query(sql, params, options);
     return node.pool!.query(sql, params, options).then((result) => {

@@ -50,7 +50,7 @@ async function exec(
   params: readonly unknown[] = [],
   prepare = false,
 ): Promise<DriverResult> {
-  return await conn.query(sql, params, prepare).result;
+  return await conn.query(sql, params, { prepare }).result;
 }
 
 async function rejection(promise: Promise<unknown>): Promise<QueryError> {
@@ -172,11 +172,13 @@ const CASES: Case[] = [
       );
       // `prepare` does not matter without params: still the simple protocol.
       assert.deepEqual(
-        (await conn.query("SELECT 1 AS a; SELECT 2 AS b", [], true).result).rows,
+        (await conn.query("SELECT 1 AS a; SELECT 2 AS b", [], { prepare: true }).result).rows,
         [{ b: 2 }],
       );
       // With params it is the extended protocol, which takes one statement only.
-      const error = await rejection(conn.query("SELECT 1; SELECT $1::int", [1], false).result);
+      const error = await rejection(
+        conn.query("SELECT 1; SELECT $1::int", [1], { prepare: false }).result,
+      );
       assert.equal(error.sqlstate, "42601");
       assert.deepEqual((await exec(conn, `SELECT count(*)::int AS n FROM ${t}`)).rows, [{ n: 3 }]);
     },
@@ -206,7 +208,7 @@ const CASES: Case[] = [
     async run(conn, target) {
       const sql = "SELECT $1::int + $2::int AS n, $3::text AS s, $4::text AS nothing";
       for (const prepare of [false, true, false, true]) {
-        const result = await conn.query(sql, [40, 2, "it's $1 -- ;", null], prepare).result;
+        const result = await conn.query(sql, [40, 2, "it's $1 -- ;", null], { prepare }).result;
         assert.deepEqual(
           result,
           { rows: [{ n: 42, s: "it's $1 -- ;", nothing: null }], command: "SELECT", rowCount: 1 },
@@ -356,14 +358,16 @@ const CASES: Case[] = [
       await exec(conn, `INSERT INTO ${t} VALUES (1)`);
 
       const syntax = await rejection(
-        conn.query(`SELECT * FROM ${t} WHER id = 1`, [], false).result,
+        conn.query(`SELECT * FROM ${t} WHER id = 1`, [], { prepare: false }).result,
       );
       assert.equal(syntax.sqlstate, "42601");
       // 1-based: the character after `WHER `, where the parser gave up.
       assert.equal(syntax.position, `SELECT * FROM ${t} WHER `.length + 1);
       assert.equal(syntax.sql, `SELECT * FROM ${t} WHER id = 1`);
 
-      const unique = await rejection(conn.query(`INSERT INTO ${t} VALUES (1)`, [], false).result);
+      const unique = await rejection(
+        conn.query(`INSERT INTO ${t} VALUES (1)`, [], { prepare: false }).result,
+      );
       assert.equal(unique.code, "QUERY_ERROR");
       assert.equal(unique.sqlstate, "23505");
       assert.equal(unique.severity, "ERROR");
@@ -373,18 +377,18 @@ const CASES: Case[] = [
       assert.equal(unique.detail, "Key (id)=(1) already exists.");
       for (const prepare of [false, true]) {
         const bound = await rejection(
-          conn.query(`INSERT INTO ${t} VALUES ($1)`, [1], prepare).result,
+          conn.query(`INSERT INTO ${t} VALUES ($1)`, [1], { prepare }).result,
         );
         assert.equal(bound.sqlstate, "23505");
         assert.equal(bound.constraint, "errors_id_key");
         assert.equal(typeof bound.detail, "string");
       }
 
-      const zero = await rejection(conn.query("SELECT 1 / 0 AS x", [], false).result);
+      const zero = await rejection(conn.query("SELECT 1 / 0 AS x", [], { prepare: false }).result);
       assert.equal(zero.sqlstate, "22012");
       for (const prepare of [false, true]) {
         const bound = await rejection(
-          conn.query("SELECT $1::int / $2::int", [1, 0], prepare).result,
+          conn.query("SELECT $1::int / $2::int", [1, 0], { prepare }).result,
         );
         assert.equal(bound.sqlstate, "22012");
       }
@@ -403,14 +407,14 @@ const CASES: Case[] = [
       const t = target.table("piped");
       await exec(conn, `CREATE TABLE ${t} (n int)`);
       const sent = [
-        conn.query(`INSERT INTO ${t} VALUES (1)`, [], false),
-        conn.query("SELECT 1 / 0 AS boom", [], false),
-        conn.query(`INSERT INTO ${t} VALUES ($1)`, [2], false),
-        conn.query("SELECT $1::int / $2::int AS boom", [1, 0], true),
-        conn.query(`INSERT INTO ${t} VALUES ($1) RETURNING n`, [3], true),
-        conn.query("SELECT nonsense FROM", [], false),
-        conn.query(`SELECT n FROM ${t} ORDER BY n`, [], false),
-        conn.query("SELECT $1::text AS s", ["last"], false),
+        conn.query(`INSERT INTO ${t} VALUES (1)`, [], { prepare: false }),
+        conn.query("SELECT 1 / 0 AS boom", [], { prepare: false }),
+        conn.query(`INSERT INTO ${t} VALUES ($1)`, [2], { prepare: false }),
+        conn.query("SELECT $1::int / $2::int AS boom", [1, 0], { prepare: true }),
+        conn.query(`INSERT INTO ${t} VALUES ($1) RETURNING n`, [3], { prepare: true }),
+        conn.query("SELECT nonsense FROM", [], { prepare: false }),
+        conn.query(`SELECT n FROM ${t} ORDER BY n`, [], { prepare: false }),
+        conn.query("SELECT $1::text AS s", ["last"], { prepare: false }),
       ];
       const outcomes = await Promise.all(sent.map((q) => outcome(q.result)));
       assert.deepEqual(outcomes, [
@@ -429,9 +433,9 @@ const CASES: Case[] = [
   {
     name: "cancel() in the same tick withdraws a statement queued behind a running one (57014)",
     async run(conn) {
-      const slow = conn.query("SELECT 'slow' AS x FROM pg_sleep(0.3)", [], false);
-      const queued = conn.query("SELECT 'queued' AS x", [], false);
-      const after = conn.query("SELECT $1::text AS x", ["after"], false);
+      const slow = conn.query("SELECT 'slow' AS x FROM pg_sleep(0.3)", [], { prepare: false });
+      const queued = conn.query("SELECT 'queued' AS x", [], { prepare: false });
+      const after = conn.query("SELECT $1::text AS x", ["after"], { prepare: false });
       const outcomes = Promise.all([slow, queued, after].map((q) => outcome(q.result)));
       await queued.cancel();
       assert.deepEqual(await within(outcomes, 10_000, "the statements"), [
@@ -448,9 +452,9 @@ const CASES: Case[] = [
   {
     name: "cancel() of a statement sent behind a running one stops it or a later one, no other",
     async run(conn) {
-      const slow = conn.query("SELECT 'slow' AS x FROM pg_sleep(0.4)", [], false);
-      const queued = conn.query("SELECT 'queued' AS x", [], false);
-      const after = conn.query("SELECT 'after' AS x FROM pg_sleep(0.3)", [], false);
+      const slow = conn.query("SELECT 'slow' AS x FROM pg_sleep(0.4)", [], { prepare: false });
+      const queued = conn.query("SELECT 'queued' AS x", [], { prepare: false });
+      const after = conn.query("SELECT 'after' AS x FROM pg_sleep(0.3)", [], { prepare: false });
       const outcomes = Promise.all([slow, queued, after].map((q) => outcome(q.result)));
       // Every statement has left the client by now (pipelined); `slow` is running.
       await sleep(100);
@@ -479,7 +483,7 @@ const CASES: Case[] = [
   {
     name: "cancel() right after query() on an idle session leaves the session usable",
     async run(conn) {
-      const first = conn.query("SELECT 'first' AS x", [], false);
+      const first = conn.query("SELECT 'first' AS x", [], { prepare: false });
       const firstOutcome = outcome(first.result);
       await first.cancel();
       // Either it was withdrawn before it started or it ran: both are within the contract.
@@ -489,7 +493,7 @@ const CASES: Case[] = [
           JSON.stringify(ended) === JSON.stringify(selected([{ x: "first" }])),
         `unexpected outcome ${JSON.stringify(ended)}`,
       );
-      const next = conn.query("SELECT 'next' AS x", [], false);
+      const next = conn.query("SELECT 'next' AS x", [], { prepare: false });
       const nextOutcome = outcome(next.result);
       try {
         assert.deepEqual(
@@ -507,9 +511,9 @@ const CASES: Case[] = [
   {
     name: "cancel() of a finished statement is a no-op and reaches no later statement",
     async run(conn) {
-      const done = conn.query("SELECT 'done' AS x", [], false);
+      const done = conn.query("SELECT 'done' AS x", [], { prepare: false });
       assert.deepEqual((await done.result).rows, [{ x: "done" }]);
-      const later = conn.query("SELECT 'later' AS x FROM pg_sleep(0.3)", [], false);
+      const later = conn.query("SELECT 'later' AS x FROM pg_sleep(0.3)", [], { prepare: false });
       const laterOutcome = outcome(later.result);
       await done.cancel();
       await done.cancel();
@@ -529,7 +533,7 @@ const CASES: Case[] = [
     name: "cancel() of a running statement: stopped on the network, run to its end on PGlite",
     async run(conn, target) {
       if (target.kind === "network") {
-        const running = conn.query("SELECT pg_sleep(10) AS x", [], false);
+        const running = conn.query("SELECT pg_sleep(10) AS x", [], { prepare: false });
         const ended = outcome(running.result);
         await sleep(200);
         const started = performance.now();
@@ -543,7 +547,9 @@ const CASES: Case[] = [
       } else {
         // PGlite cannot interrupt a running statement (documented): it runs to its end.
         const started = performance.now();
-        const running = conn.query("SELECT 'slept' AS x FROM pg_sleep(0.3)", [], false);
+        const running = conn.query("SELECT 'slept' AS x FROM pg_sleep(0.3)", [], {
+          prepare: false,
+        });
         const ended = outcome(running.result);
         await sleep(0);
         await running.cancel();
@@ -621,7 +627,7 @@ const CASES: Case[] = [
     async run(conn) {
       let calls = 0;
       conn.onClose(() => calls++);
-      const pending = conn.query("SELECT 'sent' AS x", [], false);
+      const pending = conn.query("SELECT 'sent' AS x", [], { prepare: false });
       const pendingOutcome = outcome(pending.result);
       await conn.close();
       assert.deepEqual(await pendingOutcome, selected([{ x: "sent" }]));
@@ -630,9 +636,9 @@ const CASES: Case[] = [
       await conn.close();
       assert.equal(calls, 1);
 
-      const error = await rejection(conn.query("SELECT 1", [], false).result);
+      const error = await rejection(conn.query("SELECT 1", [], { prepare: false }).result);
       assert.equal(error.sqlstate, "08003");
-      const bound = await rejection(conn.query("SELECT $1::int", [1], true).result);
+      const bound = await rejection(conn.query("SELECT $1::int", [1], { prepare: true }).result);
       assert.equal(bound.sqlstate, "08003");
       const copy = await rejection(conn.copyIn("COPY x FROM STDIN", fromChunks([])));
       assert.equal(copy.sqlstate, "08003");
@@ -650,8 +656,8 @@ const CASES: Case[] = [
       let calls = 0;
       conn.onClose(() => calls++);
       if (target.kind === "network") {
-        const running = conn.query("SELECT pg_sleep(5) AS x", [], false);
-        const queued = conn.query("SELECT 'queued' AS x", [], false);
+        const running = conn.query("SELECT pg_sleep(5) AS x", [], { prepare: false });
+        const queued = conn.query("SELECT 'queued' AS x", [], { prepare: false });
         const ended = Promise.all([outcome(running.result), outcome(queued.result)]);
         await sleep(100);
         await conn.terminate();
@@ -661,7 +667,7 @@ const CASES: Case[] = [
           assert.match(String(end.sqlstate), /^08/);
         }
       } else {
-        const running = conn.query("SELECT 'ran' AS x FROM pg_sleep(0.2)", [], false);
+        const running = conn.query("SELECT 'ran' AS x FROM pg_sleep(0.2)", [], { prepare: false });
         const ended = outcome(running.result);
         await conn.terminate();
         assert.deepEqual(await ended, selected([{ x: "ran" }]));
@@ -671,7 +677,7 @@ const CASES: Case[] = [
       await conn.terminate();
       await conn.close();
       assert.equal(calls, 1);
-      const error = await rejection(conn.query("SELECT 1", [], false).result);
+      const error = await rejection(conn.query("SELECT 1", [], { prepare: false }).result);
       assert.equal(error.sqlstate, "08003");
     },
   },
@@ -683,7 +689,7 @@ const CASES: Case[] = [
     async run(conn, target) {
       let calls = 0;
       conn.onClose(() => calls++);
-      const running = conn.query("SELECT pg_sleep(5) AS x", [], false);
+      const running = conn.query("SELECT pg_sleep(5) AS x", [], { prepare: false });
       const ended = outcome(running.result);
       const killer = await target.driver.connect();
       try {
@@ -704,7 +710,7 @@ const CASES: Case[] = [
       );
       assert.equal(conn.closed, true);
       assert.equal(calls, 1);
-      const error = await rejection(conn.query("SELECT 1", [], false).result);
+      const error = await rejection(conn.query("SELECT 1", [], { prepare: false }).result);
       assert.equal(error.sqlstate, "08003");
     },
   },

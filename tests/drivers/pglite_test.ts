@@ -20,7 +20,7 @@ async function rejection(promise: Promise<unknown>): Promise<QueryError> {
 }
 
 async function run(conn: DriverConnection, sql: string, params: unknown[] = []) {
-  return await conn.query(sql, params, false).result;
+  return await conn.query(sql, params).result;
 }
 
 // PGlite takes ~2 s and ~650 MB to start, so the whole file shares one driver.
@@ -76,7 +76,7 @@ Deno.test("createPgliteDriver() behaves like the network driver behind the seam"
         assert.deepEqual(last, { rows: [{ id: 1 }, { id: 2 }], command: "SELECT", rowCount: 2 });
         assert.equal(Object.getPrototypeOf(last.rows[0]), Object.prototype);
 
-        const error = await rejection(conn.query("SELECT 1; SELECT 2", [1], false).result);
+        const error = await rejection(conn.query("SELECT 1; SELECT 2", [1]).result);
         assert.equal(error.sqlstate, "42601");
       },
     );
@@ -169,7 +169,7 @@ Deno.test("createPgliteDriver() behaves like the network driver behind the seam"
       await run(conn, "CREATE TABLE public.uniq (id int CONSTRAINT uniq_id UNIQUE)");
       await run(conn, "INSERT INTO public.uniq VALUES (1)");
       const error = await rejection(
-        conn.query("INSERT INTO public.uniq VALUES ($1)", [1], false).result,
+        conn.query("INSERT INTO public.uniq VALUES ($1)", [1]).result,
       );
       assert.equal(error.code, "QUERY_ERROR");
       assert.equal(error.sqlstate, "23505");
@@ -263,10 +263,10 @@ Deno.test("createPgliteDriver() behaves like the network driver behind the seam"
     await t.step("DriverConnection.query() runs pipelined statements in order", async () => {
       await run(conn, "CREATE TABLE public.piped (n int)");
       const sent = [
-        conn.query("INSERT INTO public.piped VALUES (1)", [], false),
-        conn.query("UPDATE public.piped SET n = n * 10", [], false),
-        conn.query("INSERT INTO public.piped VALUES ($1)", [2], false),
-        conn.query("SELECT n FROM public.piped ORDER BY n", [], false),
+        conn.query("INSERT INTO public.piped VALUES (1)", []),
+        conn.query("UPDATE public.piped SET n = n * 10", []),
+        conn.query("INSERT INTO public.piped VALUES ($1)", [2]),
+        conn.query("SELECT n FROM public.piped ORDER BY n", []),
       ];
       const results = await Promise.all(sent.map((q) => q.result));
       assert.deepEqual(results.map((r) => r.command), ["INSERT", "UPDATE", "INSERT", "SELECT"]);
@@ -276,13 +276,9 @@ Deno.test("createPgliteDriver() behaves like the network driver behind the seam"
     await t.step(
       "RunningQuery.cancel() removes a queued statement with SQLSTATE 57014",
       async () => {
-        const slow = conn.query(
-          "SELECT count(*)::int AS n FROM generate_series(1, 200000)",
-          [],
-          false,
-        );
-        const queued = conn.query("SELECT 'never' AS x", [], false);
-        const after = conn.query("SELECT 'after' AS x", [], false);
+        const slow = conn.query("SELECT count(*)::int AS n FROM generate_series(1, 200000)", []);
+        const queued = conn.query("SELECT 'never' AS x", []);
+        const after = conn.query("SELECT 'after' AS x", []);
         await queued.cancel();
         await slow.cancel();
         const error = await rejection(queued.result);
@@ -300,7 +296,7 @@ Deno.test("createPgliteDriver() behaves like the network driver behind the seam"
       await run(conn, "SET work_mem = '8MB'");
       await run(conn, "BEGIN");
       await run(conn, "INSERT INTO public.multi VALUES (99)");
-      const pending = conn.query("SELECT 'sent' AS x", [], false);
+      const pending = conn.query("SELECT 'sent' AS x", []);
       let calls = 0;
       conn.onClose(() => calls++);
       const closing = conn.close();
@@ -317,7 +313,7 @@ Deno.test("createPgliteDriver() behaves like the network driver behind the seam"
       conn.onClose(() => late++);
       assert.equal(late, 1);
 
-      const error = await rejection(conn.query("SELECT 1", [], false).result);
+      const error = await rejection(conn.query("SELECT 1", []).result);
       assert.equal(error.sqlstate, "08003");
       assert.match(error.message, /connection is closed/);
       const copyError = await rejection(
@@ -350,7 +346,7 @@ Deno.test("createPgliteDriver() behaves like the network driver behind the seam"
     await t.step("Driver.close() closes the open session and refuses new ones", async () => {
       let closedCalls = 0;
       conn.onClose(() => closedCalls++);
-      const pending = conn.query("SELECT 'last' AS x", [], false);
+      const pending = conn.query("SELECT 'last' AS x", []);
       await Promise.all([driver.close(), driver.close()]);
       assert.deepEqual((await pending.result).rows, [{ x: "last" }]);
       assert.equal(conn.closed, true);

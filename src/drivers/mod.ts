@@ -1,0 +1,26 @@
+/**
+ * The one place that chooses a driver: the network driver (postgres.js) for a server, the
+ * embedded one (PGlite, loaded only when used) for a `pglite:` target. Nothing above the
+ * seam imports a driver.
+ *
+ * @module
+ */
+
+import type { ResolvedConfig } from "../config.ts";
+import type { Driver } from "./driver.ts";
+import { createPostgresDriver } from "./postgres.ts";
+
+/**
+ * Creates the driver for a resolved configuration.
+ *
+ * @param config The resolved configuration; `kind` chooses the driver.
+ * @returns The driver, not yet connected.
+ */
+export async function createDriver(config: ResolvedConfig): Promise<Driver> {
+  if (config.kind !== "embedded") return createPostgresDriver(config);
+  const { createPgliteDriver } = await import("./pglite.ts");
+  return createPgliteDriver({
+    dataDir: config.embeddedDataDir,
+    serverSettings: config.serverSettings,
+  });
+}

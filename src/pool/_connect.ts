@@ -1,0 +1,84 @@
+/**
+ * Opening one connection for the pool: the driver's session, then `initCommands` and the
+ * pool's prepared statements, retried with exponential backoff while retrying can help.
+ *
+ * @module
+ */
+
+import { describeTarget, type ResolvedConfig } from "../config.ts";
+import type { Driver, DriverConnection } from "../drivers/driver.ts";
+import { ConnectionError, QueryError } from "../errors.ts";
+
+/** The SQL that prepares `sql` under `name` on a session. */
+export function prepareStatement(name: string, sql: string): string {
+  return `PREPARE "${name}" AS ${sql}`;
+}
+
+/**
+ * Opens a session ready for the pool, retrying per `config.retry`.
+ *
+ * @param driver The driver that opens sessions.
+ * @param config The pool's configuration (`retry`, `initCommands`, the target).
+ * @param prepared The pool's prepared statements, name → SQL.
+ * @param stopped Whether the pool was closed meanwhile (no more attempts then).
+ * @returns The session.
+ * @throws {ConnectionError} After the last attempt, or at once when retrying cannot help
+ *   (bad credentials, an unknown database).
+ */
+export async function connectWithRetry(
+  driver: Driver,
+  config: ResolvedConfig,
+  prepared: ReadonlyMap<string, string>,
+  stopped: () => boolean,
+): Promise<DriverConnection> {
+  const { attempts, delayMs, backoff, maxDelayMs } = config.retry;
+  let delay = delayMs;
+  let lastError: unknown;
+  let made = 0;
+  for (let attempt = 1; attempt <= attempts; attempt++) {
+    made = attempt;
+    try {
+      return await connectOnce(driver, config, prepared);
+    } catch (error) {
+      lastError = error;
+      if (!isRetryable(error) || stopped()) break;
+      if (attempt < attempts) {
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        delay = Math.min(delay * backoff, maxDelayMs);
+      }
+    }
+  }
+  const reason = lastError instanceof Error ? lastError.message : String(lastError);
+  throw new ConnectionError(
+    config,
+    made,
+    `Cannot connect to ${describeTarget(config)} (${made} attempt${made === 1 ? "" : "s"}` +
+      `${isRetryable(lastError) ? "" : "; not retried, retrying cannot help"}): ${reason}. ` +
+      "Check that the server is running and that the host, port, database, user and password " +
+      "are right",
+    { cause: lastError },
+  );
+}
+
+async function connectOnce(
+  driver: Driver,
+  config: ResolvedConfig,
+  prepared: ReadonlyMap<string, string>,
+): Promise<DriverConnection> {
+  const conn = await driver.connect();
+  try {
+    for (const command of config.initCommands) await conn.query(command, []).result;
+    for (const [name, sql] of prepared) await conn.query(prepareStatement(name, sql), []).result;
+  } catch (error) {
+    await conn.close();
+    throw error;
+  }
+  return conn;
+}
+
+/** Whether opening a connection may succeed when tried again (not bad credentials or SQL). */
+function isRetryable(error: unknown): boolean {
+  if (!(error instanceof QueryError)) return true;
+  const state = error.sqlstate ?? "";
+  return state === "" || state.startsWith("08") || state.startsWith("57P");
+}
