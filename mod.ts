@@ -27,16 +27,15 @@ export type {
 } from "./src/pool/pool.ts";
 export type { QueryEvent, QueryHook } from "./src/query_event.ts";
 export type { DatabaseConfig, Logger, RetryConfig, SslConfig, SslMode } from "./src/config.ts";
-export { Queries } from "./src/queries.ts";
 export type {
   CopyOptions,
   CopyRecords,
   ExecuteResult,
   FetchValueOptions,
+  Queries,
   Row,
 } from "./src/queries.ts";
-export { Connection, Transaction } from "./src/transaction.ts";
-export type { RawConnection } from "./src/transaction.ts";
+export type { Connection, RawConnection, Transaction } from "./src/transaction.ts";
 export type {
   InferOutput,
   StandardSchemaIssue,
