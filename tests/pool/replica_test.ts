@@ -178,6 +178,92 @@ Deno.test({
       );
 
       await t.step(
+        "onPrimary() sends every read to the primary: a write is read back while replay is paused",
+        async () => {
+          await withReplicaPool(cluster, { replicas: [standby0] }, async (db, pool) => {
+            const primary = db.onPrimary();
+            assert.equal(primary.schema, SCHEMA);
+            assert.equal(primary.pool, pool, "onPrimary() opened a pool of its own");
+            const replicaBefore = statsOf(pool).replicas[0].queries;
+            assert.equal(await primary.fetchValue(IN_RECOVERY), false, "fetchValue on a standby");
+            assert.deepEqual(await primary.fetchOne("SELECT pg_is_in_recovery() AS r"), {
+              r: false,
+            });
+            assert.deepEqual(await primary.fetchAll("SELECT pg_is_in_recovery() AS r"), [
+              { r: false },
+            ]);
+            assert.deepEqual(
+              await primary.fetchAsModel(anyRow, "SELECT pg_is_in_recovery() AS r"),
+              {
+                r: false,
+              },
+            );
+            assert.deepEqual(
+              await primary.fetchAllAsModel(anyRow, "SELECT pg_is_in_recovery() AS r"),
+              [{ r: false }],
+            );
+            assert.equal(
+              await primary.withSchema("public").fetchValue(IN_RECOVERY),
+              false,
+              "withSchema() of an onPrimary() manager reads on a standby",
+            );
+            assert.equal(
+              statsOf(pool).replicas[0].queries,
+              replicaBefore,
+              "a read reached the replica",
+            );
+            assert.equal(
+              await db.fetchValue(IN_RECOVERY),
+              true,
+              "the manager it came from changed",
+            );
+
+            // Read your own write: the standby cannot have the row, the primary has it at once.
+            await cluster.pauseReplay(0);
+            try {
+              const id = await db.executeAndReturnId<number>(
+                "INSERT INTO {{tables.items}} (note) VALUES ($1)",
+                ["on-primary"],
+              );
+              const onReplica = await onNode(
+                standby0,
+                (sql) => sql`SELECT count(*)::int AS n FROM app.items WHERE id = ${id}`,
+              );
+              assert.equal(onReplica[0].n, 0, "the paused replica already has the row");
+              assert.deepEqual(
+                await primary.fetchOne("SELECT note FROM {{tables.items}} WHERE id = $1", [id]),
+                { note: "on-primary" },
+              );
+            } finally {
+              await cluster.resumeReplay(0);
+            }
+
+            await primary.close();
+            assert.equal(pool.closed, false, "close() of an onPrimary() manager closed the pool");
+            assert.equal(await db.fetchValue(IN_RECOVERY), true);
+          });
+
+          // A standalone manager: a view taken before connect() reads on the primary after it.
+          const owner = new DatabaseManager({
+            connectionString: cluster.primaryUrl,
+            replicas: [standby0],
+            schema: SCHEMA,
+          });
+          const early = owner.onPrimary();
+          try {
+            await owner.connect();
+            await waitUntil(
+              "the standalone manager's reads reach the replica",
+              async () => await owner.fetchValue(IN_RECOVERY) === true,
+            );
+            assert.equal(await early.fetchValue(IN_RECOVERY), false);
+          } finally {
+            await owner.close();
+          }
+        },
+      );
+
+      await t.step(
         "reads take turns between two replicas and never reach the primary",
         async () => {
           await withReplicaPool(cluster, { replicas: [standby0, standby1] }, async (db, pool) => {
