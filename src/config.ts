@@ -8,6 +8,7 @@
 import { ConfigurationError } from "./errors.ts";
 import type { QueryHook } from "./query_event.ts";
 import { assertIdentifier } from "./template.ts";
+import { maskPasswords } from "./_secrets.ts";
 import { suggest } from "./_suggest.ts";
 
 /** TLS verification modes, as in libpq's `sslmode`. */
@@ -516,7 +517,7 @@ function replicasOption(value: unknown, primary: ResolvedConfig): ResolvedConfig
     if (target.kind !== "network") {
       throw new ConfigurationError(
         "replicas",
-        `${PREFIX}: each of 'replicas' must be a postgres:// URL; got ${maskConnectionString(url)}`,
+        `${PREFIX}: each of 'replicas' must be a postgres:// URL; got ${maskPasswords(url)}`,
       );
     }
     const parts = target.parts;
@@ -624,7 +625,7 @@ function parseConnectionString(text: string): Target {
   } catch {
     throw new ConfigurationError(
       "connectionString",
-      `${PREFIX}: 'connectionString' is not a valid URL; got ${maskConnectionString(text)}. ` +
+      `${PREFIX}: 'connectionString' is not a valid URL; got ${maskPasswords(text)}. ` +
         `Write postgres://user:password@host:port/database and percent-encode special ` +
         `characters`,
     );
@@ -710,28 +711,6 @@ function decodeUrlPart(value: string, what: string): string {
         `encode "%" as "%25"`,
     );
   }
-}
-
-/** Shows a connection string with anything that may be a password replaced by `***`. */
-function maskConnectionString(text: string): string {
-  const start = text.indexOf("//") + 2;
-  const at = text.lastIndexOf("@");
-  let masked = text;
-  if (at >= start) {
-    const userInfo = text.slice(start, at);
-    const colon = userInfo.indexOf(":");
-    if (colon >= 0) {
-      masked = `${text.slice(0, start)}${userInfo.slice(0, colon)}:***${text.slice(at)}`;
-    }
-  } else {
-    const end = text.slice(start).search(/[/?#]/);
-    const authority = end < 0 ? text.slice(start) : text.slice(start, start + end);
-    const colon = authority.lastIndexOf(":");
-    if (colon >= 0 && !/^\d*$/.test(authority.slice(colon + 1))) {
-      masked = `${text.slice(0, start + colon)}:***${text.slice(start + authority.length)}`;
-    }
-  }
-  return masked.replace(/([?&](?:ssl)?password=)[^&#]*/gi, "$1***");
 }
 
 /** Reads an environment variable only when the `env` permission for it is granted. */

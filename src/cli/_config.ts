@@ -7,6 +7,7 @@
 
 import { dirname, isAbsolute, resolve } from "node:path";
 import { UsageError } from "./_args.ts";
+import { maskPasswords } from "../_secrets.ts";
 import { suggest } from "../_suggest.ts";
 import type { MigrationLockMode } from "../migrate/migrator.ts";
 import { assertIdentifier } from "../template.ts";
@@ -369,42 +370,10 @@ function nonEmpty(value: string | undefined): string | undefined {
 }
 
 /**
- * The URL with its password (in the user part or a `password=` parameter) replaced by
- * `****`, safe to print.
+ * The URL with its passwords (see {@link maskPasswords}) replaced by `****`, safe to print.
  */
 export function maskUrl(url: string): string {
-  let masked = url;
-  const start = url.indexOf("//");
-  const at = url.lastIndexOf("@");
-  if (start >= 0 && at > start) {
-    const userInfo = url.slice(start + 2, at);
-    const colon = userInfo.indexOf(":");
-    if (colon >= 0) {
-      masked = `${url.slice(0, start + 2)}${userInfo.slice(0, colon)}:****${url.slice(at)}`;
-    }
-  }
-  return masked.replace(/([?&](?:ssl)?password=)[^&#]*/gi, "$1****");
-}
-
-/** The passwords in a URL (as written and decoded), to scrub from any output. */
-export function secretsOf(url: string): string[] {
-  const secrets: string[] = [];
-  const start = url.indexOf("//");
-  const at = url.lastIndexOf("@");
-  if (start >= 0 && at > start) {
-    const userInfo = url.slice(start + 2, at);
-    const colon = userInfo.indexOf(":");
-    if (colon >= 0) secrets.push(userInfo.slice(colon + 1));
-  }
-  for (const match of url.matchAll(/[?&](?:ssl)?password=([^&#]*)/gi)) secrets.push(match[1]);
-  const decoded = secrets.map((s) => {
-    try {
-      return decodeURIComponent(s);
-    } catch {
-      return s;
-    }
-  });
-  return [...new Set([...secrets, ...decoded])].filter((s) => s.length >= 3);
+  return maskPasswords(url, "****");
 }
 
 function parseNetworkUrl(url: string, what: string): URL {

@@ -7,7 +7,8 @@
 
 import type { FlagSpec, ParsedCommand } from "./_args.ts";
 import { UsageError } from "./_args.ts";
-import { type CliConfig, loadConfig, type ResolvedUrl, resolveUrl, secretsOf } from "./_config.ts";
+import { type CliConfig, loadConfig, type ResolvedUrl, resolveUrl } from "./_config.ts";
+import { passwordsOf } from "../_secrets.ts";
 import type { Output, ResolvedIo } from "./_output.ts";
 import { createSharedPool, type Pool } from "../pool/pool.ts";
 
@@ -155,7 +156,7 @@ export function databaseUrl(
   input: ParsedCommand,
 ): ResolvedUrl {
   const target = resolveUrl(config, flagValue(input, "env"), (name) => context.io.env(name));
-  context.out.addSecrets(secretsOf(target.url));
+  context.out.addSecrets(passwordsOf(target.url));
   return target;
 }
 
@@ -173,7 +174,7 @@ export async function openPool(
   url: string,
   { attempts, prepare = true }: OpenPoolOptions = {},
 ): Promise<Pool> {
-  context.out.addSecrets(secretsOf(url));
+  context.out.addSecrets(passwordsOf(url));
   const opening = createSharedPool({
     connectionString: url,
     minConnections: 1,
