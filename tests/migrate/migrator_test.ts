@@ -1041,6 +1041,47 @@ serverTest(
 );
 
 serverTest(
+  "Migrator.applyPending() through a broken migrations.json applies nothing and names the manifest",
+  async () => {
+    const folders = [
+      "not_json",
+      "not_a_list",
+      "not_sql",
+      "not_a_string",
+      "in_a_folder",
+      "listed_twice",
+      "missing_file",
+    ];
+    await withSchema(async ({ db }) => {
+      await db.ensureSchema();
+      for (const folder of folders) {
+        const migrationsPath = new URL(`broken_manifest/${folder}/`, FIXTURES).href;
+        const migrator = new Migrator(db, { migrationsPath, moduleName: "manifest" });
+        const error = await migrator.applyPending().then(() => undefined, (e) => e);
+        assert.ok(
+          error instanceof MigrationError,
+          `${folder}: expected MigrationError, got ${error}`,
+        );
+        assert.match(
+          error.message,
+          folder === "missing_file"
+            ? /Cannot read migration '.*002_missing\.sql'/
+            : /manifest '.*migrations\.json'/,
+          folder,
+        );
+        // The listed file that exists (001_a.sql) was not applied before the error.
+        assert.equal(await db.tableExists("manifest_a"), false, `${folder}: 001_a.sql ran`);
+      }
+      const tables = await db.fetchAll<{ name: string }>(
+        "SELECT tablename AS name FROM pg_tables WHERE schemaname = $1",
+        [db.schema],
+      );
+      assert.deepEqual(tables, [], "the failed runs created tables");
+    });
+  },
+);
+
+serverTest(
   "Migrator.createMigration() writes a timestamped file into the folder only",
   async () => {
     const dir = await Deno.makeTempDir();

@@ -107,6 +107,87 @@ Deno.test("createUrlSource() refuses a file: manifest that misses a file of the 
   );
 });
 
+/** A source over one of the folders with a broken manifest (fixtures/migrations/broken_manifest/). */
+function brokenManifest(
+  name: string,
+): { source: ReturnType<typeof createUrlSource>; path: string } {
+  const folder = new URL(`broken_manifest/${name}/`, FIXTURES);
+  return {
+    source: createUrlSource(folder),
+    path: fileURLToPath(new URL(MIGRATION_MANIFEST, folder)),
+  };
+}
+
+/** Matches a MigrationError whose message starts with the manifest's path and says `why`. */
+function manifestError(path: string, why: RegExp): (error: unknown) => boolean {
+  return (error: unknown) => {
+    assert.ok(error instanceof MigrationError, `expected MigrationError, got ${error}`);
+    assert.ok(
+      error.message.startsWith(`Cannot read the migrations manifest '${path}': `),
+      error.message,
+    );
+    assert.match(error.message, why);
+    return true;
+  };
+}
+
+Deno.test("createUrlSource() refuses a manifest that is not JSON and shows the expected form", async () => {
+  const { source, path } = brokenManifest("not_json");
+  await assert.rejects(
+    source.read(),
+    manifestError(path, /it is not JSON \(.+\); write it as \{ "migrations": \["001_name\.sql"/s),
+  );
+});
+
+Deno.test('createUrlSource() refuses a manifest without a "migrations" list', async () => {
+  const { source, path } = brokenManifest("not_a_list");
+  await assert.rejects(
+    source.read(),
+    manifestError(path, /expected \{ "migrations": \[file names\] \}/),
+  );
+});
+
+Deno.test("createUrlSource() refuses manifest entries that are not plain *.sql file names", async () => {
+  for (
+    const [folder, shown] of [
+      ["not_sql", '"002_notes.txt"'],
+      ["not_a_string", "2"],
+      ["in_a_folder", '"sub/002_b.sql"'],
+    ]
+  ) {
+    const { source, path } = brokenManifest(folder);
+    await assert.rejects(
+      source.read(),
+      manifestError(
+        path,
+        new RegExp(`: ${shown.replaceAll(".", "\\.")} is not a plain '\\*\\.sql' file name`),
+      ),
+      folder,
+    );
+  }
+});
+
+Deno.test("createUrlSource() refuses a manifest that lists a file twice, naming it", async () => {
+  const { source, path } = brokenManifest("listed_twice");
+  await assert.rejects(source.read(), (error: unknown) => {
+    manifestError(path, /'001_a\.sql' is listed twice/)(error);
+    assert.equal((error as MigrationError).filename, "001_a.sql");
+    return true;
+  });
+});
+
+Deno.test("createUrlSource() rejects a manifest that lists a missing file, naming the file", async () => {
+  const { source } = brokenManifest("missing_file");
+  const missing = fileURLToPath(new URL("broken_manifest/missing_file/002_missing.sql", FIXTURES));
+  await assert.rejects(source.read(), (error: unknown) => {
+    assert.ok(error instanceof MigrationError, `expected MigrationError, got ${error}`);
+    assert.equal(error.filename, "002_missing.sql");
+    assert.ok(error.message.startsWith(`Cannot read migration '${missing}': `), error.message);
+    assert.ok(error.cause instanceof Deno.errors.NotFound, `cause: ${error.cause}`);
+    return true;
+  });
+});
+
 Deno.test("createUrlSource() reads an http: folder on the loopback host through its manifest", async () => {
   const files: Record<string, string> = {
     "/pkg/migrations/migrations.json": JSON.stringify({
