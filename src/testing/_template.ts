@@ -17,6 +17,7 @@ import { DatabaseManager } from "../manager.ts";
 import { Migrator } from "../migrate/migrator.ts";
 import { type MigrationSource, resolveMigrationSource } from "../migrate/source.ts";
 import { assertIdentifier } from "../template.ts";
+import { sha256Hex } from "../_hash.ts";
 import type { Connection } from "../transaction.ts";
 import { parseMigrationFiles } from "../migrate/_files.ts";
 import {
@@ -128,10 +129,10 @@ export async function templateName(
     set.migrationsTable ?? null,
   ]);
   const family = `${prefix}_tpl_${
-    (await sha256(JSON.stringify([TEMPLATE_FORMAT, shape]))).slice(0, 8)
+    (await sha256Hex(JSON.stringify([TEMPLATE_FORMAT, shape]))).slice(0, 8)
   }`;
   const content = sets.map((loaded, i) => [shape[i], loaded.checksums]);
-  const name = `${family}_${(await sha256(JSON.stringify(content))).slice(0, 12)}`;
+  const name = `${family}_${(await sha256Hex(JSON.stringify(content))).slice(0, 12)}`;
   return { family, name };
 }
 
@@ -204,11 +205,4 @@ async function lock(conn: Connection, family: string, lockWaitMs: number): Promi
     await new Promise((done) => setTimeout(done, pauseMs + Math.random() * pauseMs));
     pauseMs = Math.min(pauseMs * 2, 500);
   }
-}
-
-async function sha256(text: string): Promise<string> {
-  const digest = new Uint8Array(
-    await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text)),
-  );
-  return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
