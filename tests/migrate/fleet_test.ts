@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
-import { MigrationError } from "../../src/errors.ts";
+import { MigrationError, QueryError, SchemaError } from "../../src/errors.ts";
 import { DatabaseManager } from "../../src/manager.ts";
 import { createSharedPool, type Pool } from "../../src/pool/pool.ts";
 import { checkSchemas, type FleetProgress, migrateSchemas } from "../../src/migrate/fleet.ts";
@@ -196,6 +196,84 @@ serverTest("checkSchemas() lists tenants that are up to date, behind or drifted"
     assert.deepEqual(result.results[3].applied.map((m) => m.filename), FLEET_FILES.slice(3));
   });
 });
+
+serverTest(
+  "checkSchemas() reports a schema whose history cannot be read as an error and checks the rest",
+  async () => {
+    await withTenants(5, async (pool, tenants) => {
+      const migrations: Record<string, string> = {};
+      for (const name of FLEET_FILES) migrations[name] = await Deno.readTextFile(FLEET + name);
+      await migrateSchemas(pool, [tenants[0], tenants[2], tenants[3]], {
+        migrations,
+        moduleName: "tenant",
+      });
+      // A history table of another shape, and one that raises when read.
+      const alien = new DatabaseManager({ pool, schema: tenants[1] });
+      await alien.ensureSchema();
+      await alien.execute("CREATE TABLE {{tables.schema_migrations}} (id int)");
+      const raising = new DatabaseManager({ pool, schema: tenants[2] });
+      await raising.execute(
+        "ALTER TABLE {{tables.schema_migrations}} RENAME TO history; " +
+          "CREATE VIEW {{tables.schema_migrations}} AS SELECT * FROM {{tables.history}} " +
+          "WHERE 1 / (SELECT count(*) - count(*) FROM {{tables.history}}) = 1",
+      );
+      // An applied file edited since: drifted, not an error.
+      await new DatabaseManager({ pool, schema: tenants[3] }).execute(
+        "UPDATE {{tables.schema_migrations}} SET checksum = repeat('0', 64) " +
+          "WHERE filename = '001_accounts.sql'",
+      );
+
+      const seen: string[] = [];
+      const schemas = [...tenants, "Not-A-Schema"];
+      const report = await checkSchemas(pool, schemas, {
+        migrations,
+        moduleName: "tenant",
+        concurrency: 2,
+        onProgress: (p) => seen.push(p.schema),
+      });
+      assert.deepEqual(report.errors, [tenants[1], tenants[2], "Not-A-Schema"]);
+      assert.deepEqual(report.upToDate, [tenants[0]]);
+      assert.deepEqual(report.drifted, [tenants[3]]);
+      assert.deepEqual(report.behind, [tenants[4]]);
+      assert.deepEqual(seen.sort(), [...schemas].sort(), "onProgress skipped a schema");
+      assert.deepEqual(report.schemas.map((s) => s.schema), schemas, "not in the order given");
+
+      const [alienStatus, raisingStatus, badName] = [1, 2, 5].map((i) => report.schemas[i]);
+      for (const status of [alienStatus, raisingStatus, badName]) {
+        assert.equal(status.state, "error");
+        assert.equal(status.initialized, false);
+        assert.deepEqual(status.pending, []);
+        assert.deepEqual(status.drifted, []);
+        assert.deepEqual(status.missing, []);
+        assert.equal(status.appliedCount, 0);
+      }
+      assert.ok(alienStatus.error instanceof QueryError, `got ${alienStatus.error}`);
+      assert.equal(alienStatus.error.sqlstate, "42703", alienStatus.error.message);
+      assert.ok(raisingStatus.error instanceof QueryError, `got ${raisingStatus.error}`);
+      assert.equal(raisingStatus.error.sqlstate, "22012", raisingStatus.error.message);
+      assert.ok(badName.error instanceof SchemaError, `got ${badName.error}`);
+      assert.match(badName.error.message, /"Not-A-Schema"/);
+
+      const drifted = report.schemas[3];
+      assert.equal(drifted.error, undefined);
+      assert.deepEqual(drifted.drifted.map((d) => [d.filename, d.appliedChecksum]), [
+        ["001_accounts.sql", "0".repeat(64)],
+      ]);
+      assert.deepEqual(drifted.pending, []);
+      assert.equal(drifted.appliedCount, FLEET_FILES.length);
+
+      // The check changed nothing: the unreadable histories are as they were.
+      assert.equal(
+        await alien.fetchValue("SELECT count(*)::int FROM {{tables.schema_migrations}}"),
+        0,
+      );
+      assert.equal(
+        await raising.fetchValue("SELECT count(*)::int FROM {{tables.history}}"),
+        FLEET_FILES.length,
+      );
+    });
+  },
+);
 
 serverTest("migrateSchemas({ dryRun }) reports pending files and changes nothing", async () => {
   await withTenants(3, async (pool, tenants) => {
