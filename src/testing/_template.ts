@@ -18,6 +18,7 @@ import { Migrator } from "../migrate/migrator.ts";
 import { type MigrationSource, resolveMigrationSource } from "../migrate/source.ts";
 import { assertIdentifier } from "../template.ts";
 import { sha256Hex } from "../_hash.ts";
+import { pollUntilTaken } from "../_backoff.ts";
 import type { Connection } from "../transaction.ts";
 import { parseMigrationFiles } from "../migrate/_files.ts";
 import {
@@ -187,22 +188,25 @@ export async function ensureTemplate(
 }
 
 async function lock(conn: Connection, family: string, lockWaitMs: number): Promise<void> {
-  const started = Date.now();
-  let pauseMs = 20;
-  while (true) {
+  const tryLock = async (): Promise<true | undefined> => {
     const taken = await conn.fetchValue<boolean>(
       "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
       [LOCK_NAMESPACE, family],
     );
-    if (taken === true) return;
-    if (Date.now() - started > lockWaitMs) {
-      throw new TimeoutError(
-        `Cannot build test template '${family}': another process has been building it for ` +
-          `${lockWaitMs} ms; wait for it to finish or raise 'lockWaitMs'`,
-        lockWaitMs,
-      );
-    }
-    await new Promise((done) => setTimeout(done, pauseMs + Math.random() * pauseMs));
-    pauseMs = Math.min(pauseMs * 2, 500);
-  }
+    return taken === true ? true : undefined;
+  };
+  await pollUntilTaken(
+    tryLock,
+    {
+      initialMs: 20,
+      maxMs: 500,
+      timeoutMs: lockWaitMs,
+      onTimeout: () =>
+        new TimeoutError(
+          `Cannot build test template '${family}': another process has been building it for ` +
+            `${lockWaitMs} ms; wait for it to finish or raise 'lockWaitMs'`,
+          lockWaitMs,
+        ),
+    },
+  );
 }
