@@ -918,6 +918,40 @@ serverTest("DatabaseManager.withSchema() is cheap and sees its own schema", asyn
   });
 });
 
+serverTest(
+  "DatabaseManager.onPrimary() without replicas reads and writes like its manager and opens nothing",
+  async () => {
+    await withManager(async (db, pool) => {
+      await db.execute("CREATE TABLE {{tables.items}} (id int)");
+      await db.execute("INSERT INTO {{tables.items}} VALUES (1)");
+      const before = pool.getStats();
+      const primary = db.onPrimary();
+      assert.equal(primary.schema, db.schema);
+      assert.equal(primary.pool, pool);
+      assert.deepEqual(pool.getStats(), before, "onPrimary() opens nothing");
+      assert.equal(primary.prepareQuery("{{tables.items}}"), db.prepareQuery("{{tables.items}}"));
+      await primary.execute("INSERT INTO {{tables.items}} VALUES (2)");
+      assert.deepEqual(
+        (await primary.fetchAll<{ id: number }>("SELECT id FROM {{tables.items}} ORDER BY id"))
+          .map((r) => r.id),
+        [1, 2],
+      );
+      assert.equal(await primary.fetchValue("SELECT pg_is_in_recovery()"), false);
+      assert.equal(
+        await primary.transaction((tx) =>
+          tx.fetchValue("SELECT count(*)::int FROM {{tables.items}}")
+        ),
+        2,
+      );
+      assert.equal(primary.onPrimary().schema, db.schema);
+      // A view does not own the pool: close() leaves it open.
+      await primary.close();
+      assert.equal(pool.closed, false);
+      assert.equal(await db.fetchValue("SELECT count(*)::int FROM {{tables.items}}"), 2);
+    });
+  },
+);
+
 serverTest("DatabaseManager templates {{tables.other.t}} reach another schema", async () => {
   await withManager(async (db) => {
     const otherName = uniqueName("other");
