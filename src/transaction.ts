@@ -108,6 +108,15 @@ export class LeaseRunner implements Runner {
 }
 
 /**
+ * What can run a transaction: the query methods and `transaction()`, as a
+ * `DatabaseManager`, a `Connection` and a `Transaction` (a savepoint inside it) have.
+ */
+export type Transactional = Queries & {
+  /** Runs `fn` in a transaction (a savepoint inside one). */
+  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T>;
+};
+
+/**
  * A transaction: every query method of the manager, on one connection inside
  * `BEGIN … COMMIT`. Valid only inside the callback it was given to.
  *

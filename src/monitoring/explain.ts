@@ -6,8 +6,7 @@
  */
 
 import { splitSqlStatements } from "../_sql.ts";
-import type { Queries } from "../queries.ts";
-import type { Transaction } from "../transaction.ts";
+import type { Transactional } from "../transaction.ts";
 
 /** Options of {@link explain}. */
 export interface ExplainOptions {
@@ -74,10 +73,7 @@ export interface ExplainResult {
  * What {@link explain} runs on: a `DatabaseManager`, `Transaction` or `Connection` (any
  * query object with `transaction()`). Templates expand for its schema.
  */
-export type ExplainTarget = Queries & {
-  /** Runs `fn` in a transaction (a savepoint inside one). */
-  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T>;
-};
+export type ExplainTarget = Transactional;
 
 /** Thrown inside the transaction to roll it back; never escapes. */
 const ROLLBACK: unique symbol = Symbol("pgdbm.explain.rollback");

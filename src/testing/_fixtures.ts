@@ -6,18 +6,13 @@
  */
 
 import { SchemaError } from "../errors.ts";
-import type { Queries } from "../queries.ts";
 import { assertIdentifier } from "../template.ts";
-import type { Transaction } from "../transaction.ts";
+import type { Queries } from "../queries.ts";
+import type { Transaction, Transactional } from "../transaction.ts";
 import { type TableInfo, tableInfo } from "./_tables.ts";
 
 /** Rows to load: table name (in the object's schema) → rows as plain objects. */
 export type Fixtures = Record<string, readonly Record<string, unknown>[]>;
-
-/** What can run a transaction: a manager, a connection, or a transaction (a savepoint). */
-export type Transactional = Queries & {
-  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T>;
-};
 
 interface Plan {
   readonly table: string;

@@ -74,7 +74,8 @@ export type { TestMigrations } from "./_template.ts";
 export { assertTableUnchanged, countRows, snapshotTable, truncateTable } from "./_tables.ts";
 export type { SnapshotOptions, TableSnapshot, TruncateOptions } from "./_tables.ts";
 export { loadFixtures } from "./_fixtures.ts";
-export type { Fixtures, Transactional } from "./_fixtures.ts";
+export type { Fixtures } from "./_fixtures.ts";
+export type { Transactional } from "../transaction.ts";
 
 /** Where the helpers put a database: shared by every helper's options. */
 export interface TestTargetOptions {
