@@ -94,6 +94,7 @@ export {
 export type {
   ConnectionTarget,
   MigrationErrorDetails,
+  MigrationErrorReason,
   PgdbmErrorCode,
   PgdbmErrorOptions,
   ServerErrorFields,

@@ -7,6 +7,7 @@
  */
 
 import { boundValueMasker, typeMask } from "./_mask.ts";
+import type { MigrationResult } from "./migrate/types.ts";
 
 /** Stable codes carried by every {@link PgdbmError}. */
 export type PgdbmErrorCode =
@@ -307,8 +308,71 @@ export class SchemaError extends PgdbmError {
   }
 }
 
-/** Where a {@link MigrationError} happened. */
+/**
+ * Which failure a {@link MigrationError} is, so callers branch on `error.reason` instead of
+ * parsing messages (every `MigrationError` keeps `code: "MIGRATION_ERROR"`).
+ *
+ * Reading the source:
+ * - `missing_file`: the migrations folder, a file the manifest lists, or a file or manifest
+ *   at a URL does not exist.
+ * - `source_unreadable`: the source could not be read otherwise (permissions, network, a
+ *   file that is not UTF-8, an in-memory value that is not text).
+ * - `invalid_manifest`: a `migrations.json` is not valid, lists a file twice, or leaves a
+ *   file of the folder out.
+ * - `invalid_filename`: a file name has no version, or is not a plain `*.sql` name.
+ * - `duplicate_version`: two files share a version.
+ * - `empty_file`: a file has no statement (empty, or only comments).
+ * - `transaction_control_refused`: a file runs `BEGIN`/`COMMIT`/… among its statements.
+ * - `psql_command_refused`: a file has a psql meta-command or a `COPY … TO STDOUT`.
+ *
+ * Checking and locking:
+ * - `drift`: an applied file changed since; nothing was applied.
+ * - `lock_timeout`: another migrator held the (schema, module) lock longer than
+ *   `lockWaitTimeoutMs`.
+ * - `lost_lock_session`: statements ran on another server session than the one holding
+ *   the session lock (a pooler in transaction mode).
+ * - `shared_lock_session`: the server session already held the lock for another client
+ *   (a pooler in transaction mode); nothing was applied.
+ * - `no_transaction_refused`: a `-- pgdbm:no-transaction` file with `lock: "transaction"`.
+ * - `already_applied`: `applyMigration()` of a file that is in the history.
+ *
+ * Applying:
+ * - `statement_failed`: a statement of a migration failed (the server's error is `cause`).
+ * - `retries_exhausted`: a statement kept timing out waiting for a table lock (or
+ *   deadlocking) after `lockRetries` retries.
+ * - `aborted`: the `signal` of `applyPending()` aborted the run (`cause` is its reason).
+ *
+ * Writing and the command line:
+ * - `write_failed`: `createMigration()` could not write (a read-only source, an invalid
+ *   name, or the file exists).
+ * - `not_applied`: a migration to roll back is not applied (the command line's
+ *   `migrate rollback`).
+ */
+export type MigrationErrorReason =
+  | "missing_file"
+  | "source_unreadable"
+  | "invalid_manifest"
+  | "invalid_filename"
+  | "duplicate_version"
+  | "empty_file"
+  | "transaction_control_refused"
+  | "psql_command_refused"
+  | "drift"
+  | "lock_timeout"
+  | "lost_lock_session"
+  | "shared_lock_session"
+  | "no_transaction_refused"
+  | "already_applied"
+  | "statement_failed"
+  | "retries_exhausted"
+  | "aborted"
+  | "write_failed"
+  | "not_applied";
+
+/** Where a {@link MigrationError} happened, and which failure it is. */
 export interface MigrationErrorDetails {
+  /** Which failure it is. */
+  reason?: MigrationErrorReason;
   /** The migration file, when one is involved. */
   filename?: string;
   /** The migrator's module name. */
@@ -317,12 +381,29 @@ export interface MigrationErrorDetails {
   schema?: string;
   /** 1-based line in the file of the failing statement. */
   line?: number;
-  /** What the run applied before it failed. */
-  partialResult?: unknown;
+  /** What the run applied before it failed (`status: "failed"`, with `failure`). */
+  partialResult?: MigrationResult;
 }
 
-/** A migration could not be found, checked, or applied. */
+/**
+ * A migration could not be found, checked, or applied. `reason` says which failure it was.
+ *
+ * @example Branch on the reason (needs a server)
+ * ```ts ignore
+ * import { MigrationError } from "@pgdbm/pgdbm";
+ * try {
+ *   await migrator.applyPending();
+ * } catch (error) {
+ *   if (error instanceof MigrationError && error.reason === "drift") {
+ *     console.error(`Restore ${error.filename}: it changed after it was applied`);
+ *   }
+ *   throw error;
+ * }
+ * ```
+ */
 export class MigrationError extends PgdbmError {
+  /** Which failure it is (absent only on errors made without one). */
+  readonly reason?: MigrationErrorReason;
   /** The migration file, when one is involved. */
   readonly filename?: string;
   /** The migrator's module name. */
@@ -331,17 +412,21 @@ export class MigrationError extends PgdbmError {
   readonly schema?: string;
   /** 1-based line in the file of the failing statement. */
   readonly line?: number;
-  /** What the run applied before it failed. */
-  readonly partialResult?: unknown;
+  /**
+   * What an `applyPending()` run applied before it failed: `status: "failed"`, with
+   * `failure` saying where it stopped. Absent for failures outside such a run.
+   */
+  readonly partialResult?: MigrationResult;
 
   /**
    * Makes the error.
    *
    * @param message What went wrong and what to do.
-   * @param details Where it happened.
+   * @param details Which failure it is, and where it happened.
    */
   constructor(message: string, details: MigrationErrorDetails = {}, options?: PgdbmErrorOptions) {
     super("MIGRATION_ERROR", message, options);
+    this.reason = details.reason;
     this.filename = details.filename;
     this.module = details.module;
     this.schema = details.schema;

@@ -1,0 +1,225 @@
+/**
+ * The history table (pgdbm's columns, so a Python pgdbm service shares it): creating it,
+ * reading and writing its rows, and planning a run from it — what is pending, what drifted
+ * and what is missing.
+ *
+ * @module
+ */
+
+import { QueryError } from "../errors.ts";
+import type { Queries } from "../queries.ts";
+import type { Transaction } from "../transaction.ts";
+import type { AppliedMigration, DriftedMigration, Migration } from "./types.ts";
+
+/** Errors of two processes creating the schema or table at the same moment. */
+const CREATE_RACE = new Set(["23505", "42P07", "42P06"]);
+
+/** A manager or connection: query methods and `transaction()`. */
+export type Transactional = Queries & {
+  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T>;
+};
+
+/** What a run has to do, from the source's files and the history. */
+export interface Plan {
+  /** Files not applied yet, in order. */
+  pending: Migration[];
+  /** Applied files whose content changed. */
+  drifted: DriftedMigration[];
+  /** Applied migrations of this module whose file is gone. */
+  missing: AppliedMigration[];
+}
+
+/** The history table of one module in one schema. */
+export class History {
+  readonly #schema?: string;
+  readonly #module: string;
+  readonly #table: string;
+
+  /**
+   * @param schema The manager's schema (`undefined`: `public`).
+   * @param module The module whose rows are read and written.
+   * @param table The table's name (an identifier, checked by the migrator).
+   */
+  constructor(schema: string | undefined, module: string, table: string) {
+    this.#schema = schema;
+    this.#module = module;
+    this.#table = table;
+  }
+
+  /**
+   * The table, always schema-qualified (`public` for a manager without a schema): the
+   * migrator's own SQL must not depend on a `search_path` a migration changed.
+   */
+  get ref(): string {
+    return `"${this.#schema ?? "public"}".${this.#table}`;
+  }
+
+  /**
+   * Whether the table exists, asked of the catalog: reading a missing table would fail a
+   * query (counted in the pool's errors, seen by `onQuery`, logged by the server).
+   */
+  async exists(q: Queries): Promise<boolean> {
+    return await q.fetchValue<boolean>(
+      "SELECT to_regclass($1) IS NOT NULL",
+      [q.prepareQuery(this.ref)],
+    ) === true;
+  }
+
+  /**
+   * The rows that count for this module (its own and pgdbm's module-less rows), oldest
+   * first; `undefined` while the table does not exist.
+   */
+  applied(q: Queries): Promise<AppliedMigration[] | undefined> {
+    return this.#select(q, "WHERE module_name = $1 OR module_name IS NULL ORDER BY id");
+  }
+
+  /** The `limit` most recent rows that count for this module, newest first. */
+  async recent(q: Queries, limit: number): Promise<AppliedMigration[]> {
+    const rows = await this.#select(
+      q,
+      `WHERE module_name = $1 OR module_name IS NULL ORDER BY applied_at DESC, id DESC LIMIT ${limit}`,
+    );
+    return rows ?? [];
+  }
+
+  /** The checksum recorded for `filename` (read in `tx`, under the transaction lock). */
+  async checksumOf(tx: Queries, filename: string): Promise<string | undefined> {
+    const row = await tx.fetchOne<{ checksum: string }>(
+      `SELECT checksum FROM ${this.ref} WHERE filename = $1 ` +
+        "AND (module_name = $2 OR module_name IS NULL) ORDER BY id DESC LIMIT 1",
+      [filename, this.#module],
+    );
+    return row?.checksum;
+  }
+
+  /**
+   * Records `migration` in the transaction that applied it; its run time is measured on
+   * the server since the transaction began (`now()` is the transaction's start).
+   */
+  recordInTransaction(tx: Queries, migration: Migration): Promise<unknown> {
+    return tx.execute(
+      `INSERT INTO ${this.ref} (filename, checksum, module_name, execution_time_ms) ` +
+        "VALUES ($1, $2, $3, greatest(1, pg_catalog.round(extract(epoch FROM " +
+        "pg_catalog.clock_timestamp() - pg_catalog.now()) * 1000))::int)",
+      [migration.filename, migration.checksum, this.#module],
+    );
+  }
+
+  /** Records `migration` (a no-transaction file, after its last statement). */
+  async record(q: Queries, migration: Migration, executionTimeMs: number): Promise<void> {
+    await q.execute(
+      `INSERT INTO ${this.ref} (filename, checksum, module_name, execution_time_ms) ` +
+        `VALUES ($1, $2, $3, $4)`,
+      [migration.filename, migration.checksum, this.#module, executionTimeMs],
+    );
+  }
+
+  /** Removes this module's row of `filename`; `false` when there was none. */
+  async remove(q: Queries, filename: string): Promise<boolean> {
+    if (!await this.exists(q)) return false;
+    try {
+      const result = await q.execute(
+        `DELETE FROM ${this.ref} WHERE filename = $1 AND module_name = $2`,
+        [filename, this.#module],
+      );
+      return result.rowCount > 0;
+    } catch (error) {
+      if (isMissingTable(error)) return false;
+      throw error;
+    }
+  }
+
+  /**
+   * Creates the schema (when missing) and the table with pgdbm's columns, if they do not
+   * exist. Safe from many processes at once.
+   */
+  async ensure(q: Transactional): Promise<void> {
+    const table = this.ref;
+    const schema = q.schema;
+    const exists = (): Promise<{ table: boolean; schema: boolean } | null> =>
+      q.fetchOne<{ table: boolean; schema: boolean }>(
+        "SELECT to_regclass($1) IS NOT NULL AS table, " +
+          "($2::text IS NULL OR to_regnamespace($2) IS NOT NULL) AS schema",
+        [q.prepareQuery(table), schema === undefined ? null : `"${schema}"`],
+      );
+    const found = await exists();
+    if (found?.table === true) return;
+    try {
+      await q.transaction(async (tx) => {
+        // Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even then.
+        if (found?.schema === false) await tx.execute(`CREATE SCHEMA IF NOT EXISTS "${schema}"`);
+        await tx.execute(
+          `CREATE TABLE IF NOT EXISTS ${table} (
+    id SERIAL PRIMARY KEY,
+    filename VARCHAR(255) NOT NULL,
+    checksum VARCHAR(64) NOT NULL,
+    module_name VARCHAR(100),
+    applied_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    applied_by VARCHAR(100) DEFAULT CURRENT_USER,
+    execution_time_ms INTEGER,
+    UNIQUE(filename, module_name)
+)`,
+        );
+        await tx.execute(
+          `CREATE INDEX IF NOT EXISTS idx_${this.#table}_module ON ${table}(module_name, filename)`,
+        );
+      });
+    } catch (error) {
+      // Another process created them at the same moment: its catalog rows won.
+      if (!(error instanceof QueryError && CREATE_RACE.has(error.sqlstate ?? ""))) throw error;
+      if ((await exists())?.table !== true) throw error;
+    }
+  }
+
+  /** What the run has to do: `files` against the `applied` rows. */
+  plan(files: Migration[], applied: AppliedMigration[]): Plan {
+    const byName = new Map<string, AppliedMigration>();
+    for (const row of applied) byName.set(row.filename, row);
+    const pending: Migration[] = [];
+    const drifted: DriftedMigration[] = [];
+    const present = new Set<string>();
+    for (const file of files) {
+      present.add(file.filename);
+      const row = byName.get(file.filename);
+      if (row === undefined) pending.push(file);
+      else if (row.checksum !== file.checksum) {
+        drifted.push({
+          filename: file.filename,
+          appliedChecksum: row.checksum,
+          currentChecksum: file.checksum,
+        });
+      }
+    }
+    const missing = applied.filter((row) =>
+      row.moduleName === this.#module && !present.has(row.filename)
+    );
+    return { pending, drifted, missing };
+  }
+
+  async #select(q: Queries, tail: string): Promise<AppliedMigration[] | undefined> {
+    if (!await this.exists(q)) return undefined;
+    let rows: Record<string, unknown>[];
+    try {
+      rows = await q.fetchAll(
+        `SELECT filename, checksum, module_name, applied_at, applied_by, execution_time_ms ` +
+          `FROM ${this.ref} ${tail}`,
+        [this.#module],
+      );
+    } catch (error) {
+      if (isMissingTable(error)) return undefined;
+      throw error;
+    }
+    return rows.map((row) => ({
+      filename: String(row.filename),
+      checksum: String(row.checksum),
+      moduleName: row.module_name === null ? null : String(row.module_name),
+      appliedAt: row.applied_at as Date,
+      appliedBy: row.applied_by === null ? null : String(row.applied_by),
+      executionTimeMs: row.execution_time_ms === null ? null : Number(row.execution_time_ms),
+    }));
+  }
+}
+
+function isMissingTable(error: unknown): boolean {
+  return error instanceof QueryError && (error.sqlstate === "42P01" || error.sqlstate === "3F000");
+}
