@@ -16,7 +16,7 @@ import {
   type QueryOptions,
 } from "./pool/pool.ts";
 import { Queries, type Runner } from "./queries.ts";
-import { assertIdentifier } from "./template.ts";
+import { assertIdentifier, quoteIdentifier } from "./template.ts";
 import { Connection, LeaseRunner, runTransaction, type Transaction } from "./transaction.ts";
 
 /** Options of a manager over a shared pool. */
@@ -215,7 +215,7 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
   async ensureSchema(): Promise<void> {
     if (this.schema === undefined) return;
     try {
-      await this.execute(`CREATE SCHEMA IF NOT EXISTS "${this.schema}"`);
+      await this.execute(`CREATE SCHEMA IF NOT EXISTS ${quoteIdentifier(this.schema)}`);
     } catch (error) {
       if (!(error instanceof QueryError && error.sqlstate === "23505")) throw error;
     }
@@ -236,7 +236,7 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
       );
     }
     await this.execute(
-      `DROP SCHEMA IF EXISTS "${this.schema}"${options.cascade ? " CASCADE" : ""}`,
+      `DROP SCHEMA IF EXISTS ${quoteIdentifier(this.schema)}${options.cascade ? " CASCADE" : ""}`,
     );
   }
 

@@ -14,7 +14,7 @@ import type { DriverResult, Row } from "./drivers/driver.ts";
 import { QueryError, SchemaError, ValidationError } from "./errors.ts";
 import type { QueryOptions } from "./pool/pool.ts";
 import type { InferOutput, StandardSchemaV1 } from "./standard_schema.ts";
-import { assertIdentifier, expandTemplate } from "./template.ts";
+import { assertIdentifier, expandTemplate, quoteIdentifier } from "./template.ts";
 
 export type { Row };
 
@@ -323,7 +323,7 @@ export abstract class Queries {
     assertIdentifier(table, "table");
     const columns = options.columns ?? [];
     for (const column of columns) assertIdentifier(column, "column");
-    const list = columns.length > 0 ? ` (${columns.map((c) => `"${c}"`).join(", ")})` : "";
+    const list = columns.length > 0 ? ` (${columns.map(quoteIdentifier).join(", ")})` : "";
     const sql = `COPY ${this.prepareQuery(`{{tables.${table}}}`)}${list} FROM STDIN`;
     const count = columns.length > 0 ? columns.length : undefined;
     const counter = { rows: 0 };

@@ -90,7 +90,7 @@ export function quoteIdentifier(name: string): string {
 }
 
 function expand(sql: string, schema: string | undefined): string {
-  const quoted = schema === undefined ? undefined : `"${schema}"`;
+  const quoted = schema === undefined ? undefined : quoteIdentifier(schema);
   return sql.replace(PLACEHOLDER, (_match, body: string, dot: string | undefined) => {
     const after = dot ?? "";
     if (body === "schema") {
@@ -105,7 +105,7 @@ function expand(sql: string, schema: string | undefined): string {
     if (parts.length === 2) {
       assertIdentifier(parts[0], "schema");
       assertIdentifier(parts[1], "table");
-      return `"${parts[0]}".${parts[1]}${after}`;
+      return `${quoteIdentifier(parts[0])}.${parts[1]}${after}`;
     }
     throw new SchemaError(
       `Cannot expand "{{${body}}}": write {{tables.name}} or {{tables.schema.name}}`,

@@ -6,7 +6,7 @@
  */
 
 import { SchemaError } from "../errors.ts";
-import { assertIdentifier } from "../template.ts";
+import { assertIdentifier, quoteIdentifier } from "../template.ts";
 import type { Queries } from "../queries.ts";
 import type { Transaction, Transactional } from "../transaction.ts";
 import { type TableInfo, tableInfo } from "./_tables.ts";
@@ -154,7 +154,7 @@ async function load(tx: Transaction, plan: Plan): Promise<number> {
   for (const column of plan.info.columns) {
     if (column.sequence === null || !used.has(column.name)) continue;
     await tx.execute(
-      `SELECT setval($1::regclass, m) FROM (SELECT max("${column.name}") AS m ` +
+      `SELECT setval($1::regclass, m) FROM (SELECT max(${quoteIdentifier(column.name)}) AS m ` +
         `FROM {{tables.${table}}}) AS s WHERE m IS NOT NULL`,
       [column.sequence],
     );

@@ -11,7 +11,7 @@
 
 import { ConfigurationError, QueryError } from "../errors.ts";
 import { DatabaseManager } from "../manager.ts";
-import { assertIdentifier } from "../template.ts";
+import { assertIdentifier, quoteIdentifier } from "../template.ts";
 import type { Connection } from "../transaction.ts";
 
 /** What a marked database is. */
@@ -144,7 +144,9 @@ export async function createDatabase(
   if (template !== undefined) assertIdentifier(template, "database");
   try {
     await conn.execute(
-      `CREATE DATABASE "${name}"${template === undefined ? "" : ` TEMPLATE "${template}"`}`,
+      `CREATE DATABASE ${quoteIdentifier(name)}${
+        template === undefined ? "" : ` TEMPLATE ${quoteIdentifier(template)}`
+      }`,
     );
   } catch (error) {
     if (error instanceof QueryError && error.sqlstate === "42501") {
@@ -181,7 +183,7 @@ export async function dropDatabase(conn: Connection, name: string): Promise<void
   await terminateConnections(conn, name);
   const version = Number(await conn.fetchValue<string>("SHOW server_version_num"));
   await conn.execute(
-    `DROP DATABASE IF EXISTS "${name}"${version >= 130000 ? " WITH (FORCE)" : ""}`,
+    `DROP DATABASE IF EXISTS ${quoteIdentifier(name)}${version >= 130000 ? " WITH (FORCE)" : ""}`,
   );
 }
 

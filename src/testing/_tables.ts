@@ -9,7 +9,7 @@
 import { AssertionError } from "node:assert";
 import { SchemaError } from "../errors.ts";
 import type { Queries, Row } from "../queries.ts";
-import { assertIdentifier } from "../template.ts";
+import { assertIdentifier, quoteIdentifier } from "../template.ts";
 
 /** A column of a table, as the helpers need it. */
 export interface ColumnInfo {
@@ -153,7 +153,9 @@ export async function snapshotTable(
       );
     }
   }
-  const order = orderBy.length > 0 ? orderBy.map((c) => `t."${c}"`).join(", ") : "t::text";
+  const order = orderBy.length > 0
+    ? orderBy.map((c) => `t.${quoteIdentifier(c)}`).join(", ")
+    : "t::text";
   const rows = await db.fetchAll(
     `SELECT * FROM ${tableTemplate(table)} AS t ORDER BY ${order}`,
   );

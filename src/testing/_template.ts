@@ -16,7 +16,7 @@ import { ConfigurationError, TimeoutError } from "../errors.ts";
 import { DatabaseManager } from "../manager.ts";
 import { Migrator } from "../migrate/migrator.ts";
 import { type MigrationSource, resolveMigrationSource } from "../migrate/source.ts";
-import { assertIdentifier } from "../template.ts";
+import { assertIdentifier, quoteIdentifier } from "../template.ts";
 import { sha256Hex } from "../_hash.ts";
 import { pollUntilTaken } from "../_backoff.ts";
 import type { Connection } from "../transaction.ts";
@@ -174,9 +174,11 @@ export async function ensureTemplate(
       throw error;
     }
     await db.close();
-    await conn.execute(`ALTER DATABASE "${building}" ALLOW_CONNECTIONS false`);
+    await conn.execute(`ALTER DATABASE ${quoteIdentifier(building)} ALLOW_CONNECTIONS false`);
     await terminateConnections(conn, building);
-    await conn.execute(`ALTER DATABASE "${building}" RENAME TO "${template.name}"`);
+    await conn.execute(
+      `ALTER DATABASE ${quoteIdentifier(building)} RENAME TO ${quoteIdentifier(template.name)}`,
+    );
     await mark(conn, template.name, "template");
     return true;
   } finally {

@@ -22,7 +22,7 @@ import {
 import { duration } from "../_output.ts";
 import { QueryError } from "../../errors.ts";
 import { DatabaseManager } from "../../manager.ts";
-import { assertIdentifier } from "../../template.ts";
+import { assertIdentifier, quoteIdentifier } from "../../template.ts";
 
 /** Checks a name given on the command line as an identifier. */
 export function checkName(name: string, what: string): string {
@@ -83,7 +83,7 @@ async function create(context: CliContext, input: ParsedCommand): Promise<number
         );
       }
     } else {
-      await db.execute(`CREATE DATABASE "${name}"`, [], { signal: context.signal });
+      await db.execute(`CREATE DATABASE ${quoteIdentifier(name)}`, [], { signal: context.signal });
       created = true;
     }
   } finally {
@@ -114,7 +114,7 @@ async function drop(context: CliContext, input: ParsedCommand): Promise<number> 
     } else {
       try {
         await db.execute(
-          `DROP DATABASE "${name}"${hasFlag(input, "force") ? " WITH (FORCE)" : ""}`,
+          `DROP DATABASE ${quoteIdentifier(name)}${hasFlag(input, "force") ? " WITH (FORCE)" : ""}`,
           [],
           { signal: context.signal },
         );

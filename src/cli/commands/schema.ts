@@ -21,6 +21,7 @@ import { checkName } from "./db.ts";
 import { table } from "../_output.ts";
 import { QueryError } from "../../errors.ts";
 import { DatabaseManager } from "../../manager.ts";
+import { quoteIdentifier } from "../../template.ts";
 
 const SYSTEM_SCHEMAS = new Set(["information_schema"]);
 
@@ -91,7 +92,7 @@ async function create(context: CliContext, input: ParsedCommand): Promise<number
         { schema: name },
       );
     }
-    await db.execute(`CREATE SCHEMA "${name}"`, [], { signal: context.signal });
+    await db.execute(`CREATE SCHEMA ${quoteIdentifier(name)}`, [], { signal: context.signal });
     return true;
   });
   context.out.print(created ? `Created schema '${name}'.` : `Schema '${name}' already exists.`);
