@@ -226,14 +226,14 @@ export async function parseMigrationFiles(
       throw new MigrationError(
         `Cannot order migration '${file.filename}' in '${where}': its name has no version; ` +
           `rename it like '001_name.sql', 'V1__name.sql' or '20251025120000_name.sql'`,
-        { filename: file.filename },
+        { reason: "invalid_filename", filename: file.filename },
       );
     }
     if (pythonStrip(file.content) === "") {
       throw new MigrationError(
         `Cannot apply migration '${file.filename}' in '${where}': the file is empty; ` +
           `add SQL to it or delete it`,
-        { filename: file.filename },
+        { reason: "empty_file", filename: file.filename },
       );
     }
     const statements = splitSqlStatements(file.content.replace(/^\ufeff/, ""));
@@ -244,7 +244,7 @@ export async function parseMigrationFiles(
         `Cannot apply migration '${file.filename}' in '${where}': the file has no SQL ` +
           `statement, only comments and whitespace (as a new file from 'migrate create' ` +
           `has until its SQL is written); add SQL to it or delete it`,
-        { filename: file.filename },
+        { reason: "empty_file", filename: file.filename },
       );
     }
     if (
@@ -254,7 +254,7 @@ export async function parseMigrationFiles(
       throw new MigrationError(
         `Cannot apply migration '${file.filename}' in '${where}': the file has no SQL ` +
           `statement between its 'BEGIN;' and 'COMMIT;'; add SQL to it or delete it`,
-        { filename: file.filename },
+        { reason: "empty_file", filename: file.filename },
       );
     }
     parsed.push({
@@ -276,7 +276,7 @@ export async function parseMigrationFiles(
         `Cannot order migrations in '${where}': '${parsed[i - 1].filename}' and ` +
           `'${parsed[i].filename}' have the same version ${parsed[i].version}; ` +
           `give one of them a new version`,
-        { filename: parsed[i].filename },
+        { reason: "duplicate_version", filename: parsed[i].filename },
       );
     }
   }
@@ -323,7 +323,7 @@ export function transactionalBody(content: string, filename: string): Transactio
           `but a migration runs in one transaction with its history row; remove the ` +
           `transaction control, or wrap the whole file in one 'BEGIN;' … 'COMMIT;', or mark ` +
           `the file with a '-- pgdbm:no-transaction' line`,
-        { filename, line: statement.line },
+        { reason: "transaction_control_refused", filename, line: statement.line },
       );
     }
   }
@@ -347,7 +347,7 @@ export function refusePsqlCommands(statements: readonly SqlStatement[], filename
       `Cannot apply migration '${filename}': its statement at line ${copyOut.line} is a ` +
         `'COPY … TO STDOUT', whose rows psql prints, but a migration has nowhere to print ` +
         `them; remove it (or copy to a file on the server with COPY … TO '/path')`,
-      { filename, line: copyOut.line },
+      { reason: "psql_command_refused", filename, line: copyOut.line },
     );
   }
   const command = statements.find((s) => s.psqlCommand !== undefined);
@@ -356,7 +356,7 @@ export function refusePsqlCommands(statements: readonly SqlStatement[], filename
     `Cannot apply migration '${filename}': line ${command.line} is the psql command ` +
       `'${command.psqlCommand}', which only psql runs (a migration's SQL goes to the server ` +
       `as it is); remove it, or write what it does in SQL`,
-    { filename, line: command.line },
+    { reason: "psql_command_refused", filename, line: command.line },
   );
 }
 

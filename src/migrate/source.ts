@@ -216,7 +216,7 @@ function readRecord(migrations: Record<string, string>): MigrationFile[] {
       throw new MigrationError(
         `Cannot read in-memory migration '${filename}': use the bare file name as the ` +
           `key (such as '001_create_users.sql'), without folders`,
-        { filename },
+        { reason: "invalid_filename", filename },
       );
     }
     if (!isMigrationFilename(filename)) continue;
@@ -224,7 +224,7 @@ function readRecord(migrations: Record<string, string>): MigrationFile[] {
       throw new MigrationError(
         `Cannot read in-memory migration '${filename}': its value must be the SQL text; ` +
           `got ${typeof content}`,
-        { filename },
+        { reason: "source_unreadable", filename },
       );
     }
     files.push({ filename, content });
@@ -316,13 +316,13 @@ async function readDirectory(directory: string): Promise<MigrationFile[]> {
       throw new MigrationError(
         `Cannot read migrations: the directory '${directory}' does not exist; create it or ` +
           `fix 'migrationsPath'`,
-        {},
+        { reason: "missing_file" },
         { cause },
       );
     }
     throw new MigrationError(
       `Cannot read migrations from '${directory}': ${messageOf(cause)}`,
-      {},
+      { reason: "source_unreadable" },
       { cause },
     );
   }
@@ -341,7 +341,10 @@ async function readLocal(path: string, filename: string): Promise<string> {
   } catch (cause) {
     throw new MigrationError(
       `Cannot read migration '${path}': ${messageOf(cause)}`,
-      { filename },
+      {
+        reason: cause instanceof Deno.errors.NotFound ? "missing_file" : "source_unreadable",
+        filename,
+      },
       { cause },
     );
   }
@@ -356,7 +359,7 @@ async function readFileUrl(directory: string, manifestPath: string): Promise<Mig
     if (cause instanceof Deno.errors.NotFound) return await readDirectory(directory);
     throw new MigrationError(
       `Cannot read the migrations manifest '${manifestPath}': ${messageOf(cause)}`,
-      {},
+      { reason: "source_unreadable" },
       { cause },
     );
   }
@@ -377,7 +380,7 @@ async function readFileUrl(directory: string, manifestPath: string): Promise<Mig
       `Cannot read migrations from '${directory}': the manifest '${manifestPath}' does not ` +
         `list ${unlisted.map((n) => `'${n}'`).join(", ")}; run writeMigrationManifest() ` +
         `to update it, or delete it to read the folder directly`,
-      { filename: unlisted[0] },
+      { reason: "invalid_manifest", filename: unlisted[0] },
     );
   }
   return await Promise.all(
@@ -416,9 +419,11 @@ async function fetchText(
   try {
     response = await fetcher(url);
   } catch (cause) {
-    throw new MigrationError(`Cannot fetch '${url.href}': ${messageOf(cause)}`, { filename }, {
-      cause,
-    });
+    throw new MigrationError(
+      `Cannot fetch '${url.href}': ${messageOf(cause)}`,
+      { reason: "source_unreadable", filename },
+      { cause },
+    );
   }
   if (!response.ok) {
     await response.body?.cancel();
@@ -426,7 +431,12 @@ async function fetchText(
       explain(response.status) ??
         `Cannot fetch '${url.href}': the server answered ${response.status} ` +
           `${response.statusText}`.trimEnd(),
-      { filename },
+      {
+        reason: response.status === 404 || response.status === 410
+          ? "missing_file"
+          : "source_unreadable",
+        filename,
+      },
     );
   }
   return decode(new Uint8Array(await response.arrayBuffer()), url.href, filename);
@@ -440,7 +450,7 @@ function parseManifest(text: string, where: string): string[] {
     throw new MigrationError(
       `Cannot read the migrations manifest '${where}': it is not JSON (${messageOf(cause)}); ` +
         `write it as { "migrations": ["001_name.sql", …] }`,
-      {},
+      { reason: "invalid_manifest" },
       { cause },
     );
   }
@@ -448,6 +458,7 @@ function parseManifest(text: string, where: string): string[] {
   if (!Array.isArray(list)) {
     throw new MigrationError(
       `Cannot read the migrations manifest '${where}': expected { "migrations": [file names] }`,
+      { reason: "invalid_manifest" },
     );
   }
   const seen = new Set<string>();
@@ -456,12 +467,13 @@ function parseManifest(text: string, where: string): string[] {
       throw new MigrationError(
         `Cannot read the migrations manifest '${where}': ${JSON.stringify(name)} is not a ` +
           `plain '*.sql' file name (letters, digits, '_', '.', '-'; no folders)`,
+        { reason: "invalid_manifest" },
       );
     }
     if (seen.has(name)) {
       throw new MigrationError(
         `Cannot read the migrations manifest '${where}': '${name}' is listed twice`,
-        { filename: name },
+        { reason: "invalid_manifest", filename: name },
       );
     }
     seen.add(name);
@@ -475,7 +487,7 @@ function decode(bytes: Uint8Array, where: string, filename: string | undefined):
   } catch (cause) {
     throw new MigrationError(
       `Cannot read migration '${where}': it is not valid UTF-8; save it as UTF-8`,
-      { filename },
+      { reason: "source_unreadable", filename },
       { cause },
     );
   }
@@ -486,7 +498,7 @@ async function writeFile(directory: string, filename: string, content: string): 
     throw new MigrationError(
       `Cannot create migration '${filename}': use a plain '*.sql' file name of letters, ` +
         `digits, '_', '.' and '-'`,
-      { filename },
+      { reason: "invalid_filename", filename },
     );
   }
   const path = join(directory, filename);
@@ -498,7 +510,7 @@ async function writeFile(directory: string, filename: string, content: string): 
       cause instanceof Deno.errors.AlreadyExists
         ? `Cannot create migration '${path}': the file exists; choose another name`
         : `Cannot create migration '${path}': ${messageOf(cause)}`,
-      { filename },
+      { reason: "write_failed", filename },
       { cause },
     );
   }
