@@ -275,6 +275,26 @@ serverTest(
   },
 );
 
+serverTest(
+  "checkSchemas() lists an applied file that is gone under missing, without an error",
+  async () => {
+    await withTenants(2, async (pool, tenants) => {
+      const migrations: Record<string, string> = {};
+      for (const name of FLEET_FILES) migrations[name] = await Deno.readTextFile(FLEET + name);
+      const withGone = { ...migrations, "006_gone.sql": "SELECT 6;" };
+      await migrateSchemas(pool, tenants, { migrations: withGone, moduleName: "tenant" });
+      const report = await checkSchemas(pool, tenants, { migrations, moduleName: "tenant" });
+      // As the README says: an applied file that is gone is reported, not refused.
+      assert.deepEqual(report.upToDate, tenants);
+      assert.deepEqual(report.errors, []);
+      for (const status of report.schemas) {
+        assert.deepEqual(status.missing, ["006_gone.sql"]);
+        assert.equal(status.appliedCount, FLEET_FILES.length + 1);
+      }
+    });
+  },
+);
+
 serverTest("migrateSchemas({ dryRun }) reports pending files and changes nothing", async () => {
   await withTenants(3, async (pool, tenants) => {
     const db = new DatabaseManager({ pool });
