@@ -20,6 +20,11 @@
  * `SHOW_CONTEXT`). Any other is returned with {@link SqlStatement.psqlCommand} set, for the
  * caller to refuse.
  *
+ * It also answers the small questions asked of one statement (its first keyword, whether it
+ * only reads, has `RETURNING`, may `BEGIN`, sets session state, may commit inside, says
+ * `CONCURRENTLY` or `FROM STDIN`), each as its own small regular expression: one place for
+ * them, with what the lexer would answer differently said beside each.
+ *
  * @module
  */
 
@@ -449,4 +454,120 @@ export function lineOfPosition(sql: string, position: number): number {
     previous = ch;
   }
   return line;
+}
+
+// The small questions asked of one statement's text. Each answers as the regular
+// expression it replaced did, without the lexer above; where the lexer would answer
+// differently (a keyword inside a comment, a dollar-quoted body or a quoted identifier), the
+// comment says so: these answers are cheap guesses whose mistakes are harmless, as stated.
+
+const LEADING_COMMENTS = String.raw`^\s*(?:(?:--[^\n]*\n|\/\*[\s\S]*?\*\/)\s*)*`;
+const FIRST_KEYWORD = new RegExp(`${LEADING_COMMENTS}([A-Za-z]+)`);
+const READ_STATEMENT = new RegExp(
+  `${LEADING_COMMENTS}(?:\\(\\s*)*(?:select|with|values|table|show)\\b`,
+  "i",
+);
+const RETURNING = /\breturning\b/i;
+const STRING_LITERAL = /'(?:[^']|'')*'/g;
+const BEGIN_STATEMENT = /\b(begin|start\s+transaction)\b/i;
+const SESSION_SET = /^\s*set\s+(?!local\b)|set_config\s*\([^)]*,\s*false\s*\)/i;
+const COMMITS_INSIDE = /^\s*(?:call|do)\b|;\s*(?:commit|end|begin|start|rollback|savepoint)\b/i;
+const CONCURRENTLY = /\bconcurrently\b/i;
+const COPY_FROM_STDIN = /\bFROM\s+STDIN\b/i;
+
+/**
+ * The statement's first keyword past leading comments, upper case (`SELECT`, `INSERT`…), or
+ * `undefined` when it does not start with a word (`(SELECT 1)`, an empty text).
+ *
+ * @param sql One statement.
+ * @returns The keyword, or `undefined`.
+ */
+export function firstKeyword(sql: string): string | undefined {
+  return FIRST_KEYWORD.exec(sql)?.[1].toUpperCase();
+}
+
+/**
+ * True when the statement reads only, as far as its first keyword tells (past leading
+ * comments and parentheses): `SELECT`, `WITH`, `VALUES`, `TABLE` or `SHOW`. A `WITH` whose
+ * query writes (`WITH x AS (INSERT … RETURNING …) SELECT …`) and `SELECT … FOR UPDATE`
+ * count as reads here; what runs them must tell them apart otherwise.
+ *
+ * @param sql One statement.
+ * @returns Whether a read replica may answer it.
+ */
+export function isReadStatement(sql: string): boolean {
+  return READ_STATEMENT.test(sql);
+}
+
+/**
+ * True when the statement has the word `RETURNING` outside `'…'` strings. Unlike the
+ * lexer, it also finds it in a comment, a quoted identifier or a dollar-quoted body (then
+ * `executeAndReturnId()` adds no `RETURNING id` and returns what the statement returns).
+ *
+ * @param sql One statement.
+ * @returns Whether it has a `RETURNING` clause.
+ */
+export function hasReturning(sql: string): boolean {
+  return RETURNING.test(sql.replace(STRING_LITERAL, "''"));
+}
+
+/**
+ * True when the text may open a transaction: it has the word `BEGIN` or the words `START
+ * TRANSACTION` anywhere. Unlike the lexer, this also matches inside strings, comments and
+ * function bodies (`BEGIN ATOMIC`, `DO $$ BEGIN … END $$`): over-matching only costs a
+ * harmless `ROLLBACK` when the connection goes back to the pool.
+ *
+ * @param sql A statement or several.
+ * @returns Whether a transaction may be open after it.
+ */
+export function mayBeginTransaction(sql: string): boolean {
+  return BEGIN_STATEMENT.test(sql);
+}
+
+/**
+ * True when the statement changes the session's state: it starts with `SET` (not `SET
+ * LOCAL`), or calls `set_config(…, false)` anywhere (a call whose arguments hold a `)` is
+ * not seen).
+ *
+ * @param sql One statement.
+ * @returns Whether its effect outlives its transaction.
+ */
+export function setsSessionState(sql: string): boolean {
+  return SESSION_SET.test(sql);
+}
+
+/**
+ * True when the text may commit part of its work before a cancel stops it: a `CALL` or a
+ * `DO` (a procedure may `COMMIT`), or a later statement of several that controls a
+ * transaction (`; COMMIT`, `; BEGIN`…). Unlike the lexer, a `;` inside a string or a
+ * comment counts too, which only makes the answer more cautious.
+ *
+ * @param sql A statement or several.
+ * @returns Whether running it again after a cancel could repeat committed work.
+ */
+export function mayCommitInside(sql: string): boolean {
+  return COMMITS_INSIDE.test(sql);
+}
+
+/**
+ * True when the word `CONCURRENTLY` stands anywhere in the statement (`CREATE INDEX
+ * CONCURRENTLY`, `REINDEX … CONCURRENTLY`, `REFRESH MATERIALIZED VIEW CONCURRENTLY`, `DETACH
+ * PARTITION … CONCURRENTLY`). Unlike the lexer, it also finds it in strings and comments.
+ *
+ * @param sql One statement.
+ * @returns Whether it may wait for other transactions on purpose.
+ */
+export function mentionsConcurrently(sql: string): boolean {
+  return CONCURRENTLY.test(sql);
+}
+
+/**
+ * True when the words `FROM STDIN` stand anywhere in the statement, as in `COPY … FROM
+ * STDIN`. Unlike the lexer, it also finds them in strings and comments.
+ *
+ * @param sql A `COPY` statement.
+ * @returns Whether it reads its rows from the client.
+ */
+export function isCopyFromStdin(sql: string): boolean {
+  return COPY_FROM_STDIN.test(sql);
 }

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { firstKeyword } from "./_sql.ts";
+
 /** The part of an OpenTelemetry span pgdbm uses. */
 export interface Span {
   setAttribute(key: string, value: string | number | boolean): unknown;
@@ -142,10 +144,7 @@ export function endSpan(span: Span, error: unknown, rowCount?: number): void {
   span.end();
 }
 
-const FIRST_WORD = /^\s*(?:(?:--[^\n]*\n|\/\*[\s\S]*?\*\/)\s*)*([A-Za-z]+)/;
-
 /** The statement's first keyword, upper case (`SELECT`, `INSERT`…), or `QUERY`. */
 export function operationName(sql: string): string {
-  const match = FIRST_WORD.exec(sql);
-  return match === null ? "QUERY" : match[1].toUpperCase();
+  return firstKeyword(sql) ?? "QUERY";
 }

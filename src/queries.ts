@@ -7,6 +7,7 @@
  */
 
 import { encodeCopyRows } from "./_copy_text.ts";
+import { hasReturning } from "./_sql.ts";
 import { instrumented } from "./_instrument.ts";
 import { activeTracer } from "./_telemetry.ts";
 import type { ResolvedConfig } from "./config.ts";
@@ -58,9 +59,7 @@ export interface Runner {
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
 }
 
-const RETURNING = /\breturning\b/i;
 const TRAILING = /[\s;]+$/;
-const STRING_LITERAL = /'(?:[^']|'')*'/g;
 
 /**
  * The query methods. Every method expands `{{tables.name}}` and `{{schema}}` for this
@@ -183,7 +182,7 @@ export abstract class Queries {
     options?: QueryOptions,
   ): Promise<T | null> {
     let text = this.prepareQuery(sql);
-    if (!RETURNING.test(text.replace(STRING_LITERAL, "''"))) {
+    if (!hasReturning(text)) {
       text = text.replace(TRAILING, "") + " RETURNING id";
     }
     const { rows } = await this.#send(text, params, options, false);

@@ -9,11 +9,9 @@
 import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult } from "./drivers/driver.ts";
 import { PoolError } from "./errors.ts";
+import { mayBeginTransaction } from "./_sql.ts";
 import type { Lease, QueryOptions } from "./pool/pool.ts";
 import { abortedCommitError, Queries, type Runner } from "./queries.ts";
-
-/** Anything that may open a transaction (over-matching only costs a harmless ROLLBACK). */
-const BEGIN_STATEMENT = /\b(begin|start\s+transaction)\b/i;
 
 /** Runs SQL on one leased connection until it is closed (the callback returned). */
 export class LeaseRunner implements Runner {
@@ -65,7 +63,7 @@ export class LeaseRunner implements Runner {
 
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
     if (!this.#open) return Promise.reject(finishedError());
-    if (!this.#inTransaction && BEGIN_STATEMENT.test(sql)) this.#beganOwnTransaction = true;
+    if (!this.#inTransaction && mayBeginTransaction(sql)) this.#beganOwnTransaction = true;
     return this.#lease.query(sql, params, options);
   }
 
