@@ -259,20 +259,7 @@ function reportInterrupted(context: CliContext, error: unknown): number {
   const cause = failure?.cause ?? error;
   const lines = [`${head}: ${done}.`];
   const details: Record<string, unknown> = {};
-  if (cause instanceof MigrationError) {
-    for (
-      const [label, value] of [
-        ["file", cause.filename],
-        ["module", cause.module],
-        ["schema", cause.schema],
-        ["line", cause.line],
-      ] as const
-    ) {
-      if (value === undefined) continue;
-      details[label === "file" ? "filename" : label] = value;
-      lines.push(`  ${`${label}:`.padEnd(10)}${value}`);
-    }
-  }
+  if (cause instanceof MigrationError) addMigrationDetails(cause, details, lines);
   lines.push(...(failure?.notes ?? []));
   context.out.error(lines.join("\n"));
   context.out.document({
@@ -282,6 +269,29 @@ function reportInterrupted(context: CliContext, error: unknown): number {
     ...(failure?.details ?? {}),
   });
   return INTERRUPTED;
+}
+
+/**
+ * Adds where a migration failed (file, module, schema, line) to the JSON `details` and, as
+ * indented `label: value` lines, to the human `lines`.
+ */
+function addMigrationDetails(
+  error: MigrationError,
+  details: Record<string, unknown>,
+  lines: string[],
+): void {
+  for (
+    const [label, value] of [
+      ["file", error.filename],
+      ["module", error.module],
+      ["schema", error.schema],
+      ["line", error.line],
+    ] as const
+  ) {
+    if (value === undefined) continue;
+    details[label === "file" ? "filename" : label] = value;
+    lines.push(`  ${`${label}:`.padEnd(10)}${value}`);
+  }
 }
 
 async function dispatch(context: CliContext, args: string[]): Promise<number> {
@@ -404,20 +414,7 @@ function report(context: CliContext, error: unknown): number {
   const details: Record<string, unknown> = {};
   const lines = [`Error: ${message}`];
   if (cause instanceof PgdbmError) details.code = cause.code;
-  if (cause instanceof MigrationError) {
-    for (
-      const [label, value] of [
-        ["file", cause.filename],
-        ["module", cause.module],
-        ["schema", cause.schema],
-        ["line", cause.line],
-      ] as const
-    ) {
-      if (value === undefined) continue;
-      details[label === "file" ? "filename" : label] = value;
-      lines.push(`  ${`${label}:`.padEnd(10)}${value}`);
-    }
-  }
+  if (cause instanceof MigrationError) addMigrationDetails(cause, details, lines);
   const server = cause instanceof QueryError
     ? cause
     : cause instanceof Error && cause.cause instanceof QueryError
