@@ -171,7 +171,13 @@ Deno.test({
               assert.ok(error instanceof MigrationError, `expected MigrationError, got ${error}`);
               assert.match(error.message, /PgBouncer/);
               assert.match(error.message, /lock: "transaction"/, error.message);
-              const partial = error.partialResult as MigrationResult | undefined;
+              assert.ok(
+                ["lost_lock_session", "shared_lock_session", "lock_timeout"].includes(
+                  error.reason ?? "",
+                ),
+                `reason: ${error.reason}`,
+              );
+              const partial = error.partialResult;
               applied.push(...(partial?.applied ?? []).map((m) => m.filename));
             }
             const { history, effects } = await tally(schema);
@@ -227,6 +233,7 @@ Deno.test({
             }).applyPending().catch((e) => e);
             assert.ok(error instanceof MigrationError, `expected MigrationError, got ${error}`);
             assert.match(error.message, /already holds it for another client/);
+            assert.equal(error.reason, "shared_lock_session");
             assert.match(error.message, /Nothing was applied/);
             assert.match(error.message, /lock: "transaction"/);
             assert.equal(await db.tableExists("a"), false);
