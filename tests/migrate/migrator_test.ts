@@ -1062,6 +1062,11 @@ serverTest(
           error instanceof MigrationError,
           `${folder}: expected MigrationError, got ${error}`,
         );
+        assert.equal(
+          error.reason,
+          folder === "missing_file" ? "missing_file" : "invalid_manifest",
+          folder,
+        );
         assert.match(
           error.message,
           folder === "missing_file"

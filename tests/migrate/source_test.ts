@@ -122,6 +122,7 @@ function brokenManifest(
 function manifestError(path: string, why: RegExp): (error: unknown) => boolean {
   return (error: unknown) => {
     assert.ok(error instanceof MigrationError, `expected MigrationError, got ${error}`);
+    assert.equal(error.reason, "invalid_manifest");
     assert.ok(
       error.message.startsWith(`Cannot read the migrations manifest '${path}': `),
       error.message,
@@ -182,6 +183,7 @@ Deno.test("createUrlSource() rejects a manifest that lists a missing file, namin
   await assert.rejects(source.read(), (error: unknown) => {
     assert.ok(error instanceof MigrationError, `expected MigrationError, got ${error}`);
     assert.equal(error.filename, "002_missing.sql");
+    assert.equal(error.reason, "missing_file");
     assert.ok(error.message.startsWith(`Cannot read migration '${missing}': `), error.message);
     assert.ok(error.cause instanceof Deno.errors.NotFound, `cause: ${error.cause}`);
     return true;
