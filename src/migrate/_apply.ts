@@ -13,7 +13,9 @@ import type { DatabaseManager } from "../manager.ts";
 import { QueryError } from "../errors.ts";
 import type { ConnectionPool, Lease } from "../pool/pool.ts";
 import type { Queries } from "../queries.ts";
-import { splitSqlStatements, type SqlStatement } from "../_sql.ts";
+import { backoffDelay, sleep } from "../_backoff.ts";
+import { mentionsConcurrently, splitSqlStatements, type SqlStatement } from "../_sql.ts";
+import { quoteIdentifier } from "../template.ts";
 import { Connection, LeaseRunner, runTransaction, type Transaction } from "../transaction.ts";
 import { refusePsqlCommands, transactionalBody } from "./_files.ts";
 import {
@@ -28,8 +30,6 @@ import type { AppliedMigrationResult, Migration, MigrationEvent } from "./types.
 
 /** The longest timer `setTimeout` takes: the client-side timeout of an unlimited statement. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
-/** Statements that run without `lock_timeout` in no-transaction files (see `lockTimeoutMs`). */
-const CONCURRENTLY = /\bconcurrently\b/i;
 /** The longest pause between two attempts at a migration. */
 const MAX_RETRY_DELAY_MS = 30_000;
 
@@ -158,8 +158,11 @@ export class Applier {
         const retryable = cause instanceof QueryError && RETRYABLE.has(cause.sqlstate ?? "") &&
           !(error instanceof StatementFailure && error.invalidIndexes.length > 0);
         if (!retryable || n > lockRetries) throw error;
-        const base = Math.min(lockRetryDelayMs * 2 ** (n - 1), MAX_RETRY_DELAY_MS);
-        const delayMs = Math.round(base * (0.5 + Math.random() / 2));
+        const delayMs = backoffDelay(n, {
+          initialMs: lockRetryDelayMs,
+          maxMs: MAX_RETRY_DELAY_MS,
+          jitter: true,
+        });
         this.#emit({
           type: "retry",
           filename,
@@ -316,7 +319,9 @@ export class Applier {
         if (signal?.aborted) {
           throw new StatementFailure(new RunAborted("statement", signal.reason), statement, []);
         }
-        const lockTimeout = CONCURRENTLY.test(statement.text) ? "0" : `${lockTimeoutMs}ms`;
+        // CONCURRENTLY waits do not block reads or writes, and a timeout would leave an
+        // invalid index: such statements run without lock_timeout.
+        const lockTimeout = mentionsConcurrently(statement.text) ? "0" : `${lockTimeoutMs}ms`;
         if (lockTimeout !== current) {
           await conn.execute("SELECT set_config('lock_timeout', $1, false)", [lockTimeout]);
           current = lockTimeout;
@@ -356,7 +361,7 @@ export class Applier {
    */
   #searchPath(): string | undefined {
     const schema = this.#db.schema;
-    return schema === undefined ? undefined : `"${schema}", public`;
+    return schema === undefined ? undefined : `${quoteIdentifier(schema)}, public`;
   }
 
   /**
@@ -439,18 +444,4 @@ export async function restoreSessionSettings(
       "FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) AS s(n, v)",
     [names, values],
   );
-}
-
-/** Waits `ms`, or less when `signal` aborts. */
-export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const done = (): void => {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, Math.max(0, ms));
-    signal?.addEventListener("abort", done, { once: true });
-  });
 }

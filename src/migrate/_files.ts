@@ -7,6 +7,7 @@
  */
 
 import { MigrationError } from "../errors.ts";
+import { sha256Hex } from "../_hash.ts";
 import { splitSqlStatements, type SqlStatement } from "../_sql.ts";
 
 /** A migration file's name and text, as a source returns it. */
@@ -173,11 +174,7 @@ export function pythonStrip(text: string): string {
  * @returns 64 lowercase hex digits.
  */
 export async function migrationChecksum(content: string): Promise<string> {
-  const bytes = new TextEncoder().encode(pythonStrip(normalizeNewlines(content)));
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
-  let hex = "";
-  for (const byte of digest) hex += byte.toString(16).padStart(2, "0");
-  return hex;
+  return await sha256Hex(pythonStrip(normalizeNewlines(content)));
 }
 
 /**

@@ -8,16 +8,12 @@
 
 import { QueryError } from "../errors.ts";
 import type { Queries } from "../queries.ts";
-import type { Transaction } from "../transaction.ts";
+import { quoteIdentifier } from "../template.ts";
+import type { Transactional } from "../transaction.ts";
 import type { AppliedMigration, DriftedMigration, Migration } from "./types.ts";
 
 /** Errors of two processes creating the schema or table at the same moment. */
 const CREATE_RACE = new Set(["23505", "42P07", "42P06"]);
-
-/** A manager or connection: query methods and `transaction()`. */
-export type Transactional = Queries & {
-  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T>;
-};
 
 /** What a run has to do, from the source's files and the history. */
 export interface Plan {
@@ -51,7 +47,7 @@ export class History {
    * migrator's own SQL must not depend on a `search_path` a migration changed.
    */
   get ref(): string {
-    return `"${this.#schema ?? "public"}".${this.#table}`;
+    return `${quoteIdentifier(this.#schema ?? "public")}.${this.#table}`;
   }
 
   /**
@@ -140,14 +136,16 @@ export class History {
       q.fetchOne<{ table: boolean; schema: boolean }>(
         "SELECT to_regclass($1) IS NOT NULL AS table, " +
           "($2::text IS NULL OR to_regnamespace($2) IS NOT NULL) AS schema",
-        [q.prepareQuery(table), schema === undefined ? null : `"${schema}"`],
+        [q.prepareQuery(table), schema === undefined ? null : quoteIdentifier(schema)],
       );
     const found = await exists();
     if (found?.table === true) return;
     try {
       await q.transaction(async (tx) => {
         // Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even then.
-        if (found?.schema === false) await tx.execute(`CREATE SCHEMA IF NOT EXISTS "${schema}"`);
+        if (found?.schema === false) {
+          await tx.execute(`CREATE SCHEMA IF NOT EXISTS ${quoteIdentifier(schema!)}`);
+        }
         await tx.execute(
           `CREATE TABLE IF NOT EXISTS ${table} (
     id SERIAL PRIMARY KEY,

@@ -13,7 +13,7 @@
  */
 
 import type { Queries } from "../queries.ts";
-import { sleep } from "./_apply.ts";
+import { pollUntilTaken } from "../_backoff.ts";
 import type { Failures, PreparedMigration, RunState } from "./_failure.ts";
 import { RunAborted } from "./_failure.ts";
 import type { MigrationEvent, MigrationLockMode } from "./types.ts";
@@ -99,14 +99,13 @@ export async function pollForLock<T>(
   const { module } = context;
   const taken = (): void =>
     context.emit({ type: "lock_acquired", schema, module, waitedMs: performance.now() - start });
-  let pause = 25;
   let reported = false;
-  while (true) {
-    if (signal?.aborted) throw new RunAborted("lock", signal.reason, reported);
-    const value = await attempt(taken);
-    if (value !== undefined) return value;
-    const waited = performance.now() - start;
-    if (!reported) {
+  return await pollUntilTaken(() => attempt(taken), {
+    initialMs: 25,
+    maxMs: context.pollMaxMs,
+    timeoutMs: context.waitTimeoutMs,
+    signal,
+    onWait: async () => {
       reported = true;
       const holder = await lockHolder(context, q);
       context.emit({
@@ -115,16 +114,10 @@ export async function pollForLock<T>(
         module,
         ...(holder === null ? {} : { holderPid: holder }),
       });
-    }
-    if (waited >= context.waitTimeoutMs) {
-      throw context.failures.lockTimeout(waited, await lockHolder(context, q));
-    }
-    await sleep(
-      Math.min(pause * (0.5 + Math.random()), context.waitTimeoutMs - waited + 1),
-      signal,
-    );
-    pause = Math.min(pause * 2, context.pollMaxMs);
-  }
+    },
+    onTimeout: async (waited) => context.failures.lockTimeout(waited, await lockHolder(context, q)),
+    onAbort: (reason) => new RunAborted("lock", reason, reported),
+  });
 }
 
 /** The server process holding the (schema, module) lock, or `null` (none, or unreadable). */
