@@ -29,6 +29,7 @@ import type {
   StatementOptions,
 } from "./driver.ts";
 import { QueryError } from "../errors.ts";
+import { isCopyFromStdin } from "../_sql.ts";
 
 /** Options of {@link createPgliteDriver}. */
 export interface PgliteDriverOptions {
@@ -337,7 +338,7 @@ class PgliteConnection implements DriverConnection {
 
   async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
     if (this.#closed) throw sessionClosedError(sql, []);
-    if (!COPY_FROM_STDIN.test(sql)) {
+    if (!isCopyFromStdin(sql)) {
       throw new TypeError(
         `Cannot run COPY: 'sql' must be "COPY <table> [(<columns>)] FROM STDIN …"; got "${sql}"`,
       );

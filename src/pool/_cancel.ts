@@ -9,6 +9,7 @@
  */
 
 import { QueryError, TimeoutError } from "../errors.ts";
+import { mayCommitInside } from "../_sql.ts";
 import type { DriverResult } from "../drivers/driver.ts";
 import type { InFlight, Slot } from "./_slot.ts";
 import type { QueryOptions } from "./types.ts";
@@ -24,8 +25,6 @@ export const CANCEL_GRACE_MS = 1000;
  * for the cancel to take effect, so a second failure needs another cancel racing it.
  */
 export const MAX_CANCEL_RETRIES = 3;
-/** Statements that may commit part of their work before a cancel stops them. */
-const COMMITS_INSIDE = /^\s*(?:call|do)\b|;\s*(?:commit|end|begin|start|rollback|savepoint)\b/i;
 
 /**
  * The timeout and abort signal of one call, armed when the call is made. When it fires the
@@ -112,7 +111,7 @@ export function cancelInFlight(
  */
 export function strayCancelVictim(entry: InFlight, error: unknown): boolean {
   return error instanceof QueryError && error.sqlstate === "57014" && entry.exposed &&
-    !COMMITS_INSIDE.test(entry.sql);
+    !mayCommitInside(entry.sql);
 }
 
 /** The error of a call whose time limit fired. */

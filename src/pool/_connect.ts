@@ -8,10 +8,12 @@
 import { describeTarget, type ResolvedConfig } from "../config.ts";
 import type { Driver, DriverConnection } from "../drivers/driver.ts";
 import { ConnectionError, QueryError } from "../errors.ts";
+import { backoffDelay, sleep } from "../_backoff.ts";
+import { quoteIdentifier } from "../template.ts";
 
 /** The SQL that prepares `sql` under `name` on a session. */
 export function prepareStatement(name: string, sql: string): string {
-  return `PREPARE "${name}" AS ${sql}`;
+  return `PREPARE ${quoteIdentifier(name)} AS ${sql}`;
 }
 
 /**
@@ -32,7 +34,6 @@ export async function connectWithRetry(
   stopped: () => boolean,
 ): Promise<DriverConnection> {
   const { attempts, delayMs, backoff, maxDelayMs } = config.retry;
-  let delay = delayMs;
   let lastError: unknown;
   let made = 0;
   for (let attempt = 1; attempt <= attempts; attempt++) {
@@ -43,8 +44,9 @@ export async function connectWithRetry(
       lastError = error;
       if (!isRetryable(error) || stopped()) break;
       if (attempt < attempts) {
-        await new Promise((resolve) => setTimeout(resolve, delay));
-        delay = Math.min(delay * backoff, maxDelayMs);
+        await sleep(
+          backoffDelay(attempt, { initialMs: delayMs, factor: backoff, maxMs: maxDelayMs }),
+        );
       }
     }
   }

@@ -12,6 +12,7 @@ import { type DatabaseConfig, poolKey, resolveConfig, type ResolvedConfig } from
 import type { Driver, DriverResult } from "../drivers/driver.ts";
 import { createDriver } from "../drivers/mod.ts";
 import { PoolError } from "../errors.ts";
+import { setsSessionState } from "../_sql.ts";
 import {
   type CallGuard,
   CANCEL_GRACE_MS,
@@ -65,8 +66,6 @@ const PIPELINE_LIMIT = 250;
 const TICK_MS = 250;
 /** Wait times kept for the `acquireWaitMs` percentiles. */
 const WAIT_WINDOW = 1024;
-/** A `SET` (not `SET LOCAL`) or `set_config(…, false)`: state of the session. */
-const SESSION_SET = /^\s*set\s+(?!local\b)|set_config\s*\([^)]*,\s*false\s*\)/i;
 
 /** A caller queued for a connection. */
 interface Waiter {
@@ -140,7 +139,7 @@ export class ConnectionPool implements Pool {
 
   /** Opens a pool for a resolved configuration, with its floor of connections. */
   static async open(config: ResolvedConfig): Promise<ConnectionPool> {
-    if (!config.prepare && config.initCommands.some((command) => SESSION_SET.test(command))) {
+    if (!config.prepare && config.initCommands.some(setsSessionState)) {
       config.logger.warn(
         "pgdbm: 'initCommands' sets session state, and 'prepare: false' suggests a pooler in " +
           "transaction mode (PgBouncer), where such a SET reaches one server connection once " +

@@ -8,6 +8,7 @@
 
 import type { ResolvedConfig } from "../config.ts";
 import { ConnectionError, PoolError, QueryError } from "../errors.ts";
+import { isReadStatement } from "../_sql.ts";
 import type { QueryOptions, QueryResult, ReadPool, ReplicaStats } from "./types.ts";
 
 interface ReplicaNode {
@@ -24,8 +25,6 @@ interface ReplicaNode {
 const LAG_SQL = "SELECT COALESCE(CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() " +
   "THEN 0 ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000 END, 0) " +
   "AS lag";
-const READ_STATEMENT =
-  /^\s*(?:(?:--[^\n]*\n|\/\*[\s\S]*?\*\/)\s*)*(?:\(\s*)*(?:select|with|values|table|show)\b/i;
 const MAX_REMEMBERED_WRITES = 1000;
 
 /** The replicas of one pool. */
@@ -76,7 +75,7 @@ export class ReplicaSet {
     params: readonly unknown[],
     options: QueryOptions | undefined,
   ): Promise<QueryResult> {
-    const node = READ_STATEMENT.test(sql) && !this.#writes.has(sql) ? this.#pick() : undefined;
+    const node = isReadStatement(sql) && !this.#writes.has(sql) ? this.#pick() : undefined;
     if (node === undefined) return primary.query(sql, params, options);
     return node.pool!.query(sql, params, options).then((result) => {
       node.queries++;
