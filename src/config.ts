@@ -576,11 +576,11 @@ export function describeTarget(config: ResolvedConfig): string {
 
 /**
  * The identity of the database a configuration connects to, used to notice a second
- * standalone pool to the same database. Every `pglite:memory` pool is a database of its
- * own even though they share the key `pglite:memory`.
+ * standalone pool to the same database.
  *
  * @param config A resolved configuration.
- * @returns `host:port/database`, or `pglite:<directory>` / `pglite:memory`.
+ * @returns `host:port/database`, or `pglite:<directory>`; `undefined` for `pglite:memory`,
+ *   since every in-memory engine is a database of its own.
  *
  * @example Compare two configurations
  * ```ts
@@ -592,8 +592,11 @@ export function describeTarget(config: ResolvedConfig): string {
  * assert.equal(poolKey(a), poolKey(b));
  * ```
  */
-export function poolKey(config: ResolvedConfig): string {
-  if (config.kind === "embedded") return `pglite:${config.embeddedDataDir ?? "memory"}`;
+export function poolKey(config: ResolvedConfig): string | undefined {
+  if (config.kind === "embedded") {
+    // Every in-memory engine is a database of its own: never "the same database".
+    return config.embeddedDataDir === undefined ? undefined : `pglite:${config.embeddedDataDir}`;
+  }
   return `${config.host}:${config.port}/${config.database}`;
 }
 

@@ -148,9 +148,7 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
     }
     if (this.#holder.pool !== undefined && !this.#holder.pool.closed) return;
     const config = this.#holder.config!;
-    // Every pglite:memory pool is a database of its own: never "the same database".
-    const separate = config.kind === "embedded" && config.embeddedDataDir === undefined;
-    if (!separate && ConnectionPool.openCount(config) > 0) {
+    if (ConnectionPool.openCount(config) > 0) {
       config.logger.warn(
         "pgdbm: opening another standalone pool to the same database. Each pool holds its own " +
           "connections; share one pool between managers instead:\n" + SHARED_PATTERN,

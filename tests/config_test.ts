@@ -357,7 +357,7 @@ Deno.test("resolveConfig() hides the password from inspect and JSON", () => {
     assertNoPassword(Deno.inspect(config, { depth: Infinity }));
     assertNoPassword(JSON.stringify(config));
     assertNoPassword(describeTarget(config));
-    assertNoPassword(poolKey(config));
+    assertNoPassword(poolKey(config) ?? "");
   }
   assert.equal(describeTarget(viaUrl), "postgres://u@h:5432/db");
 });
@@ -482,7 +482,7 @@ Deno.test("resolveConfig() selects the embedded PostgreSQL for pglite: strings",
   assert.equal(memory.ssl, undefined);
   assert.equal(memory.host, "localhost");
   assert.equal(describeTarget(memory), "pglite:memory");
-  assert.equal(poolKey(memory), "pglite:memory");
+  assert.equal(poolKey(memory), undefined, "every in-memory engine is a database of its own");
   const directory = resolveClean({ connectionString: "pglite:./data", schema: "app" });
   assert.equal(directory.kind, "embedded");
   assert.equal(directory.embeddedDataDir, "./data");

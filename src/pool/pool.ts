@@ -150,7 +150,7 @@ export class ConnectionPool implements Pool {
     const driver = await createDriver(config);
     const pool = new ConnectionPool(config, driver);
     const key = poolKey(config);
-    openPools.set(key, (openPools.get(key) ?? 0) + 1);
+    if (key !== undefined) openPools.set(key, (openPools.get(key) ?? 0) + 1);
     try {
       await pool.#openSlot();
       await Promise.all(Array.from({ length: pool.#minSize - 1 }, () => pool.#openSlot()));
@@ -173,7 +173,8 @@ export class ConnectionPool implements Pool {
 
   /** How many pools are open to the target of `config` in this process. */
   static openCount(config: ResolvedConfig): number {
-    return openPools.get(poolKey(config)) ?? 0;
+    const key = poolKey(config);
+    return key === undefined ? 0 : openPools.get(key) ?? 0;
   }
 
   get closed(): boolean {
@@ -330,6 +331,7 @@ export class ConnectionPool implements Pool {
       await Promise.all(this.#slots.splice(0).map((slot) => slot.conn.close()));
       await this.#driver.close();
       const key = poolKey(this.config);
+      if (key === undefined) return;
       const count = (openPools.get(key) ?? 1) - 1;
       if (count > 0) openPools.set(key, count);
       else openPools.delete(key);
