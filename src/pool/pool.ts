@@ -38,16 +38,7 @@ import type {
   WaitPercentiles,
 } from "./types.ts";
 
-export type {
-  ConnectionCounts,
-  Lease,
-  Pool,
-  PoolStats,
-  QueryOptions,
-  QueryResult,
-  ReplicaStats,
-  WaitPercentiles,
-};
+export type * from "./types.ts";
 
 /**
  * A head statement this long without progress marks its connection stalled: new work goes
