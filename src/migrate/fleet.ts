@@ -17,7 +17,6 @@ import { DatabaseManager } from "../manager.ts";
 import {
   type AppliedMigrationResult,
   type DriftedMigration,
-  type MigrationResult,
   Migrator,
   type MigratorOptions,
 } from "./migrator.ts";
@@ -377,9 +376,7 @@ async function migrateOne(
     if (result.pending !== undefined) out.pending = result.pending;
     return out;
   } catch (error) {
-    const partial = error instanceof MigrationError
-      ? error.partialResult as MigrationResult | undefined
-      : undefined;
+    const partial = error instanceof MigrationError ? error.partialResult : undefined;
     return {
       schema,
       status: "failed",

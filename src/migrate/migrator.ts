@@ -284,8 +284,10 @@ export class Migrator {
    * Reads the source (afresh) and returns its migrations in the order they apply.
    *
    * @returns The migrations, ordered by version.
-   * @throws {MigrationError} When the source cannot be read, a name has no version, two
-   *   files share a version, or a file has no statement (empty, or only comments).
+   * @throws {MigrationError} When the source cannot be read (`reason`: `missing_file`,
+   *   `source_unreadable`, `invalid_manifest`), a name has no version (`invalid_filename`),
+   *   two files share a version (`duplicate_version`), or a file has no statement, being
+   *   empty or only comments (`empty_file`).
    */
   async findMigrationFiles(): Promise<Migration[]> {
     const files = await this.#source.read();
@@ -389,13 +391,16 @@ export class Migrator {
    * @param options `dryRun` to report what would be applied; `signal` to stop the run
    *   (the running statement is cancelled on the server and its migration rolled back).
    * @returns What was applied, skipped, pending (dry run) and missing.
-   * @throws {MigrationError} When an applied file changed (nothing is applied then), the
-   *   source is invalid, the lock could not be taken in time, a pooler in transaction mode
-   *   moved the session lock (`lock: "session"`), a pending file is a no-transaction file
-   *   (`lock: "transaction"`; nothing is applied then), or a migration failed: `filename`,
-   *   `module`, `schema`, `line` and the server's message, and as `partialResult` what the
-   *   run applied before. When `signal` aborted: `cause` is its reason and
-   *   `partialResult.failure.aborted` is `true`.
+   * @throws {MigrationError} Its `reason` says which failure it was: an applied file
+   *   changed (`drift`; nothing is applied then), the source is invalid (see
+   *   {@link Migrator.findMigrationFiles}), the lock could not be taken in time
+   *   (`lock_timeout`), a pooler in transaction mode moved or shared the session lock
+   *   (`lost_lock_session`, `shared_lock_session`; `lock: "session"`), a pending file is a
+   *   no-transaction file (`no_transaction_refused`; `lock: "transaction"`; nothing is
+   *   applied then), or a migration failed (`statement_failed`, or `retries_exhausted`
+   *   after lock timeouts): `filename`, `module`, `schema`, `line` and the server's message,
+   *   and as `partialResult` what the run applied before. When `signal` aborted (`aborted`):
+   *   `cause` is its reason and `partialResult.failure.aborted` is `true`.
    *
    * @example Stop cleanly on Ctrl-C (needs a server)
    * ```ts ignore
@@ -554,8 +559,9 @@ export class Migrator {
    *
    * @param migration A migration from {@link Migrator.findMigrationFiles}.
    * @returns How it ran.
-   * @throws {MigrationError} When it is already applied or fails, or (with
-   *   `lock: "transaction"`) when it is a no-transaction file.
+   * @throws {MigrationError} When it is already applied (`already_applied`) or fails
+   *   (`statement_failed`, `retries_exhausted`, or a lock's reason), or (with
+   *   `lock: "transaction"`) when it is a no-transaction file (`no_transaction_refused`).
    */
   async applyMigration(migration: Migration): Promise<AppliedMigrationResult> {
     const prepared = this.#applier.prepare(migration);
@@ -587,8 +593,9 @@ export class Migrator {
    * @param content The SQL.
    * @param options `now` to fix the timestamp.
    * @returns The path of the new file.
-   * @throws {MigrationError} When the source cannot be written (a record or `https:` URL),
-   *   the name is invalid, or the file exists.
+   * @throws {MigrationError} When the source cannot be written, being a record or an
+   *   `https:` URL, or the file exists (`write_failed`), or the name is invalid
+   *   (`invalid_filename`).
    */
   async createMigration(
     name: string,
