@@ -132,12 +132,20 @@ export abstract class Queries {
    * @throws {QueryError} When the server rejects the statement.
    * @throws {TimeoutError} When it ran past its time limit (an abort rejects with `signal.reason`).
    */
-  async execute(
-    sql: string,
-    params: readonly unknown[] = [],
-    options?: QueryOptions,
-  ): Promise<ExecuteResult> {
-    const result = await this.#send(this.prepareQuery(sql), params, options, false);
+  execute(sql: string, params?: readonly unknown[], options?: QueryOptions): Promise<ExecuteResult>;
+  /**
+   * Runs a statement written as a tagged template: each `${value}` is sent as a parameter
+   * (`$1…$n`), and `{{…}}` placeholders expand in the literal text only.
+   *
+   * @example
+   * ```ts ignore
+   * await db.execute`UPDATE {{tables.users}} SET name = ${name} WHERE id = ${id}`;
+   * ```
+   */
+  execute(strings: TemplateStringsArray, ...values: unknown[]): Promise<ExecuteResult>;
+  async execute(sql: string | TemplateStringsArray, ...rest: unknown[]): Promise<ExecuteResult> {
+    const call = callOf(sql, rest);
+    const result = await this.#send(this.prepareQuery(call.sql), call.params, call.options, false);
     return { command: result.command, rowCount: result.rowCount };
   }
 
@@ -176,12 +184,22 @@ export abstract class Queries {
    * @param options Timeout and abort signal.
    * @returns The id, or `null` when no row was inserted.
    */
-  async executeAndReturnId<T = unknown>(
+  executeAndReturnId<T = unknown>(
     sql: string,
-    params: readonly unknown[] = [],
+    params?: readonly unknown[],
     options?: QueryOptions,
+  ): Promise<T | null>;
+  /** The same, written as a tagged template (`${value}` is a parameter). */
+  executeAndReturnId<T = unknown>(
+    strings: TemplateStringsArray,
+    ...values: unknown[]
+  ): Promise<T | null>;
+  async executeAndReturnId<T = unknown>(
+    sql: string | TemplateStringsArray,
+    ...rest: unknown[]
   ): Promise<T | null> {
-    let text = this.prepareQuery(sql);
+    const { sql: source, params, options } = callOf(sql, rest);
+    let text = this.prepareQuery(source);
     if (!hasReturning(text)) {
       text = text.replace(TRAILING, "") + " RETURNING id";
     }
@@ -199,12 +217,27 @@ export abstract class Queries {
    * @param options Timeout and abort signal.
    * @returns The first row as a plain object, or `null` when there is none.
    */
-  async fetchOne<T = Row>(
+  fetchOne<T = Row>(
     sql: string,
-    params: readonly unknown[] = [],
+    params?: readonly unknown[],
     options?: QueryOptions,
+  ): Promise<T | null>;
+  /**
+   * The same, written as a tagged template: each `${value}` is sent as a parameter, and
+   * `{{…}}` placeholders expand in the literal text only (a value never becomes SQL).
+   *
+   * @example
+   * ```ts ignore
+   * const order = await db.fetchOne`SELECT * FROM {{tables.orders}} WHERE id = ${id}`;
+   * ```
+   */
+  fetchOne<T = Row>(strings: TemplateStringsArray, ...values: unknown[]): Promise<T | null>;
+  async fetchOne<T = Row>(
+    sql: string | TemplateStringsArray,
+    ...rest: unknown[]
   ): Promise<T | null> {
-    const { rows } = await this.#send(this.prepareQuery(sql), params, options, true);
+    const call = callOf(sql, rest);
+    const { rows } = await this.#send(this.prepareQuery(call.sql), call.params, call.options, true);
     return (rows[0] ?? null) as T | null;
   }
 
@@ -216,12 +249,12 @@ export abstract class Queries {
    * @param options Timeout and abort signal.
    * @returns The rows as plain objects.
    */
-  async fetchAll<T = Row>(
-    sql: string,
-    params: readonly unknown[] = [],
-    options?: QueryOptions,
-  ): Promise<T[]> {
-    const { rows } = await this.#send(this.prepareQuery(sql), params, options, true);
+  fetchAll<T = Row>(sql: string, params?: readonly unknown[], options?: QueryOptions): Promise<T[]>;
+  /** The same, written as a tagged template (`${value}` is a parameter). */
+  fetchAll<T = Row>(strings: TemplateStringsArray, ...values: unknown[]): Promise<T[]>;
+  async fetchAll<T = Row>(sql: string | TemplateStringsArray, ...rest: unknown[]): Promise<T[]> {
+    const call = callOf(sql, rest);
+    const { rows } = await this.#send(this.prepareQuery(call.sql), call.params, call.options, true);
     return rows as T[];
   }
 
@@ -234,15 +267,22 @@ export abstract class Queries {
    * @returns The value, or `null` when there is no row.
    * @throws {RangeError} When the column does not exist in the result.
    */
-  async fetchValue<T = unknown>(
+  fetchValue<T = unknown>(
     sql: string,
-    params: readonly unknown[] = [],
+    params?: readonly unknown[],
     options?: FetchValueOptions,
+  ): Promise<T | null>;
+  /** The same, written as a tagged template (`${value}` is a parameter; first column). */
+  fetchValue<T = unknown>(strings: TemplateStringsArray, ...values: unknown[]): Promise<T | null>;
+  async fetchValue<T = unknown>(
+    sql: string | TemplateStringsArray,
+    ...rest: unknown[]
   ): Promise<T | null> {
-    const { rows } = await this.#send(this.prepareQuery(sql), params, options, true);
+    const call = callOf<FetchValueOptions>(sql, rest);
+    const { rows } = await this.#send(this.prepareQuery(call.sql), call.params, call.options, true);
     const row = rows[0];
     if (row === undefined) return null;
-    const column = options?.column ?? 0;
+    const column = call.options?.column ?? 0;
     if (typeof column === "string") {
       if (!(column in row)) throw missingColumn(column, row);
       return row[column] as T;
@@ -466,4 +506,35 @@ export function abortedCommitError(): QueryError {
     [],
     { sqlstate: "25P02" },
   );
+}
+
+/** A query call's SQL, parameters and options, from `(sql, params?, options?)` or a tagged template. */
+interface Call<O> {
+  sql: string;
+  params: readonly unknown[];
+  options?: O;
+}
+
+/**
+ * Reads a query method's arguments. A tagged template's literal parts are joined with
+ * `$1…$n` in place of its values, which become the parameters, so a value is never SQL and
+ * never a `{{…}}` placeholder.
+ */
+function callOf<O = QueryOptions>(sql: string | TemplateStringsArray, rest: unknown[]): Call<O> {
+  if (typeof sql === "string") {
+    return {
+      sql,
+      params: (rest[0] ?? []) as readonly unknown[],
+      options: rest[1] as O | undefined,
+    };
+  }
+  if (!Array.isArray(sql) || !("raw" in sql)) {
+    throw new TypeError(
+      "Cannot run the query: pass the SQL as a string (with a parameter array), or call the " +
+        "method as a tagged template: db.fetchAll`SELECT … WHERE id = ${id}`",
+    );
+  }
+  let text = sql[0];
+  for (let i = 1; i < sql.length; i++) text += `$${i}` + sql[i];
+  return { sql: text, params: rest };
 }
