@@ -28,13 +28,11 @@ import { available, type InFlight, openedSlot, type Slot } from "./_slot.ts";
 import { StatementTimings } from "./_statement_timings.ts";
 import { ReplicaSet } from "./replicas.ts";
 import type {
-  ConnectionCounts,
   Lease,
   Pool,
   PoolStats,
   QueryOptions,
   QueryResult,
-  ReplicaStats,
   WaitPercentiles,
 } from "./types.ts";
 
