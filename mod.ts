@@ -36,6 +36,7 @@ export type {
   Row,
 } from "./src/queries.ts";
 export type { Connection, RawConnection, Transaction } from "./src/transaction.ts";
+export type { StreamOptions } from "./src/stream.ts";
 export type {
   InferOutput,
   StandardSchemaIssue,

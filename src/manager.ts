@@ -6,7 +6,7 @@
  */
 
 import { type DatabaseConfig, resolveConfig, type ResolvedConfig } from "./config.ts";
-import type { DriverResult } from "./drivers/driver.ts";
+import type { DriverResult, Row } from "./drivers/driver.ts";
 import { ConfigurationError, PoolError, QueryError } from "./errors.ts";
 import {
   ConnectionPool,
@@ -16,6 +16,7 @@ import {
   type QueryOptions,
 } from "./pool/pool.ts";
 import { Queries, type Runner } from "./queries.ts";
+import { cursorRows, type CursorSession, type StreamOptions } from "./stream.ts";
 import { assertIdentifier, quoteIdentifier } from "./template.ts";
 import { Connection, LeaseRunner, runTransaction, type Transaction } from "./transaction.ts";
 
@@ -361,6 +362,24 @@ class PoolRunner implements Runner {
       return await lease.copyIn(sql, chunks);
     } finally {
       lease.release();
+    }
+  }
+
+  async *stream(
+    sql: string,
+    params: readonly unknown[],
+    options?: StreamOptions,
+  ): AsyncGenerator<Row> {
+    const lease = await requirePool(this.#holder).lease();
+    const session: CursorSession = {
+      run: (text, values, runOptions) => lease.query(text, values, runOptions),
+      inTransaction: false,
+      cursorName: "pgdbm_cursor_1",
+    };
+    try {
+      yield* cursorRows(session, sql, params, options);
+    } finally {
+      lease.release(session.broken === true);
     }
   }
 }

@@ -14,6 +14,7 @@ import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult, Row } from "./drivers/driver.ts";
 import { QueryError, SchemaError, ValidationError } from "./errors.ts";
 import type { QueryOptions } from "./pool/pool.ts";
+import type { StreamOptions } from "./stream.ts";
 import type { InferOutput, StandardSchemaV1 } from "./standard_schema.ts";
 import { assertIdentifier, expandTemplate, quoteIdentifier } from "./template.ts";
 
@@ -57,6 +58,8 @@ export interface Runner {
   batch(sql: string, paramsList: readonly (readonly unknown[])[]): Promise<number>;
   /** Streams COPY text. */
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
+  /** Yields the rows of a query from a server-side cursor on one connection. */
+  stream(sql: string, params: readonly unknown[], options?: StreamOptions): AsyncGenerator<Row>;
 }
 
 const TRAILING = /[\s;]+$/;
@@ -256,6 +259,39 @@ export abstract class Queries {
     const call = callOf(sql, rest);
     const { rows } = await this.#send(this.prepareQuery(call.sql), call.params, call.options, true);
     return rows as T[];
+  }
+
+  /**
+   * Streams the rows of a query from a server-side cursor, `batchSize` rows per round trip,
+   * in constant memory. Outside a transaction it holds one connection, in a transaction of
+   * its own, until the loop ends; leaving the loop early (`break`, `throw`) or aborting
+   * `signal` closes the cursor and frees the connection. In a transaction (`tx.stream`) the
+   * cursor lives in that transaction.
+   *
+   * @param sql The query.
+   * @param params Values for `$1…$n`.
+   * @param options `batchSize` (default 1000) and `signal`.
+   * @returns The rows, as plain objects.
+   * @throws {RangeError} When `batchSize` is not a positive integer.
+   *
+   * @example Export a large table (needs a server)
+   * ```ts ignore
+   * for await (const order of db.stream("SELECT * FROM {{tables.orders}} WHERE total > $1", [100])) {
+   *   console.log(order);
+   * }
+   * ```
+   */
+  stream<T = Row>(
+    sql: string,
+    params?: readonly unknown[],
+    options?: StreamOptions,
+  ): AsyncIterable<T>;
+  /** The same, written as a tagged template (`${value}` is a parameter). */
+  stream<T = Row>(strings: TemplateStringsArray, ...values: unknown[]): AsyncIterable<T>;
+  stream<T = Row>(sql: string | TemplateStringsArray, ...rest: unknown[]): AsyncIterable<T> {
+    const call = callOf<StreamOptions>(sql, rest);
+    const text = this.prepareQuery(call.sql);
+    return this.#runner.stream(text, call.params, call.options) as AsyncIterable<T>;
   }
 
   /**

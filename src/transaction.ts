@@ -7,17 +7,20 @@
  */
 
 import type { ResolvedConfig } from "./config.ts";
-import type { DriverResult } from "./drivers/driver.ts";
+import type { DriverResult, Row } from "./drivers/driver.ts";
 import { PoolError } from "./errors.ts";
 import { mayBeginTransaction } from "./_sql.ts";
 import type { Lease, QueryOptions } from "./pool/pool.ts";
 import { abortedCommitError, Queries, type Runner } from "./queries.ts";
+import { cursorRows, type CursorSession, type StreamOptions } from "./stream.ts";
 
 /** Runs SQL on one leased connection until it is closed (the callback returned). */
 export class LeaseRunner implements Runner {
   readonly #lease: Lease;
   readonly #inTransaction: boolean;
   readonly #savepoints: { next: number };
+  /** Cursors open on the connection (names must differ while they are open). */
+  readonly #cursors: { open: number };
   #open = true;
   #beganOwnTransaction = false;
 
@@ -26,10 +29,16 @@ export class LeaseRunner implements Runner {
    * @param inTransaction Whether statements run inside `BEGIN` (batches use savepoints then).
    * @param savepoints Counter shared by every runner of one transaction.
    */
-  constructor(lease: Lease, inTransaction: boolean, savepoints = { next: 1 }) {
+  constructor(
+    lease: Lease,
+    inTransaction: boolean,
+    savepoints = { next: 1 },
+    cursors = { open: 0 },
+  ) {
     this.#lease = lease;
     this.#inTransaction = inTransaction;
     this.#savepoints = savepoints;
+    this.#cursors = cursors;
   }
 
   /** The leased connection. */
@@ -48,7 +57,7 @@ export class LeaseRunner implements Runner {
 
   /** A runner for a nested savepoint on the same connection. */
   nested(): LeaseRunner {
-    return new LeaseRunner(this.#lease, true, this.#savepoints);
+    return new LeaseRunner(this.#lease, true, this.#savepoints, this.#cursors);
   }
 
   /** A fresh savepoint name, unique within the transaction. */
@@ -75,6 +84,25 @@ export class LeaseRunner implements Runner {
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
     if (!this.#open) return Promise.reject(finishedError());
     return this.#lease.copyIn(sql, chunks);
+  }
+
+  async *stream(
+    sql: string,
+    params: readonly unknown[],
+    options?: StreamOptions,
+  ): AsyncGenerator<Row> {
+    if (!this.#open) throw finishedError();
+    const session: CursorSession = {
+      run: (text, values, runOptions) => this.query(text, values, runOptions),
+      inTransaction: this.#inTransaction || this.#beganOwnTransaction,
+      cursorName: `pgdbm_cursor_${++this.#cursors.open}`,
+    };
+    try {
+      yield* cursorRows(session, sql, params, options);
+    } finally {
+      this.#cursors.open--;
+      if (session.broken === true) this.#lease.release(true);
+    }
   }
 
   async batch(sql: string, paramsList: readonly (readonly unknown[])[]): Promise<number> {

@@ -95,6 +95,19 @@ Deno.test("DatabaseManager and Migrator run on the embedded PostgreSQL (pglite:m
       assert.equal(await users.fetchOne("SELECT * FROM {{tables.items}} WHERE id = -1"), null);
     });
 
+    await t.step("stream() and tagged templates work on the embedded engine too", async () => {
+      const names: string[] = [];
+      for await (
+        const row of users.stream<{ name: string }>(
+          "SELECT name FROM {{tables.items}} ORDER BY id",
+          [],
+          { batchSize: 1 },
+        )
+      ) names.push(row.name);
+      assert.deepEqual(names, ["a", "b"]);
+      assert.equal(await users.fetchValue`SELECT name FROM {{tables.items}} WHERE id = ${2}`, "b");
+    });
+
     await t.step("transactions commit, roll back, and savepoints roll back alone", async () => {
       await assert.rejects(
         users.transaction(async (tx) => {

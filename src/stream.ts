@@ -1,0 +1,92 @@
+/**
+ * Rows as a stream: a server-side cursor (`DECLARE … NO SCROLL CURSOR`) fetched in batches,
+ * so memory stays constant however many rows the query returns. Outside a transaction the
+ * cursor lives in a `BEGIN … COMMIT` of its own on one connection; leaving the loop early
+ * (`break`, `throw`) or aborting the signal closes the cursor and ends that transaction.
+ * Works the same on both drivers and through PgBouncer in transaction mode.
+ *
+ * @module
+ */
+
+import type { DriverResult, Row } from "./drivers/driver.ts";
+import type { QueryOptions } from "./pool/types.ts";
+
+/** Options of `stream()`. */
+export interface StreamOptions {
+  /**
+   * Rows fetched per round trip: more means fewer round trips and more memory per batch.
+   * @default {1000}
+   */
+  batchSize?: number;
+  /** Aborting ends the stream (the loop throws `signal.reason`) and frees its connection. */
+  signal?: AbortSignal;
+}
+
+const DEFAULT_BATCH_SIZE = 1000;
+const TRAILING = /[\s;]+$/;
+
+/** The one session a cursor runs on. */
+export interface CursorSession {
+  /** Runs one statement on the session. */
+  run(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
+  /** Whether the session is inside a transaction already (the cursor then lives in it). */
+  readonly inTransaction: boolean;
+  /** A cursor name unique among the session's open cursors. */
+  readonly cursorName: string;
+  /** Set when cleaning up failed: the session's state is unknown, so it must be discarded. */
+  broken?: boolean;
+}
+
+/**
+ * Yields the rows of `sql` from a cursor on `session`, `batchSize` at a time.
+ *
+ * @throws {RangeError} When `batchSize` is not a positive integer.
+ */
+export async function* cursorRows(
+  session: CursorSession,
+  sql: string,
+  params: readonly unknown[],
+  options: StreamOptions | undefined,
+): AsyncGenerator<Row> {
+  const batchSize = options?.batchSize ?? DEFAULT_BATCH_SIZE;
+  if (!Number.isSafeInteger(batchSize) || batchSize < 1) {
+    throw new RangeError(
+      `Cannot stream rows: 'batchSize' must be a positive integer; got ${String(batchSize)}`,
+    );
+  }
+  const signal = options?.signal;
+  signal?.throwIfAborted();
+  const run = (text: string, values: readonly unknown[] = []) =>
+    session.run(text, values, signal === undefined ? undefined : { signal });
+  const own = !session.inTransaction;
+  const name = session.cursorName;
+  let declared = false;
+  let finished = false;
+  if (own) await run("BEGIN");
+  try {
+    await run(`DECLARE ${name} NO SCROLL CURSOR FOR ${sql.replace(TRAILING, "")}`, params);
+    declared = true;
+    while (true) {
+      signal?.throwIfAborted();
+      const { rows } = await run(`FETCH FORWARD ${batchSize} FROM ${name}`);
+      for (const row of rows) yield row;
+      if (rows.length < batchSize) break;
+    }
+    await run(`CLOSE ${name}`);
+    declared = false;
+    if (own) await run("COMMIT");
+    finished = true;
+  } finally {
+    if (!finished) {
+      // Without the signal: the cleanup must run even when the signal is what ended the loop.
+      const cleanup = own ? "ROLLBACK" : declared ? `CLOSE ${name}` : undefined;
+      if (cleanup !== undefined) {
+        await session.run(cleanup, []).catch(() => {
+          // In the caller's own transaction a failed statement leaves it aborted and the
+          // caller rolls it back; on a connection of its own the state is unknown.
+          if (own) session.broken = true;
+        });
+      }
+    }
+  }
+}
