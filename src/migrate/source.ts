@@ -502,6 +502,16 @@ async function writeFile(directory: string, filename: string, content: string): 
     );
   }
   const path = join(directory, filename);
+  // The manifest is read (and refused when broken) before the file is made, so a failed
+  // write leaves nothing behind.
+  const manifestPath = join(directory, MIGRATION_MANIFEST);
+  let names: string[] | undefined;
+  try {
+    names = parseManifest(await Deno.readTextFile(manifestPath), manifestPath);
+  } catch (error) {
+    if (error instanceof MigrationError) throw error;
+    names = undefined;
+  }
   try {
     await Deno.mkdir(directory, { recursive: true });
     await Deno.writeTextFile(path, content, { createNew: true });
@@ -514,15 +524,7 @@ async function writeFile(directory: string, filename: string, content: string): 
       { cause },
     );
   }
-  const manifestPath = join(directory, MIGRATION_MANIFEST);
-  let manifest: string | undefined;
-  try {
-    manifest = await Deno.readTextFile(manifestPath);
-  } catch {
-    manifest = undefined;
-  }
-  if (manifest !== undefined) {
-    const names = parseManifest(manifest, manifestPath);
+  if (names !== undefined) {
     names.push(filename);
     await Deno.writeTextFile(manifestPath, JSON.stringify({ migrations: names }, null, 2) + "\n");
   }

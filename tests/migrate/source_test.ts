@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 import { ConfigurationError, MigrationError } from "../../src/errors.ts";
 import {
   createDirectorySource,
@@ -311,6 +311,22 @@ Deno.test("writeMigrationManifest() lists the folder in version order and keeps 
     await Deno.writeTextFile(join(dir, "12_dup.sql"), "SELECT 12;");
     await Deno.writeTextFile(join(dir, "012_dup.sql"), "SELECT 12;");
     await assert.rejects(writeMigrationManifest(dir), /same version 12/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("MigrationSource.write() on a folder with a broken manifest creates no file", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(join(dir, MIGRATION_MANIFEST), '{ "migrations": ["001_a.sql", }');
+    await Deno.writeTextFile(join(dir, "001_a.sql"), "SELECT 1;");
+    const source = createUrlSource(new URL(`${pathToFileURL(dir).href}/`));
+    await assert.rejects(source.write!("002_b.sql", "SELECT 2;"), MigrationError);
+    assert.deepEqual(
+      [...Deno.readDirSync(dir)].map((entry) => entry.name).sort(),
+      ["001_a.sql", MIGRATION_MANIFEST],
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
