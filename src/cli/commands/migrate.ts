@@ -332,7 +332,7 @@ function stoppedBefore(
   return new CommandInterrupted(
     new MigrationError(
       `Cannot finish 'migrate apply': it was interrupted before module '${module.name}'`,
-      { module: module.name, schema: module.schema },
+      { reason: "aborted", module: module.name, schema: module.schema },
     ),
     `stopped before module '${module.name}'; nothing was running, and no migration lock ` +
       "is held",
@@ -495,7 +495,7 @@ async function rollback(context: CliContext, input: ParsedCommand): Promise<numb
       new MigrationError(
         `Cannot roll back '${filename}' of module '${module.name}' (${where(module)}): it is ` +
           `not applied. Run 'pgdbm migrate status' to see what is`,
-        { filename, module: module.name, schema: module.schema },
+        { reason: "not_applied", filename, module: module.name, schema: module.schema },
       ),
       { module: module.name, filename },
     );
