@@ -28,6 +28,7 @@ export type {
 export type { QueryEvent, QueryHook } from "./src/query_event.ts";
 export type { DatabaseConfig, Logger, RetryConfig, SslConfig, SslMode } from "./src/config.ts";
 export type {
+  CopyObject,
   CopyOptions,
   CopyRecords,
   ExecuteResult,

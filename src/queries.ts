@@ -39,12 +39,20 @@ export interface FetchValueOptions extends QueryOptions {
 
 /** Options of `copyRecordsToTable()`. */
 export interface CopyOptions {
-  /** Columns the records fill, in order; all the table's columns when left out. */
+  /**
+   * Columns the records fill, in order. Left out: the first object's keys for object
+   * records, all the table's columns for array records.
+   */
   columns?: readonly string[];
 }
 
 /** Records for `copyRecordsToTable()`: arrays of values, from an array or (async) iterable. */
-export type CopyRecords = Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>;
+export type CopyRecords =
+  | Iterable<readonly unknown[] | CopyObject>
+  | AsyncIterable<readonly unknown[] | CopyObject>;
+
+/** A record for `copyRecordsToTable()` as an object: column name → value. */
+export type CopyObject = Readonly<Record<string, unknown>>;
 
 /** Where a query object sends its SQL. Internal. */
 export interface Runner {
@@ -375,11 +383,15 @@ export abstract class Queries {
    * `null`, unicode, `Uint8Array` (bytea), arrays, dates and JSON objects.
    *
    * @param table The table name, unqualified: this object's schema is applied.
-   * @param records Arrays of values, one per row, from an array or an (async) iterable.
+   * @param records One row each, from an array or an (async) iterable: arrays of values, or
+   *   objects keyed by column (then the columns are `options.columns`, else the first
+   *   object's keys, which every object must have exactly: another key would be lost).
    * @param options The columns the values fill, in order.
    * @returns The number of rows copied.
    * @throws {SchemaError} When the table or a column name is not a valid identifier.
-   * @throws {RangeError} When a record has the wrong number of values (nothing is copied).
+   * @throws {RangeError} When a record has the wrong number of values, an object lacks a
+   *   column or has a key that is not one, or arrays and objects are mixed (nothing is
+   *   copied).
    * @throws {unknown} What iterating `records` threw, as it is (the same object; nothing is
    *   copied).
    *
@@ -396,7 +408,8 @@ export abstract class Queries {
     options: CopyOptions = {},
   ): Promise<number> {
     assertIdentifier(table, "table");
-    const columns = options.columns ?? [];
+    const { rows, objectColumns } = await recordRows(records, options.columns);
+    const columns = objectColumns ?? options.columns ?? [];
     for (const column of columns) assertIdentifier(column, "column");
     const list = columns.length > 0 ? ` (${columns.map(quoteIdentifier).join(", ")})` : "";
     const sql = `COPY ${this.prepareQuery(`{{tables.${table}}}`)}${list} FROM STDIN`;
@@ -408,7 +421,7 @@ export abstract class Queries {
       try {
         return await runner.copyIn(
           sql,
-          watchFailure(encodeCopyRows(records, count, counter), source),
+          watchFailure(encodeCopyRows(rows, count, counter), source),
         );
       } catch (error) {
         // The records (or their encoding) failed: that error is the caller's, whatever the
@@ -573,4 +586,74 @@ function callOf<O = QueryOptions>(sql: string | TemplateStringsArray, rest: unkn
   let text = sql[0];
   for (let i = 1; i < sql.length; i++) text += `$${i}` + sql[i];
   return { sql: text, params: rest };
+}
+
+/**
+ * The records as arrays, looking at the first one: objects are turned into arrays in the
+ * order of `columns` (else the first object's keys), refusing a missing or extra key, so
+ * that no value is dropped or put in the wrong column.
+ */
+async function recordRows(
+  records: CopyRecords,
+  columns: readonly string[] | undefined,
+): Promise<{ rows: AsyncIterable<readonly unknown[]>; objectColumns?: readonly string[] }> {
+  const iterator = Symbol.asyncIterator in records
+    ? (records as AsyncIterable<readonly unknown[] | CopyObject>)[Symbol.asyncIterator]()
+    : (records as Iterable<readonly unknown[] | CopyObject>)[Symbol.iterator]();
+  const first = await iterator.next();
+  const isObject = !first.done && first.value !== null && typeof first.value === "object" &&
+    !Array.isArray(first.value);
+  const keys = isObject ? columns ?? Object.keys(first.value as CopyObject) : undefined;
+  async function* rows(): AsyncGenerator<readonly unknown[]> {
+    let index = 0;
+    for (let next = first; !next.done; next = await iterator.next(), index++) {
+      yield keys === undefined
+        ? arrayRecord(next.value, index)
+        : objectRecord(next.value, keys, columns === undefined, index);
+    }
+  }
+  return { rows: rows(), objectColumns: keys };
+}
+
+function arrayRecord(record: unknown, index: number): readonly unknown[] {
+  if (!Array.isArray(record)) {
+    throw new RangeError(
+      `Cannot copy record ${index}: the first record was an array, so every record must be ` +
+        "one; pass arrays or objects, not both",
+    );
+  }
+  return record;
+}
+
+/** `strict`: the columns came from the first object, so another key would be lost. */
+function objectRecord(
+  record: unknown,
+  keys: readonly string[],
+  strict: boolean,
+  index: number,
+): unknown[] {
+  if (record === null || typeof record !== "object" || Array.isArray(record)) {
+    throw new RangeError(
+      `Cannot copy record ${index}: the first record was an object, so every record must be ` +
+        "one; pass objects or arrays, not both",
+    );
+  }
+  const values = keys.map((key) => {
+    if (!(key in record)) {
+      throw new RangeError(
+        `Cannot copy record ${index}: it has no '${key}' (the columns are ${keys.join(", ")}); ` +
+          "give every object every column (null for none)",
+      );
+    }
+    return (record as CopyObject)[key];
+  });
+  for (const key of strict ? Object.keys(record) : []) {
+    if (!keys.includes(key)) {
+      throw new RangeError(
+        `Cannot copy record ${index}: its key '${key}' is not one of the columns ` +
+          `(${keys.join(", ")}); it would be lost. Pass 'columns' with every column to load`,
+      );
+    }
+  }
+  return values;
 }
