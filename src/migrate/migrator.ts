@@ -79,7 +79,7 @@
  * @module
  */
 
-import { ConfigurationError, MigrationError } from "../errors.ts";
+import { ConfigurationError, type MigrationError } from "../errors.ts";
 import type { DatabaseManager } from "../manager.ts";
 import type { ConnectionPool } from "../pool/pool.ts";
 import { assertIdentifier } from "../template.ts";
@@ -92,17 +92,17 @@ import {
 } from "../_telemetry.ts";
 import { Applier } from "./_apply.ts";
 import { Failures, RunAborted, type RunState, RunStopped } from "./_failure.ts";
-import {
-  type ParsedMigrationFile,
-  parseMigrationFiles,
-  pgdbmOrder,
-  timestampVersion,
-} from "./_files.ts";
+import { type ParsedMigrationFile, parseMigrationFiles, pgdbmOrder } from "./_files.ts";
 import { History, type Plan } from "./_history.ts";
 import type { LockScope, MigrationLock } from "./_lock.ts";
 import { SessionLock } from "./_session_lock.ts";
 import { TransactionLock } from "./_transaction_lock.ts";
-import { type MigrationFile, type MigrationSource, resolveMigrationSource } from "./source.ts";
+import {
+  createMigrationFile,
+  type MigrationFile,
+  type MigrationSource,
+  resolveMigrationSource,
+} from "./source.ts";
 import type {
   AppliedMigration,
   AppliedMigrationResult,
@@ -131,7 +131,6 @@ export type {
 } from "./types.ts";
 
 const DEFAULT_TABLE = "schema_migrations";
-const MIGRATION_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]*$/;
 const LOCK_MODES: readonly MigrationLockMode[] = ["session", "transaction"];
 
 const parsedCache = new WeakMap<readonly MigrationFile[], Promise<ParsedMigrationFile[]>>();
@@ -602,33 +601,10 @@ export class Migrator {
     content: string,
     options: CreateMigrationOptions = {},
   ): Promise<string> {
-    const write = this.#source.write;
-    if (write === undefined) {
-      throw new MigrationError(
-        `Cannot create a migration in '${this.#source.location}': only a directory (or a ` +
-          `file: URL) can be written; pass 'migrationsPath' as a local folder`,
-        { reason: "write_failed", module: this.#module },
-      );
-    }
-    if (typeof name !== "string" || !MIGRATION_NAME.test(name)) {
-      throw new MigrationError(
-        `Cannot create a migration named '${String(name)}': use letters, digits, '_' and '-' ` +
-          `(such as 'add_user_email')`,
-        { reason: "invalid_filename", module: this.#module },
-      );
-    }
-    const existing = (await this.#source.read().catch((error: unknown) => {
-      // A folder that does not exist yet is created by write().
-      if (error instanceof MigrationError && error.cause instanceof Deno.errors.NotFound) return [];
-      throw error;
-    })).map((f) => f.filename);
-    let moment = (options.now ?? new Date()).getTime();
-    let filename = `${timestampVersion(new Date(moment))}_${name}.sql`;
-    while (existing.some((f) => f.startsWith(filename.slice(0, 15)))) {
-      moment += 1000;
-      filename = `${timestampVersion(new Date(moment))}_${name}.sql`;
-    }
-    return await write.call(this.#source, filename, content);
+    return await createMigrationFile(this.#source, name, content, {
+      ...options,
+      module: this.#module,
+    });
   }
 
   /**

@@ -31,7 +31,12 @@
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ConfigurationError, MigrationError } from "../errors.ts";
-import { isMigrationFilename, isSafeMigrationFilename, parseMigrationFiles } from "./_files.ts";
+import {
+  isMigrationFilename,
+  isSafeMigrationFilename,
+  parseMigrationFiles,
+  timestampVersion,
+} from "./_files.ts";
 
 /** The name of the manifest file of a migrations folder served by URL. */
 export const MIGRATION_MANIFEST = "migrations.json";
@@ -88,6 +93,64 @@ export interface MigrationSourceOptions {
 
 const DECODER = new TextDecoder("utf-8", { ignoreBOM: true, fatal: true });
 const LOOPBACK = new Set(["localhost", "127.0.0.1", "[::1]"]);
+
+/** Options of {@link createMigrationFile}. */
+export interface CreateMigrationFileOptions {
+  /** The moment whose timestamp names the file (default now). */
+  now?: Date;
+  /** The module, for errors. */
+  module?: string;
+}
+
+const MIGRATION_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]*$/;
+
+/**
+ * Writes a new migration `<YYYYMMDDHHMMSS>_<name>.sql` into a writable source, one second
+ * later than any file of the same second, and lists it in the folder's manifest when there
+ * is one. Needs no database.
+ *
+ * @param source A directory (or `file:` URL) source.
+ * @param name What the migration does (letters, digits, `_`, `-`).
+ * @param content The SQL.
+ * @param options The moment, and the module for errors.
+ * @returns The path of the new file.
+ * @throws {MigrationError} When the source cannot be written or the file exists
+ *   (`write_failed`), or the name is invalid (`invalid_filename`).
+ */
+export async function createMigrationFile(
+  source: MigrationSource,
+  name: string,
+  content: string,
+  options: CreateMigrationFileOptions = {},
+): Promise<string> {
+  const write = source.write;
+  if (write === undefined) {
+    throw new MigrationError(
+      `Cannot create a migration in '${source.location}': only a directory (or a ` +
+        `file: URL) can be written; pass 'migrationsPath' as a local folder`,
+      { reason: "write_failed", module: options.module },
+    );
+  }
+  if (typeof name !== "string" || !MIGRATION_NAME.test(name)) {
+    throw new MigrationError(
+      `Cannot create a migration named '${String(name)}': use letters, digits, '_' and '-' ` +
+        `(such as 'add_user_email')`,
+      { reason: "invalid_filename", module: options.module },
+    );
+  }
+  const existing = (await source.read().catch((error: unknown) => {
+    // A folder that does not exist yet is created by write().
+    if (error instanceof MigrationError && error.cause instanceof Deno.errors.NotFound) return [];
+    throw error;
+  })).map((f) => f.filename);
+  let moment = (options.now ?? new Date()).getTime();
+  let filename = `${timestampVersion(new Date(moment))}_${name}.sql`;
+  while (existing.some((f) => f.startsWith(filename.slice(0, 15)))) {
+    moment += 1000;
+    filename = `${timestampVersion(new Date(moment))}_${name}.sql`;
+  }
+  return await write.call(source, filename, content);
+}
 
 /**
  * A source reading the `*.sql` files directly in a directory. Hidden files, other files and

@@ -38,6 +38,7 @@ import {
   type MigrationStatus,
   Migrator,
 } from "../../migrate/migrator.ts";
+import { createMigrationFile, resolveMigrationSource } from "../../migrate/source.ts";
 import type { Pool } from "../../pool/pool.ts";
 
 const MODULE_FLAGS: FlagSpec[] = [
@@ -460,9 +461,12 @@ async function create(context: CliContext, input: ParsedCommand): Promise<number
     `-- ${name}\n` +
       `-- Write the SQL below. It runs in one transaction; {{tables.name}} is a table of the\n` +
       `-- module's schema. A '-- pgdbm:no-transaction' line runs it statement by statement.\n`;
-  // Writing a file needs no database: this manager is never connected.
-  const db = new DatabaseManager({ connectionString: "pglite:memory" });
-  const path = await migratorFor(module, db).createMigration(name, content);
+  const path = await createMigrationFile(
+    resolveMigrationSource({ migrationsPath: module.migrationsPath }),
+    name,
+    content,
+    { module: module.name },
+  );
   context.out.print(`Created ${path}`);
   context.out.document({
     ok: true,
