@@ -115,20 +115,7 @@ import type {
   MigrationStatus,
   MigratorOptions,
 } from "./types.ts";
-export type {
-  AppliedMigration,
-  AppliedMigrationResult,
-  ApplyPendingOptions,
-  CreateMigrationOptions,
-  DriftedMigration,
-  Migration,
-  MigrationEvent,
-  MigrationFailure,
-  MigrationLockMode,
-  MigrationResult,
-  MigrationStatus,
-  MigratorOptions,
-} from "./types.ts";
+export type * from "./types.ts";
 
 const DEFAULT_TABLE = "schema_migrations";
 const LOCK_MODES: readonly MigrationLockMode[] = ["session", "transaction"];
