@@ -18,6 +18,7 @@ import { QueryError } from "../../src/errors.ts";
 import { createPgliteDriver } from "../../src/drivers/pglite.ts";
 import { createPostgresDriver } from "../../src/drivers/postgres.ts";
 import { serverTest, TEST_URL, uniqueName } from "../_support/server.ts";
+import { settlesWithin } from "../_support/settle.ts";
 
 type Kind = "network" | "embedded";
 
@@ -81,19 +82,6 @@ function selected(rows: unknown[]): Outcome {
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
-/** `promise`, or a rejection naming `what` once `ms` have passed. */
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const expired = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not settle within ${ms} ms`)), ms);
-  });
-  try {
-    return await Promise.race([promise, expired]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /** Escapes one value for COPY text format (`null` becomes `\N`). */
 function copyValue(value: string | null): string {
@@ -438,14 +426,17 @@ const CASES: Case[] = [
       const after = conn.query("SELECT $1::text AS x", ["after"], { prepare: false });
       const outcomes = Promise.all([slow, queued, after].map((q) => outcome(q.result)));
       await queued.cancel();
-      assert.deepEqual(await within(outcomes, 10_000, "the statements"), [
+      assert.deepEqual(await settlesWithin(outcomes, 10_000, "the statements"), [
         selected([{ x: "slow" }]),
         { sqlstate: "57014" },
         selected([{ x: "after" }]),
       ]);
-      assert.deepEqual((await within(exec(conn, "SELECT 1 AS n"), 5000, "the next query")).rows, [
-        { n: 1 },
-      ]);
+      assert.deepEqual(
+        (await settlesWithin(exec(conn, "SELECT 1 AS n"), 5000, "the next query")).rows,
+        [
+          { n: 1 },
+        ],
+      );
     },
   },
 
@@ -459,7 +450,7 @@ const CASES: Case[] = [
       // Every statement has left the client by now (pipelined); `slow` is running.
       await sleep(100);
       await queued.cancel();
-      const [first, second, third] = await within(outcomes, 10_000, "the statements");
+      const [first, second, third] = await settlesWithin(outcomes, 10_000, "the statements");
       // The cancel request goes when the session reaches `queued`; the server may already
       // run `after` then (driver.ts: the pool runs such a statement again). `slow` and the
       // results themselves are never touched: every statement gets its own rows or 57014.
@@ -474,9 +465,12 @@ const CASES: Case[] = [
           JSON.stringify(third) === JSON.stringify({ sqlstate: "57014" }),
         JSON.stringify(third),
       );
-      assert.deepEqual((await within(exec(conn, "SELECT 1 AS n"), 5000, "the next query")).rows, [
-        { n: 1 },
-      ]);
+      assert.deepEqual(
+        (await settlesWithin(exec(conn, "SELECT 1 AS n"), 5000, "the next query")).rows,
+        [
+          { n: 1 },
+        ],
+      );
     },
   },
 
@@ -487,7 +481,7 @@ const CASES: Case[] = [
       const firstOutcome = outcome(first.result);
       await first.cancel();
       // Either it was withdrawn before it started or it ran: both are within the contract.
-      const ended = await within(firstOutcome, 5000, "the cancelled statement");
+      const ended = await settlesWithin(firstOutcome, 5000, "the cancelled statement");
       assert.ok(
         JSON.stringify(ended) === JSON.stringify({ sqlstate: "57014" }) ||
           JSON.stringify(ended) === JSON.stringify(selected([{ x: "first" }])),
@@ -497,7 +491,7 @@ const CASES: Case[] = [
       const nextOutcome = outcome(next.result);
       try {
         assert.deepEqual(
-          await within(nextOutcome, 5000, "the next statement on the session"),
+          await settlesWithin(nextOutcome, 5000, "the next statement on the session"),
           selected([{ x: "next" }]),
         );
       } finally {
@@ -519,7 +513,7 @@ const CASES: Case[] = [
       await done.cancel();
       assert.deepEqual((await done.result).rows, [{ x: "done" }]);
       assert.deepEqual(
-        await within(laterOutcome, 5000, "the later statement"),
+        await settlesWithin(laterOutcome, 5000, "the later statement"),
         selected([{
           x: "later",
         }]),
@@ -538,7 +532,7 @@ const CASES: Case[] = [
         await sleep(200);
         const started = performance.now();
         await running.cancel();
-        assert.deepEqual(await within(ended, 3000, "the cancelled pg_sleep(10)"), {
+        assert.deepEqual(await settlesWithin(ended, 3000, "the cancelled pg_sleep(10)"), {
           sqlstate: "57014",
         });
         assert.ok(performance.now() - started < 3000);
@@ -661,7 +655,7 @@ const CASES: Case[] = [
         const ended = Promise.all([outcome(running.result), outcome(queued.result)]);
         await sleep(100);
         await conn.terminate();
-        const [a, b] = await within(ended, 3000, "the statements in flight");
+        const [a, b] = await settlesWithin(ended, 3000, "the statements in flight");
         for (const end of [a, b]) {
           assert.ok("sqlstate" in end, `expected a QueryError, got ${JSON.stringify(end)}`);
           assert.match(String(end.sqlstate), /^08/);
@@ -703,7 +697,7 @@ const CASES: Case[] = [
       }
       // driver.ts: a lost connection has class 08, "or 57P01 when the server terminated the
       // backend". postgres.js reports the FATAL 57P01 only as a closed socket (08006).
-      const end = await within(ended, 3000, "the terminated statement");
+      const end = await settlesWithin(ended, 3000, "the terminated statement");
       assert.ok(
         "sqlstate" in end && (end.sqlstate === "57P01" || /^08/.test(String(end.sqlstate))),
         `expected a QueryError of class 08 or 57P01, got ${JSON.stringify(end)}`,

@@ -14,6 +14,7 @@ import {
 } from "../../mod.ts";
 import type { DatabaseConfig } from "../../src/config.ts";
 import { observe, serverTest, TEST_URL, uniqueName } from "../_support/server.ts";
+import { settlesWithin } from "../_support/settle.ts";
 
 async function withPool(
   config: DatabaseConfig,
@@ -24,18 +25,6 @@ async function withPool(
     await fn(new DatabaseManager({ pool }), pool);
   } finally {
     await settlesWithin(pool.close(), 10_000, "pool.close()");
-  }
-}
-
-async function settlesWithin<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const expired = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not settle within ${ms} ms`)), ms);
-  });
-  try {
-    return await Promise.race([promise, expired]);
-  } finally {
-    clearTimeout(timer);
   }
 }
 

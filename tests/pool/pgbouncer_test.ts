@@ -211,6 +211,36 @@ function assertAllRight(tally: LoadTally, total: number): void {
 }
 
 /**
+ * Runs a load step: a manager over a 10-connection pool through `database` with a fresh
+ * `calls` table. Afterwards the pool is closed (its PgBouncer entry killed first when calls
+ * hung, so closing cannot hang) and the schema dropped, whatever happened.
+ */
+async function withLoadTable(
+  bouncer: PgBouncer,
+  config: DatabaseConfig,
+  database: string,
+  fn: (db: DatabaseManager, pool: Pool, run: { tally?: LoadTally }) => Promise<void>,
+): Promise<void> {
+  const schema = uniqueName("pgb_load");
+  const pool = await createSharedPool({
+    ...config,
+    connectionString: bouncer.url(database),
+    maxConnections: 10,
+    commandTimeoutMs: LOAD_COMMAND_TIMEOUT_MS,
+  });
+  const run: { tally?: LoadTally } = {};
+  try {
+    const db = new DatabaseManager({ pool, schema });
+    await db.ensureSchema();
+    await db.execute("CREATE TABLE {{tables.calls}} (n int PRIMARY KEY, caller int NOT NULL)");
+    await fn(db, pool, run);
+  } finally {
+    await closeLoadPool(bouncer, database, pool, run.tally);
+    await dropSchemas([schema]);
+  }
+}
+
+/**
  * Closes a load step's pool. When calls hung, their connections never come back, so the
  * clients of `database` are dropped in PgBouncer first (KILL; the entry is not used again).
  */
@@ -463,23 +493,9 @@ Deno.test({
           // query's answer goes to another client or nowhere. With prepare: false the pool
           // runs each query with parameters on a connection with nothing else in flight, so
           // not one call may be dropped, hang, get a wrong value or fail.
-          const database = "pgdbm_load_mixed";
-          const schema = uniqueName("pgb_load");
           const total = 10_000;
-          const pool = await createSharedPool({
-            ...config,
-            connectionString: bouncer.url(database),
-            maxConnections: 10,
-            commandTimeoutMs: LOAD_COMMAND_TIMEOUT_MS,
-          });
-          let tally: LoadTally | undefined;
-          try {
-            const db = new DatabaseManager({ pool, schema });
-            await db.ensureSchema();
-            await db.execute(
-              "CREATE TABLE {{tables.calls}} (n int PRIMARY KEY, caller int NOT NULL)",
-            );
-            tally = await load(total, 50, async (i, caller): Promise<Answer> => {
+          await withLoadTable(bouncer, config, "pgdbm_load_mixed", async (db, pool, run) => {
+            const tally = run.tally = await load(total, 50, async (i, caller): Promise<Answer> => {
               switch (i % 3) {
                 case 0:
                   return { got: await db.fetchValue<number>(`SELECT ${i}`), want: i };
@@ -501,10 +517,7 @@ Deno.test({
               Array.from({ length: total }, (_, i) => i).filter((i) => i % 3 === 2),
             );
             assert.ok(pool.getStats().size <= 10);
-          } finally {
-            await closeLoadPool(bouncer, database, pool, tally);
-            await dropSchemas([schema]);
-          }
+          });
         },
       );
 
@@ -513,28 +526,14 @@ Deno.test({
         async () => {
           // A transaction inserts a row and must see it (it stays on one server connection);
           // one in five of them then throws and must leave nothing behind.
-          const database = "pgdbm_load_tx";
-          const schema = uniqueName("pgb_load_tx");
           const total = 10_000;
-          const pool = await createSharedPool({
-            ...config,
-            connectionString: bouncer.url(database),
-            maxConnections: 10,
-            commandTimeoutMs: LOAD_COMMAND_TIMEOUT_MS,
-          });
           class RolledBack extends Error {
             constructor(readonly seen: unknown) {
               super("roll back");
             }
           }
-          let tally: LoadTally | undefined;
-          try {
-            const db = new DatabaseManager({ pool, schema });
-            await db.ensureSchema();
-            await db.execute(
-              "CREATE TABLE {{tables.calls}} (n int PRIMARY KEY, caller int NOT NULL)",
-            );
-            tally = await load(total, 50, async (i, caller): Promise<Answer> => {
+          await withLoadTable(bouncer, config, "pgdbm_load_tx", async (db, pool, run) => {
+            const tally = run.tally = await load(total, 50, async (i, caller): Promise<Answer> => {
               switch (i % 5) {
                 case 0: {
                   const rollBack = i % 25 === 0;
@@ -586,10 +585,7 @@ Deno.test({
               ),
             );
             assert.ok(pool.getStats().size <= 10);
-          } finally {
-            await closeLoadPool(bouncer, database, pool, tally);
-            await dropSchemas([schema]);
-          }
+          });
         },
       );
 
