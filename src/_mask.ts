@@ -284,13 +284,14 @@ const REGEXP_SYNTAX = /[\\^$.*+?()[\]{}|/]/g;
 
 /**
  * The mask of one value that tells only its type: `"<string>"`, `"<number>"`,
- * `"<bytes:N>"`, `"<array:N>"`, `"<date>"`, `"null"`…
+ * `"<bytes:N>"`, `"<array:N>"`, `"<date>"`, `"null"`, `"undefined"`…
  *
  * @param value The value.
  * @returns Its mask.
  */
 export function typeMask(value: unknown): string {
-  if (value === null || value === undefined) return "null";
+  if (value === null) return "null";
+  if (value === undefined) return "undefined";
   if (value instanceof Date) return "<date>";
   if (value instanceof Uint8Array) return `<bytes:${value.length}>`;
   if (Array.isArray(value)) return `<array:${value.length}>`;

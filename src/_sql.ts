@@ -571,3 +571,79 @@ export function mentionsConcurrently(sql: string): boolean {
 export function isCopyFromStdin(sql: string): boolean {
   return COPY_FROM_STDIN.test(sql);
 }
+
+const PARAMETER = /(?<![A-Za-z0-9_$\u0080-\uffff])\$([0-9]+)/g;
+
+/**
+ * The SQL with every single-quoted string (`'…'`, `E'…'`), double-quoted identifier,
+ * dollar-quoted body and comment replaced by spaces of the same length (line breaks kept),
+ * so that a search for code (`$1`, `{{…}}`) finds it only where the server reads it as
+ * code. Strings follow `standard_conforming_strings = on`, the server's default.
+ *
+ * @param sql The SQL text.
+ * @returns The text of the same length with only its code left.
+ */
+export function codeOnly(sql: string): string {
+  const n = sql.length;
+  let out = "";
+  let i = 0;
+  const blank = (from: number, to: number): void => {
+    out += sql.slice(from, to).replace(/[^\n\r]/g, " ");
+  };
+  while (i < n) {
+    const c = sql[i];
+    let end = -1;
+    if (c === "-" && sql[i + 1] === "-") {
+      LINE_END.lastIndex = i;
+      end = LINE_END.exec(sql) === null ? n : LINE_END.lastIndex - 1;
+    } else if (c === "/" && sql[i + 1] === "*") {
+      let depth = 1;
+      end = i + 2;
+      while (end < n && depth > 0) {
+        const pair = sql.slice(end, end + 2);
+        if (pair === "/*" || pair === "*/") {
+          depth += pair === "/*" ? 1 : -1;
+          end += 2;
+        } else end++;
+      }
+    } else if (c === "'" || c === '"') {
+      const escapes = c === "'" && /[eE]/.test(sql[i - 1] ?? "") &&
+        !IDENT_PART.test(sql[i - 2] ?? "");
+      end = i + 1;
+      while (end < n) {
+        if (escapes && sql[end] === "\\") end += 2;
+        else if (sql[end] === c && sql[end + 1] === c) end += 2;
+        else if (sql[end++] === c) break;
+      }
+      end = Math.min(end, n);
+    } else if (c === "$" && !IDENT_PART.test(sql[i - 1] ?? "")) {
+      DOLLAR_TAG.lastIndex = i;
+      const tag = DOLLAR_TAG.exec(sql)?.[0];
+      if (tag !== undefined) {
+        const close = sql.indexOf(tag, i + tag.length);
+        end = close === -1 ? n : close + tag.length;
+      }
+    }
+    if (end === -1) {
+      out += c;
+      i++;
+    } else {
+      blank(i, end);
+      i = end;
+    }
+  }
+  return out;
+}
+
+/**
+ * How many parameters a statement takes: the highest `$n` in its code (not in strings,
+ * quoted identifiers, dollar-quoted bodies or comments), as the server counts them.
+ *
+ * @param sql The SQL text.
+ * @returns The highest `n`, or 0 when there is none.
+ */
+export function parameterCount(sql: string): number {
+  let count = 0;
+  for (const match of codeOnly(sql).matchAll(PARAMETER)) count = Math.max(count, +match[1]);
+  return count;
+}

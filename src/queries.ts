@@ -6,6 +6,7 @@
  * @module
  */
 
+import { adviseQueryError, adviseReturningId, refuseUndefinedParams } from "./_advice.ts";
 import { encodeCopyRows } from "./_copy_text.ts";
 import { hasReturning } from "./_sql.ts";
 import { instrumented } from "./_instrument.ts";
@@ -108,17 +109,19 @@ export abstract class Queries {
   ): Promise<DriverResult> {
     const runner = this.#runner;
     const tracer = activeTracer();
-    if (tracer === undefined && runner.config?.onQuery === undefined) {
-      return read ? runner.read(sql, params, options) : runner.query(sql, params, options);
-    }
-    return instrumented(
-      runner.config,
-      tracer,
-      this.#schema,
-      sql,
-      params,
-      () => read ? runner.read(sql, params, options) : runner.query(sql, params, options),
-    );
+    const sent = tracer === undefined && runner.config?.onQuery === undefined
+      ? read ? runner.read(sql, params, options) : runner.query(sql, params, options)
+      : instrumented(
+        runner.config,
+        tracer,
+        this.#schema,
+        sql,
+        params,
+        () => read ? runner.read(sql, params, options) : runner.query(sql, params, options),
+      );
+    return sent.catch((error) => {
+      throw adviseQueryError(error, sql, params, runner.config);
+    });
   }
 
   /**
@@ -174,6 +177,7 @@ export abstract class Queries {
       throw new TypeError("Cannot run executeMany(): 'paramsList' must be an array of arrays");
     }
     if (paramsList.length === 0) return 0;
+    for (const params of paramsList) refuseUndefinedParams(params);
     const text = this.prepareQuery(sql);
     const runner = this.#runner;
     const tracer = activeTracer();
@@ -211,10 +215,11 @@ export abstract class Queries {
   ): Promise<T | null> {
     const { sql: source, params, options } = callOf(sql, rest);
     let text = this.prepareQuery(source);
-    if (!hasReturning(text)) {
-      text = text.replace(TRAILING, "") + " RETURNING id";
-    }
-    const { rows } = await this.#send(text, params, options, false);
+    const appended = !hasReturning(text);
+    if (appended) text = text.replace(TRAILING, "") + " RETURNING id";
+    const { rows } = await this.#send(text, params, options, false).catch((error) => {
+      throw appended ? adviseReturningId(error, params) : error;
+    });
     if (rows.length === 0) return null;
     const row = rows[0];
     return ("id" in row ? row.id : Object.values(row)[0]) as T;
@@ -571,11 +576,9 @@ interface Call<O> {
  */
 function callOf<O = QueryOptions>(sql: string | TemplateStringsArray, rest: unknown[]): Call<O> {
   if (typeof sql === "string") {
-    return {
-      sql,
-      params: (rest[0] ?? []) as readonly unknown[],
-      options: rest[1] as O | undefined,
-    };
+    const params = (rest[0] ?? []) as readonly unknown[];
+    refuseUndefinedParams(params);
+    return { sql, params, options: rest[1] as O | undefined };
   }
   if (!Array.isArray(sql) || !("raw" in sql)) {
     throw new TypeError(
@@ -585,6 +588,7 @@ function callOf<O = QueryOptions>(sql: string | TemplateStringsArray, rest: unkn
   }
   let text = sql[0];
   for (let i = 1; i < sql.length; i++) text += `$${i}` + sql[i];
+  refuseUndefinedParams(rest);
   return { sql: text, params: rest };
 }
 

@@ -6,10 +6,13 @@
  * @module
  */
 
+import { codeOnly } from "./_sql.ts";
+import { suggest } from "./_suggest.ts";
 import { SchemaError } from "./errors.ts";
 
 const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
 const PLACEHOLDER = /\{\{(tables\.[^}]*|schema)\}\}(\.)?/g;
+const LEFT_OVER = /\{\{([^}]*)\}\}/;
 const MAX_TEXTS_PER_SCHEMA = 2000;
 const MAX_SCHEMAS = 5000;
 const cache = new Map<string, Map<string, string>>();
@@ -44,7 +47,9 @@ export function assertIdentifier(name: unknown, what: string): asserts name is s
  * @param sql SQL text with placeholders.
  * @param schema The schema; `undefined` or `null` for none. An empty string is refused.
  * @returns The expanded SQL.
- * @throws {SchemaError} When the schema or a table name is not a valid identifier.
+ * @throws {SchemaError} When the schema or a table name is not a valid identifier, or the
+ *   SQL has a `{{…}}` that is not a placeholder (such as `{{table.users}}`) outside its
+ *   strings, quoted identifiers, dollar-quoted bodies and comments.
  *
  * @example Expand a query for a schema
  * ```ts
@@ -67,6 +72,7 @@ export function expandTemplate(sql: string, schema?: string | null): string {
   }
   if (schema !== undefined && schema !== null) assertIdentifier(schema, "schema");
   const expanded = sql.includes("{{") ? expand(sql, schema ?? undefined) : sql;
+  if (expanded.includes("{{")) refuseUnknownPlaceholder(expanded);
   if (texts === undefined) {
     if (cache.size >= MAX_SCHEMAS) cache.delete(cache.keys().next().value!);
     texts = new Map();
@@ -111,4 +117,28 @@ function expand(sql: string, schema: string | undefined): string {
       `Cannot expand "{{${body}}}": write {{tables.name}} or {{tables.schema.name}}`,
     );
   });
+}
+
+/**
+ * Refuses a `{{…}}` left in the code of expanded SQL: it is a misspelt placeholder, which
+ * the server would only report as a syntax error at `{`. Inside strings, quoted identifiers,
+ * dollar-quoted bodies and comments it is text, and left alone.
+ */
+function refuseUnknownPlaceholder(expanded: string): void {
+  const found = LEFT_OVER.exec(codeOnly(expanded));
+  if (found === null) return;
+  const body = found[1].trim();
+  const dot = body.indexOf(".");
+  const head = dot === -1 ? body : body.slice(0, dot);
+  let meant: string | undefined;
+  if (dot !== -1 && suggest(head, ["tables"]) !== undefined) {
+    meant = `{{tables${body.slice(dot)}}}`;
+  } else if (suggest(head, ["schema", "tables"]) === "schema") meant = "{{schema}}";
+  else if (head === "tables") meant = "{{tables.name}}";
+  throw new SchemaError(
+    `Cannot expand "${found[0]}": it is not a placeholder` +
+      (meant === undefined ? "." : `; did you mean ${meant}?`) +
+      " Write {{tables.name}}, {{tables.schema.name}} or {{schema}} (a literal {{ belongs in " +
+      "a string)",
+  );
 }

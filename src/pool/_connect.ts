@@ -50,7 +50,13 @@ export async function connectWithRetry(
       }
     }
   }
-  const reason = lastError instanceof Error ? lastError.message : String(lastError);
+  const reason = tlsRefused(lastError, config)
+    ? `the server refused TLS: sslmode=${config.ssl!.mode} asks for an encrypted connection ` +
+      "and this server does not offer one. Turn on ssl in the server's postgresql.conf, or " +
+      "connect without sslmode (without TLS) where the network is trusted"
+    : lastError instanceof Error
+    ? lastError.message
+    : String(lastError);
   throw new ConnectionError(
     config,
     made,
@@ -83,4 +89,14 @@ function isRetryable(error: unknown): boolean {
   if (!(error instanceof QueryError)) return true;
   const state = error.sqlstate ?? "";
   return state === "" || state.startsWith("08") || state.startsWith("57P");
+}
+
+/**
+ * Whether opening a TLS connection failed because the server does not speak TLS: it
+ * answers postgres.js's SSLRequest with "no", postgres.js starts TLS anyway (for every
+ * sslmode but `prefer`), and the server hangs up on the handshake.
+ */
+function tlsRefused(error: unknown, config: ResolvedConfig): boolean {
+  return config.ssl !== undefined && error instanceof Error &&
+    /before secure TLS connection was established/.test(error.message);
 }
