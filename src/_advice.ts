@@ -81,10 +81,11 @@ export function adviseQueryError(
     return rewritten(
       error,
       params,
-      `${error.message}: the statement waited longer than lockTimeoutMs (${shown}, ` +
-        "the lock_timeout pgdbm sets on every connection) for a lock another transaction " +
-        "holds. Raise lockTimeoutMs in the pool's config (null keeps the server's " +
-        "lock_timeout), or run SET LOCAL lock_timeout = '30s' inside the transaction",
+      `${error.message}: the statement waited for a lock another transaction holds longer ` +
+        `than lock_timeout, which pgdbm sets from lockTimeoutMs (the pool's: ${shown}; a ` +
+        "Migrator's own for migrations). Raise lockTimeoutMs in the pool's config (null keeps " +
+        "the server's lock_timeout), or run SET LOCAL lock_timeout = '30s' inside the " +
+        "transaction that waits",
     );
   }
   return error;

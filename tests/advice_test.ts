@@ -181,7 +181,7 @@ serverTest("a lock wait cut by lockTimeoutMs names lockTimeoutMs", async () => {
         QueryError,
       );
       assert.equal(error.sqlstate, "55P03");
-      assert.match(error.message, /lock timeout: .*lockTimeoutMs \(200 ms/);
+      assert.match(error.message, /lock timeout: .*from lockTimeoutMs \(the pool.s: 200 ms/);
       assert.match(error.message, /Raise lockTimeoutMs in the pool's config/);
     } finally {
       release();
