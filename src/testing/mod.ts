@@ -15,6 +15,8 @@
  *   (`test.name`), ready in milliseconds and dropped `CASCADE` at the end. Every migration
  *   set, whatever its `schema`, migrates into that one schema, and the manager's schema is
  *   it. (With `config`, a test gets an engine of its own instead, with those settings.)
+ *   The tests of a process share the engine's one session: session state a test leaves
+ *   (a plain `SET`, a temporary table) is seen by the others; use `SET LOCAL`.
  *
  * ## Building the code under test
  *
