@@ -1,8 +1,9 @@
 /**
  * How a user tests a service with `@pgdbm/pgdbm/testing`: each test gets a database
- * cloned from a template migrated once (or, with no PGDBM_TEST_URL/DATABASE_URL, an
- * in-memory PGlite database), fixtures loaded as plain objects, tables compared with
- * snapshots.
+ * cloned from a template migrated once (or, with no PGDBM_TEST_URL/DATABASE_URL, a schema
+ * of its own on the process's one in-memory PGlite engine), fixtures loaded as plain
+ * objects, tables compared with snapshots. The repository is built from the test's
+ * manager, which reaches the test's database on both engines.
  *
  *   PGDBM_TEST_URL=postgres://postgres@127.0.0.1:5432/test deno test -A examples/notes_service_test.ts
  *

@@ -8,10 +8,22 @@
  *   uniquely named database on it, created from the database in that URL (which is
  *   otherwise left alone). The user needs `CREATEDB`; without it, use
  *   {@link withTestSchema}.
- * - Neither set (or `embedded: true`): an in-memory PostgreSQL in the process (PGlite,
- *   `connectionString: "pglite:memory"`), so a test suite runs on a machine with nothing
- *   installed. Each one takes about 2 s and several hundred MB to start, and holds one
- *   connection: share one per test file where you can.
+ * - Neither set (or `embedded: true`): the in-memory PostgreSQL (PGlite), so a test suite
+ *   runs on a machine with nothing installed. It has one database and takes seconds and
+ *   hundreds of MB to start, so the process starts ONE engine, on the first test that
+ *   needs it, and keeps it: every test database is then a schema of its own on that engine
+ *   (`test.name`), ready in milliseconds and dropped `CASCADE` at the end. Every migration
+ *   set, whatever its `schema`, migrates into that one schema, and the manager's schema is
+ *   it. (With `config`, a test gets an engine of its own instead, with those settings.)
+ *   The tests of a process share the engine's one session: session state a test leaves
+ *   (a plain `SET`, a temporary table) is seen by the others; use `SET LOCAL`.
+ *
+ * ## Building the code under test
+ *
+ * Give the code under test `test.db`, or the pool and schema (`test.pool`,
+ * `test.db.schema`): they reach the test's database on both engines. `test.url` is the
+ * test database's URL on a server and `null` on the embedded engine, whose database no
+ * URL reaches (a `pglite:memory` URL would start a second, empty engine).
  *
  * ## Migrations and templates
  *
@@ -48,7 +60,8 @@
 import type { DatabaseConfig } from "../config.ts";
 import { ConfigurationError, QueryError } from "../errors.ts";
 import { DatabaseManager } from "../manager.ts";
-import { ConnectionPool, createSharedPool, type Pool } from "../pool/pool.ts";
+import { createSharedPool, type Pool } from "../pool/pool.ts";
+import { runsOnPglite, sharedEngine } from "./_embedded.ts";
 import {
   checkPrefix,
   createDatabase,
@@ -92,7 +105,9 @@ export interface TestTargetOptions {
   embedded?: boolean;
   /**
    * Extra settings of the pool opened for the test (`maxConnections`, `logger`,
-   * timeouts…); the connection target and schema are set by the helper.
+   * timeouts…); the connection target and schema are set by the helper. On the embedded
+   * engine, a test with `config` gets an engine of its own (seconds to start) instead of
+   * a schema on the process's shared one.
    * @default {{ minConnections: 1 }}
    */
   config?: DatabaseConfig;
@@ -109,7 +124,8 @@ export interface TestDatabaseOptions extends TestTargetOptions {
   /** One module's migrations, or several (applied in order) to run before the test. */
   migrations?: TestMigrations | readonly TestMigrations[];
   /**
-   * The schema of the returned manager.
+   * The schema of the returned manager. On the shared embedded engine, the test's own
+   * schema stands in for it.
    * @default {the `schema` of the first migration set, else none}
    */
   schema?: string;
@@ -128,11 +144,20 @@ export interface TestDatabaseOptions extends TestTargetOptions {
 
 /** A database made by {@link createTestDatabase}; dispose of it to drop it. */
 export interface TestDatabase extends AsyncDisposable {
-  /** A connected standalone manager over the database. */
+  /** A connected manager over the database: give it, or {@link pool}, to the code under test. */
   readonly db: DatabaseManager;
-  /** Its connection string (`pglite:memory` when embedded). */
-  readonly url: string;
-  /** The database's name. */
+  /**
+   * The pool `db` runs on; a manager made with `{ pool, schema: db.schema }` reaches the
+   * test's tables on both engines. Dropping the test database closes it when it is the
+   * test's own; the shared embedded engine stays open for the next test.
+   */
+  readonly pool: Pool;
+  /**
+   * The database's connection string on a server; `null` on the embedded engine, whose
+   * database no URL reaches (use {@link pool}).
+   */
+  readonly url: string | null;
+  /** The database's name; on the shared embedded engine, the name of the test's schema. */
   readonly name: string;
   /** True on the in-memory PostgreSQL (PGlite). */
   readonly embedded: boolean;
@@ -205,8 +230,9 @@ export interface CleanupResult {
  * Creates a fresh, uniquely named database for one test, migrated when `migrations` are
  * given (by cloning a template built once per set of migration files), and returns it
  * with a connected manager. Dispose of it (`await using`) to close the manager and drop
- * the database. Without a server configured, it is an in-memory PGlite database instead
- * (about 2 s to start).
+ * the database. Without a server configured, it is a schema of its own on the process's
+ * in-memory PGlite engine (started by the first test, seconds; later tests take
+ * milliseconds), dropped the same way.
  *
  * @param options Migrations, the manager's schema, the server and pool settings.
  * @returns The database; `fromTemplate`/`templateBuilt` tell how it was made.
@@ -233,31 +259,7 @@ export async function createTestDatabase(
   const sets = await loadMigrations(options.migrations);
   const schema = options.schema ?? sets[0]?.set.schema;
   const url = serverUrl(options);
-  if (url === undefined) {
-    const db = new DatabaseManager({
-      ...options.config,
-      connectionString: "pglite:memory",
-      schema,
-    });
-    await db.connect();
-    try {
-      await applyMigrations(db, sets);
-      const name = await db.fetchValue<string>("SELECT current_database()");
-      return testDatabase({
-        db,
-        url: "pglite:memory",
-        name: name ?? "postgres",
-        embedded: true,
-        fromTemplate: false,
-        templateBuilt: false,
-        template: null,
-        drop: () => db.close(),
-      });
-    } catch (error) {
-      await db.close();
-      throw error;
-    }
-  }
+  if (url === undefined) return await embeddedTestDatabase(prefix, sets, schema, options);
   const name = uniqueTestName(prefix);
   const useTemplate = sets.length > 0 && options.template !== false;
   const made = await withAdmin(url, async (conn) => {
@@ -287,6 +289,7 @@ export async function createTestDatabase(
   }
   return testDatabase({
     db,
+    pool: db.pool,
     url: dbUrl,
     name,
     embedded: false,
@@ -330,8 +333,9 @@ export async function withTestDatabase<T>(
 /**
  * Runs `fn` with a manager over a throwaway schema, migrated when `migrations` are
  * given, and drops the schema (`CASCADE`) afterwards, also when `fn` throws. Cheaper than
- * a database and needs no `CREATEDB`: only the right to create schemas. It opens a pool
- * and closes it after `fn` unless you pass `pool`.
+ * a database and needs no `CREATEDB`: only the right to create schemas. On a server it
+ * opens a pool and closes it after `fn`; on the embedded engine it uses the process's
+ * shared one (an engine of its own with `config`); with `pool`, it uses yours.
  *
  * @param fn The test body; it gets the manager and the schema, pool and mode.
  * @param options Migrations, a pool of your own, the server and pool settings.
@@ -367,19 +371,21 @@ export async function withTestSchema<T>(
     );
   }
   const url = options.pool === undefined ? serverUrl(options) : undefined;
-  const pool = options.pool ?? await createSharedPool({
+  const shared = options.pool === undefined && url === undefined && options.config === undefined;
+  const pool = options.pool ?? (shared ? await sharedEngine() : await createSharedPool({
     minConnections: 1,
     ...options.config,
     connectionString: url ?? "pglite:memory",
-  });
-  const embedded = options.pool === undefined ? url === undefined : isEmbedded(pool);
+  }));
+  const owned = options.pool === undefined && !shared;
+  const embedded = options.pool === undefined ? url === undefined : await runsOnPglite(pool);
   const schema = uniqueTestName(prefix);
   const db = new DatabaseManager({ pool, schema });
   const cleanup = async () => {
     try {
       await db.dropSchema({ cascade: true });
     } finally {
-      if (options.pool === undefined) await pool.close();
+      if (owned) await pool.close();
     }
   };
   return await afterwards(async () => {
@@ -446,8 +452,46 @@ function serverUrl(options: TestTargetOptions): string | undefined {
   return options.url ?? serverUrlFromEnv();
 }
 
-function isEmbedded(pool: Pool): boolean {
-  return pool instanceof ConnectionPool && pool.config.kind === "embedded";
+/**
+ * A test database on the embedded engine: a schema of the process's shared engine that
+ * every migration set migrates into, or, with `config`, an engine of the test's own.
+ */
+async function embeddedTestDatabase(
+  prefix: string,
+  sets: readonly LoadedMigrations[],
+  schema: string | undefined,
+  options: TestDatabaseOptions,
+): Promise<TestDatabase> {
+  const fields = { url: null, embedded: true, fromTemplate: false, templateBuilt: false };
+  if (options.config !== undefined) {
+    const db = new DatabaseManager({
+      ...options.config,
+      connectionString: "pglite:memory",
+      schema,
+    });
+    await db.connect();
+    try {
+      await applyMigrations(db, sets);
+      const name = await db.fetchValue<string>("SELECT current_database()");
+      const drop = () => db.close();
+      return testDatabase({ ...fields, db, pool: db.pool, name: name!, template: null, drop });
+    } catch (error) {
+      await db.close();
+      throw error;
+    }
+  }
+  const pool = await sharedEngine();
+  const name = uniqueTestName(prefix);
+  const db = new DatabaseManager({ pool, schema: name });
+  const drop = () => db.dropSchema({ cascade: true });
+  try {
+    await db.ensureSchema();
+    await applyMigrations(db, sets, name);
+  } catch (error) {
+    await drop().catch(() => {});
+    throw error;
+  }
+  return testDatabase({ ...fields, db, pool, name, template: null, drop });
 }
 
 /** Clones the template into `name`, building the template first when it is missing. */

@@ -21,9 +21,10 @@ interface FreshDb {
 /** A fresh database and a one-connection pool on it (so every call sees one session). */
 async function withDatabase(fn: (fresh: FreshDb) => Promise<void>): Promise<void> {
   await using test = await createTestDatabase({ url: TEST_URL });
-  const pool = await createSharedPool({ connectionString: test.url, maxConnections: 1 });
+  const url = test.url!; // on a server, the test database has a URL
+  const pool = await createSharedPool({ connectionString: url, maxConnections: 1 });
   try {
-    await fn({ url: test.url, pool, db: new DatabaseManager({ pool }) });
+    await fn({ url, pool, db: new DatabaseManager({ pool }) });
   } finally {
     await pool.close();
   }

@@ -1,9 +1,10 @@
 /**
- * The test helpers (`@pgdbm/pgdbm/testing`) against the real server, plus one run on the
- * embedded PostgreSQL. The fixture, snapshot and row-count tests need no server of their
- * own, so they follow the suite's rule (tests/_support/server.ts): on the server when it
- * answers, on the embedded PostgreSQL only when none does. Each test uses a name prefix of its own, so what it creates and
- * cleans up never meets another test's (or another run's) databases.
+ * The test helpers (`@pgdbm/pgdbm/testing`) against the real server; their embedded engine
+ * is tested in embedded_engine_test.ts. The fixture, snapshot and row-count tests need no
+ * server of their own, so they follow the suite's rule (tests/_support/server.ts): on the
+ * server when it answers, on the embedded PostgreSQL only when none does. Each test uses a
+ * name prefix of its own, so what it creates and cleans up never meets another test's (or
+ * another run's) databases.
  */
 import assert from "node:assert/strict";
 import { AssertionError } from "node:assert";
@@ -451,51 +452,5 @@ serverTest("cleanupTestDatabases() drops only old marked databases", async () =>
   } finally {
     await observe((sql) => sql.unsafe(`DROP DATABASE IF EXISTS "${decoy}"`));
     await dropAll(start);
-  }
-});
-
-Deno.test("createTestDatabase() without a configured server runs on the embedded PostgreSQL", async (t) => {
-  const saved = ["PGDBM_TEST_URL", "DATABASE_URL"].map((name) => [name, Deno.env.get(name)]);
-  for (const [name] of saved) Deno.env.delete(name!);
-  let test;
-  try {
-    test = await createTestDatabase({
-      migrations: { moduleName: "notes", migrations: NOTES, schema: "notes" },
-    });
-  } finally {
-    for (const [name, value] of saved) if (value !== undefined) Deno.env.set(name!, value);
-  }
-  try {
-    assert.equal(test.embedded, true);
-    assert.equal(test.url, "pglite:memory");
-    assert.equal(test.fromTemplate, false);
-
-    await t.step("migrations, fixtures and snapshots work on it", async () => {
-      assert.equal(await test.db.tableExists("tags"), true);
-      await loadFixtures(test.db, {
-        tags: [{ note_id: 1, tag: "x" }],
-        notes: [{ id: 1, body: "hello" }],
-      });
-      const snapshot = await snapshotTable(test.db, "notes");
-      await assertTableUnchanged(test.db, "notes", snapshot);
-      await test.db.execute("UPDATE {{tables.notes}} SET body = 'bye'");
-      await assert.rejects(assertTableUnchanged(test.db, "notes", snapshot), AssertionError);
-    });
-
-    await t.step("withTestSchema() runs over its pool", async () => {
-      const schema = await withTestSchema(async (db, context) => {
-        assert.equal(context.embedded, true);
-        await db.execute("CREATE TABLE {{tables.x}} (id int)");
-        return context.schema;
-      }, { pool: test.db.pool });
-      assert.equal(
-        await test.db.fetchValue("SELECT count(*)::int FROM pg_namespace WHERE nspname = $1", [
-          schema,
-        ]),
-        0,
-      );
-    });
-  } finally {
-    await test.drop();
   }
 });
