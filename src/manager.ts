@@ -286,7 +286,9 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
    * connection of its own, opened on the first `listen()` and counted against
    * `maxConnections` (in `getPoolStats()` as a used connection; at the cap the pool closes
    * one of its other connections to make room), and closed when the last subscription
-   * ends or the pool closes. On the embedded engine (PGlite) it is the pool's one session.
+   * ends or the pool closes. On the embedded engine (PGlite) it is the pool's one session
+   * (a session the pool replaces listens before its first statement: nothing is missed and
+   * `onReconnect` is not called there).
    * When the session is lost (a terminated backend, a server restart) the pool opens a
    * new one with its `retry` policy (round after round, until it works or the pool
    * closes), listens again on every channel, then calls each `onReconnect`. PostgreSQL

@@ -13,6 +13,7 @@ import {
 } from "../mod.ts";
 import { observe, serverTest, TEST_URL, uniqueName, withManager } from "./_support/server.ts";
 import { settlesWithin } from "./_support/settle.ts";
+import { faultClusterUnavailable, startFaultCluster } from "./_support/fault_cluster.ts";
 import {
   IGNORED_STARTUP_PARAMETERS,
   pgbouncerSkipReason,
@@ -384,6 +385,24 @@ serverTest("the listening connection counts against maxConnections", async () =>
       async () => (await backends(application)).length === 1 ? true : undefined,
     );
   }, config);
+  const full = appConfig({ minConnections: 2, maxConnections: 2 });
+  await withManager(async (db, pool) => {
+    assert.equal((await backends(full.application)).length, 2, "the pool is at its cap");
+    const inbox = new Inbox();
+    const channel = uniqueName("full");
+    await db.listen(channel, inbox.handler);
+    await until(
+      "one pool connection closed for the listener",
+      async () =>
+        (await backends(full.application)).length === 2 &&
+          await listenerPid(full.application) !== undefined
+          ? true
+          : undefined,
+    );
+    assert.equal(pool.getStats().size, 2);
+    await db.notify(channel, "room made");
+    assert.deepEqual(await inbox.count(1), ["room made"]);
+  }, full.config);
   await withManager(async (db) => {
     await assert.rejects(
       db.listen("one", () => {}),
@@ -441,7 +460,11 @@ Deno.test({
 
 Deno.test("listen() and notify() on the embedded engine (PGlite)", async (t) => {
   const logger = recordingLogger();
-  const pool = await createSharedPool({ connectionString: "pglite:memory", logger });
+  const pool = await createSharedPool({
+    connectionString: "pglite:memory",
+    logger,
+    maxQueries: 20,
+  });
   try {
     const db = new DatabaseManager({ pool, schema: "embedded" });
     await db.ensureSchema();
@@ -457,6 +480,20 @@ Deno.test("listen() and notify() on the embedded engine (PGlite)", async (t) => 
     );
     await t.step("per-schema channels", () => perSchemaChannels(pool));
     await t.step("channel validation", () => validatesChannels(db));
+    await t.step("a replaced session listens before its first statement", async () => {
+      const channel = "embedded_replaced";
+      const inbox = new Inbox();
+      let reconnects = 0;
+      const sub = await db.listen(channel, inbox.handler, { onReconnect: () => void reconnects++ });
+      // maxQueries (20) retires the session on the way; each notify may land on a new one.
+      for (let i = 0; i < 45; i++) await db.notify(channel, String(i));
+      assert.deepEqual(
+        await inbox.count(45),
+        Array.from({ length: 45 }, (_, i) => String(i)),
+      );
+      assert.equal(reconnects, 0, "nothing was missed, so there is nothing to resync");
+      await sub.unlisten();
+    });
     await t.step("the shared session takes no extra connection", async () => {
       const sub = await db.listen("embedded_events", () => {});
       assert.equal(pool.getStats().size, 1);
@@ -465,4 +502,55 @@ Deno.test("listen() and notify() on the embedded engine (PGlite)", async (t) => 
   } finally {
     await pool.close();
   }
+});
+
+const clusterSkip = faultClusterUnavailable();
+
+Deno.test({
+  name: clusterSkip === undefined
+    ? "after a server restart the pool listens again, and unlisten() during an outage settles"
+    : `listen() across a server restart (skipped: ${clusterSkip})`,
+  ignore: clusterSkip !== undefined,
+  fn: async () => {
+    const cluster = await startFaultCluster({ maxConnections: 20 });
+    const logger = recordingLogger();
+    const pool = await createSharedPool({
+      connectionString: cluster.url,
+      retry: { attempts: 10, delayMs: 50, maxDelayMs: 200 },
+      logger,
+    });
+    try {
+      const db = new DatabaseManager({ pool });
+      const channel = uniqueName("restart");
+      const inbox = new Inbox();
+      let reconnects = 0;
+      const sub = await db.listen(channel, inbox.handler, {
+        onReconnect: () => void reconnects++,
+      });
+      await db.notify(channel, "before");
+      await inbox.count(1);
+      await cluster.restart(500);
+      await until(
+        "onReconnect after the restart",
+        () => Promise.resolve(reconnects > 0 ? true : undefined),
+      );
+      await db.notify(channel, "after");
+      assert.deepEqual(await inbox.count(2), ["before", "after"]);
+
+      // The server goes away for longer; the last unlisten() does not wait for it.
+      const other = await db.listen(uniqueName("outage"), () => {});
+      await sub.unlisten();
+      const restarted = cluster.restart(4000);
+      await until(
+        "the server down",
+        () => cluster.psql("SELECT 1", 1000).then(() => undefined, () => true),
+      );
+      await settlesWithin(other.unlisten(), 3000, "unlisten() while the server is down");
+      await restarted;
+      assert.equal(reconnects, 1, "no onReconnect for a subscription that was dropped");
+    } finally {
+      await pool.close();
+      await cluster.stop();
+    }
+  },
 });

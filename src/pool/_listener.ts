@@ -37,8 +37,11 @@ export interface ListenSession {
 export interface ListenHost {
   /** The pool's configuration (logger, retry policy, hook). */
   readonly config: ResolvedConfig;
-  /** Opens the listening session, retrying per `config.retry`. */
-  openSession(): Promise<ListenSession>;
+  /**
+   * Opens the listening session, retrying per `config.retry` until it opens, the attempts
+   * run out, or `stopped()` (no subscription left, the pool closing) turns true.
+   */
+  openSession(stopped: () => boolean): Promise<ListenSession>;
 }
 
 interface Entry {
@@ -55,9 +58,17 @@ export class Listener {
   #session?: ListenSession;
   #queue: Promise<unknown> = Promise.resolve();
   #wanted = false;
+  #relistening = false;
+  /** Aborted when the last subscription is dropped: ends a reconnect loop's waits. */
+  #idle = new AbortController();
 
   constructor(host: ListenHost) {
     this.#host = host;
+  }
+
+  /** The channels listened to (or being listened to). */
+  get channels(): string[] {
+    return [...this.#channels.keys()];
   }
 
   /** True while the listener has (or is opening) its session: it holds a connection. */
@@ -95,14 +106,23 @@ export class Listener {
     const entry: Entry = { handler, onReconnect, active: true };
     await this.#serial(async () => {
       if (this.#stopped.signal.aborted) throw closedError();
+      if (this.#idle.signal.aborted) this.#idle = new AbortController();
       this.#wanted = true;
       try {
         const session = await this.#ensureSession();
-        if (!this.#channels.has(channel)) {
-          await this.#run(session, `LISTEN ${quoteChannel(channel)}`, schema);
-          this.#channels.set(channel, new Set());
+        let entries = this.#channels.get(channel);
+        if (entries === undefined) {
+          // In the map first: a session opened meanwhile listens on it too.
+          entries = new Set();
+          this.#channels.set(channel, entries);
+          try {
+            await this.#run(session, `LISTEN ${quoteChannel(channel)}`, schema);
+          } catch (error) {
+            if (entries.size === 0) this.#channels.delete(channel);
+            throw error;
+          }
         }
-        this.#channels.get(channel)!.add(entry);
+        entries.add(entry);
       } finally {
         if (this.#channels.size === 0) await this.#endSession();
       }
@@ -124,16 +144,30 @@ export class Listener {
     return this.#serial(() => this.#endSession());
   }
 
+  /**
+   * Drops a subscription at once (a reconnect loop then stops once no channel is left);
+   * the last one of a channel sends `UNLISTEN` in turn, unless the channel was listened to
+   * again meanwhile.
+   */
   #remove(channel: string, entry: Entry, schema: string | undefined): Promise<void> {
     entry.active = false;
+    const entries = this.#channels.get(channel);
+    if (entries === undefined || !entries.delete(entry) || entries.size > 0) {
+      return Promise.resolve();
+    }
+    this.#channels.delete(channel);
+    if (this.#channels.size === 0) this.#idle.abort();
+    // No session (it was lost): nothing to UNLISTEN, and the reconnect skips the channel.
+    if (this.#session === undefined && this.#channels.size > 0) return Promise.resolve();
     return this.#serial(async () => {
-      const entries = this.#channels.get(channel);
-      if (entries === undefined || !entries.delete(entry) || entries.size > 0) return;
-      this.#channels.delete(channel);
+      if (this.#channels.has(channel)) return;
       const session = this.#session;
       try {
         if (session !== undefined) {
-          await this.#run(session, `UNLISTEN ${quoteChannel(channel)}`, schema);
+          await this.#run(session, `UNLISTEN ${quoteChannel(channel)}`, schema).catch((error) => {
+            // A session lost meanwhile listens on nothing, and the reconnect skips the channel.
+            if (this.#session === session) throw error;
+          });
         }
       } finally {
         if (this.#channels.size === 0) await this.#endSession();
@@ -143,7 +177,10 @@ export class Listener {
 
   async #ensureSession(): Promise<ListenSession> {
     if (this.#session !== undefined) return this.#session;
-    const session = await this.#host.openSession();
+    const idle = this.#idle.signal;
+    const session = await this.#host.openSession(() =>
+      this.#stopped.signal.aborted || idle.aborted
+    );
     this.#session = session;
     session.onNotification((channel, payload) => {
       if (this.#session === session) this.#dispatch(channel, payload);
@@ -179,8 +216,16 @@ export class Listener {
   #lost(session: ListenSession): void {
     if (this.#session !== session) return;
     this.#session = undefined;
-    if (this.#stopped.signal.aborted || this.#channels.size === 0) return;
+    this.#scheduleRelisten();
+  }
+
+  #scheduleRelisten(): void {
+    if (this.#stopped.signal.aborted || this.#channels.size === 0 || this.#relistening) return;
+    this.#relistening = true;
     this.#serial(() => this.#relisten()).then((entries) => {
+      this.#relistening = false;
+      // Lost again before this turn: the next round calls onReconnect.
+      if (this.#session === undefined) return this.#scheduleRelisten();
       for (const entry of entries) {
         if (!entry.active || entry.onReconnect === undefined) continue;
         try {
@@ -192,7 +237,10 @@ export class Listener {
           this.#report("an onReconnect callback threw", error);
         }
       }
-    }, (error) => this.#report("listening again failed", error));
+    }, (error) => {
+      this.#relistening = false;
+      this.#report("listening again failed", error);
+    });
   }
 
   /**
@@ -215,7 +263,7 @@ export class Listener {
         const session = this.#session;
         this.#session = undefined;
         await session?.close().catch(() => {});
-        await sleep(maxDelayMs, this.#stopped.signal);
+        await sleep(maxDelayMs, AbortSignal.any([this.#stopped.signal, this.#idle.signal]));
       }
     }
     if (this.#channels.size === 0 || this.#stopped.signal.aborted) await this.#endSession();

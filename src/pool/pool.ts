@@ -9,7 +9,12 @@
  */
 
 import { type DatabaseConfig, poolKey, resolveConfig, type ResolvedConfig } from "../config.ts";
-import type { Driver, DriverResult } from "../drivers/driver.ts";
+import type {
+  Driver,
+  DriverConnection,
+  DriverResult,
+  NotificationListener,
+} from "../drivers/driver.ts";
 import { createDriver } from "../drivers/mod.ts";
 import { PoolError } from "../errors.ts";
 import { setsSessionState } from "../_sql.ts";
@@ -25,7 +30,12 @@ import {
 } from "./_cancel.ts";
 import { connectWithRetry, prepareStatement } from "./_connect.ts";
 import { Listener, type ListenSession } from "./_listener.ts";
-import type { ListenOptions, NotificationHandler, Subscription } from "../listen.ts";
+import {
+  type ListenOptions,
+  type NotificationHandler,
+  quoteChannel,
+  type Subscription,
+} from "../listen.ts";
 import { available, type InFlight, openedSlot, type Slot } from "./_slot.ts";
 import { StatementTimings } from "./_statement_timings.ts";
 import { ReplicaSet } from "./replicas.ts";
@@ -112,6 +122,8 @@ export class ConnectionPool implements Pool {
   #errors = 0;
   #replicas?: ReplicaSet;
   #listener?: Listener;
+  /** Where the sessions of a one-session driver hand their notifications. */
+  #sharedNotify?: NotificationListener;
   #opening = 0;
   #turnAt = 0;
   #turnProbe = false;
@@ -371,8 +383,8 @@ export class ConnectionPool implements Pool {
     }
     this.#listener ??= new Listener({
       config: this.config,
-      openSession: () =>
-        this.#sharesListenSession() ? this.#sharedListenSession() : this.#ownListenSession(),
+      openSession: (stopped) =>
+        this.#sharesListenSession() ? this.#sharedListenSession() : this.#ownListenSession(stopped),
     });
     return this.#listener.add(channel, handler, options, schema);
   }
@@ -388,9 +400,14 @@ export class ConnectionPool implements Pool {
   }
 
   /** Opens the listener's own connection, closing one of the pool's when at the cap. */
-  async #ownListenSession(): Promise<ListenSession> {
+  async #ownListenSession(stopped: () => boolean): Promise<ListenSession> {
     this.#makeRoom();
-    const conn = await connectWithRetry(this.#driver, this.config, new Map(), () => this.#closed);
+    const conn = await connectWithRetry(
+      this.#driver,
+      this.config,
+      new Map(),
+      () => this.#closed || stopped(),
+    );
     if (this.#closed) {
       await conn.close();
       throw this.#closedError();
@@ -403,16 +420,37 @@ export class ConnectionPool implements Pool {
     };
   }
 
-  /** The pool's own session, for a driver that has only one. */
-  async #sharedListenSession(): Promise<ListenSession> {
-    if (this.#slots.length === 0) await this.query("SELECT 1", []);
-    const conn = this.#slots[0].conn;
-    return {
+  /**
+   * The pool's own session, for a driver that has only one (the embedded engine): every
+   * session the pool opens listens on the listener's channels before its first statement
+   * (see `#openSlot`), so a replaced session misses nothing (no other session exists to send
+   * a notification meanwhile) and the listening session never counts as lost.
+   */
+  #sharedListenSession(): Promise<ListenSession> {
+    let deliver: NotificationListener | undefined;
+    this.#sharedNotify = (channel, payload) => deliver?.(channel, payload);
+    return Promise.resolve({
       run: (sql) => this.query(sql, []),
-      onNotification: (listener) => conn.onNotification(listener),
-      onClose: (listener) => conn.onClose(listener),
-      close: () => Promise.resolve(),
-    };
+      onNotification: (listener) => deliver = listener,
+      onClose: () => {},
+      close: () => {
+        this.#sharedNotify = undefined;
+        return Promise.resolve();
+      },
+    });
+  }
+
+  /** Makes a new session of a one-session driver listen as the one before it did. */
+  async #listenOnShared(conn: DriverConnection): Promise<void> {
+    conn.onNotification((channel, payload) => this.#sharedNotify?.(channel, payload));
+    const channels = this.#listener?.channels ?? [];
+    if (channels.length === 0) return;
+    try {
+      await conn.query(channels.map((c) => `LISTEN ${quoteChannel(c)}`).join("; "), []).result;
+    } catch (error) {
+      await conn.close();
+      throw error;
+    }
   }
 
   /** Frees a place for the listening session: closes a connection (an idle one first). */
@@ -767,6 +805,7 @@ export class ConnectionPool implements Pool {
         await conn.close();
         return;
       }
+      if (this.#sharesListenSession()) await this.#listenOnShared(conn);
       const slot = openedSlot(conn, this.#prepared.keys());
       conn.onClose(() => {
         if (!slot.leased && slot.running.size === 0) this.#remove(slot);
