@@ -3,6 +3,12 @@
  * session, on the server and on the embedded engine (PGlite).
  */
 import assert from "node:assert/strict";
+import { trace } from "@opentelemetry/api";
+import {
+  BasicTracerProvider,
+  InMemorySpanExporter,
+  SimpleSpanProcessor,
+} from "@opentelemetry/sdk-trace-base";
 import {
   createSharedPool,
   type DatabaseConfig,
@@ -426,6 +432,34 @@ serverTest("LISTEN, UNLISTEN and pg_notify reach the onQuery hook", async () => 
     assert.ok(sqls.includes("SELECT pg_notify($1, $2)"), sqls.join("\n"));
     assert.ok(events.every((e) => e.schema === db.schema));
   }, { onQuery: (event) => events.push(event) });
+});
+
+serverTest("LISTEN, UNLISTEN and pg_notify are OpenTelemetry spans", async () => {
+  const exporter = new InMemorySpanExporter();
+  const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });
+  trace.setGlobalTracerProvider(provider);
+  try {
+    await withManager(async (db) => {
+      const channel = uniqueName("span");
+      const inbox = new Inbox();
+      const sub = await db.listen(channel, inbox.handler);
+      await db.notify(channel, "x");
+      await inbox.count(1);
+      await sub.unlisten();
+      const texts = exporter.getFinishedSpans()
+        .filter((span) => span.instrumentationScope.name === "@pgdbm/pgdbm")
+        .map((span) => span.attributes["db.query.text"]);
+      // The first is withManager's CREATE SCHEMA.
+      assert.deepEqual(texts.slice(1), [
+        `LISTEN "${channel}"`,
+        "SELECT pg_notify($1, $2)",
+        `UNLISTEN "${channel}"`,
+      ]);
+    });
+  } finally {
+    trace.disable();
+    await provider.shutdown();
+  }
 });
 
 const bouncerSkip = await pgbouncerSkipReason();
