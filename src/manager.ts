@@ -320,12 +320,12 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
    *   `maxConnections: 1` on a server.
    * @throws {ConnectionError} When the listening session cannot be opened.
    */
-  listen(
+  async listen(
     channel: string,
     onMessage: NotificationHandler,
     options?: ListenOptions,
   ): Promise<Subscription> {
-    return requirePool(this.#holder).listen(channel, onMessage, options, this.schema);
+    return await requirePool(this.#holder).listen(channel, onMessage, options, this.schema);
   }
 
   /**

@@ -417,6 +417,24 @@ serverTest("the listening connection counts against maxConnections", async () =>
   }, { minConnections: 1, maxConnections: 1 });
 });
 
+serverTest("listen() before connect() and after close() rejects with PoolError", async () => {
+  const db = new DatabaseManager({ connectionString: TEST_URL, minConnections: 1 });
+  await assert.rejects(db.listen("early", () => {}), PoolError);
+  await db.connect();
+  const inbox = new Inbox();
+  try {
+    await db.listen("standalone_events", inbox.handler);
+    await db.notify("standalone_events", "ok");
+    assert.deepEqual(await inbox.count(1), ["ok"]);
+  } finally {
+    await db.close();
+  }
+  await assert.rejects(
+    db.listen("late", () => {}),
+    (e) => e instanceof PoolError && e.code === "POOL_CLOSED",
+  );
+});
+
 serverTest("LISTEN, UNLISTEN and pg_notify reach the onQuery hook", async () => {
   const events: QueryEvent[] = [];
   await withManager(async (db) => {
