@@ -16,6 +16,7 @@ import {
   type QueryOptions,
 } from "./pool/pool.ts";
 import { Queries, type Runner } from "./queries.ts";
+import type { ListenOptions, NotificationHandler, Subscription } from "./listen.ts";
 import { cursorRows, type CursorSession, type StreamOptions } from "./stream.ts";
 import { assertIdentifier, quoteIdentifier } from "./template.ts";
 import { Connection, LeaseRunner, runTransaction, type Transaction } from "./transaction.ts";
@@ -275,6 +276,56 @@ export class DatabaseManager extends Queries implements AsyncDisposable {
       }
       lease.release();
     }
+  }
+
+  /**
+   * Calls `onMessage` with the payload of each notification sent to `channel` (by
+   * `notify()` or `pg_notify()`/`NOTIFY` anywhere in the database), until `unlisten()`.
+   *
+   * All the listens of a pool share one listening session. On a server it is a
+   * connection of its own, opened on the first `listen()` and counted against
+   * `maxConnections` (in `getPoolStats()` as a used connection; at the cap the pool closes
+   * one of its other connections to make room), and closed when the last subscription
+   * ends or the pool closes. On the embedded engine (PGlite) it is the pool's one session
+   * (a session the pool replaces listens before its first statement: nothing is missed and
+   * `onReconnect` is not called there).
+   * When the session is lost (a terminated backend, a server restart) the pool opens a
+   * new one with its `retry` policy (round after round, until it works or the pool
+   * closes), listens again on every channel, then calls each `onReconnect`. PostgreSQL
+   * keeps no notifications for a session that is gone: what was sent meanwhile is lost,
+   * so resync in `onReconnect`.
+   *
+   * The channel is a name global to the database: it is not prefixed with the manager's
+   * schema and templates are not expanded in it; for a channel per schema, name it after
+   * the schema (`${db.schema}_events`). A handler that throws (or rejects) is reported
+   * through the `logger`; the other handlers still run.
+   *
+   * @example Listen, notify, stop listening
+   * ```ts ignore
+   * const sub = await db.listen("orders_changed", (payload) => console.log(JSON.parse(payload)), {
+   *   onReconnect: () => console.log("reconnected: reload the orders"),
+   * });
+   * await db.notify("orders_changed", JSON.stringify({ id: 42 }));
+   * await sub.unlisten();
+   * ```
+   *
+   * @param channel The channel, 1 to 63 bytes.
+   * @param onMessage Called with each payload.
+   * @param options `onReconnect`: called after the session was lost and is listening again.
+   * @returns The subscription; `unlisten()` ends it.
+   * @throws {TypeError} When `channel` is not a string or `onMessage` not a function.
+   * @throws {RangeError} When `channel` is empty or longer than 63 bytes.
+   * @throws {PoolError} When the pool is closed, has `prepare: false` (a pooler in
+   *   transaction mode, where LISTEN cannot work: use a direct URL), or has
+   *   `maxConnections: 1` on a server.
+   * @throws {ConnectionError} When the listening session cannot be opened.
+   */
+  async listen(
+    channel: string,
+    onMessage: NotificationHandler,
+    options?: ListenOptions,
+  ): Promise<Subscription> {
+    return await requirePool(this.#holder).listen(channel, onMessage, options, this.schema);
   }
 
   /**

@@ -18,6 +18,7 @@ import type { QueryOptions } from "./pool/pool.ts";
 import type { StreamOptions } from "./stream.ts";
 import type { InferOutput, StandardSchemaV1 } from "./standard_schema.ts";
 import { assertIdentifier, expandTemplate, quoteIdentifier } from "./template.ts";
+import { assertChannel } from "./listen.ts";
 
 export type { Row };
 
@@ -188,6 +189,34 @@ export abstract class Queries {
       rowCount: await runner.batch(text, paramsList),
     }));
     return result.rowCount;
+  }
+
+  /**
+   * Sends a notification with `pg_notify(channel, payload)`. Inside a transaction it is
+   * delivered when the transaction commits, and not at all when it rolls back. The channel
+   * is a name global to the database: it is not prefixed with the schema and templates are
+   * not expanded in it.
+   *
+   * @example Notify the listeners of a channel
+   * ```ts ignore
+   * await db.notify("orders_changed", JSON.stringify({ id: 42 }));
+   * ```
+   *
+   * @param channel The channel, 1 to 63 bytes.
+   * @param payload The text listeners receive (PostgreSQL takes up to 7999 bytes).
+   * @throws {TypeError} When `channel` or `payload` is not a string.
+   * @throws {RangeError} When `channel` is empty or longer than 63 bytes.
+   * @throws {QueryError} When the server refuses it (a payload too long).
+   */
+  async notify(channel: string, payload = ""): Promise<void> {
+    assertChannel(channel);
+    if (typeof payload !== "string") {
+      throw new TypeError(
+        `Cannot notify "${channel}": the payload must be a string (JSON.stringify an object); ` +
+          `got ${typeof payload}`,
+      );
+    }
+    await this.#send("SELECT pg_notify($1, $2)", [channel, payload], undefined, false);
   }
 
   /**

@@ -64,6 +64,9 @@ export interface RunningQuery {
   cancel(): Promise<void>;
 }
 
+/** Receives one notification: its channel and its payload (`""` when none was given). */
+export type NotificationListener = (channel: string, payload: string) => void;
+
 /** One physical session with PostgreSQL. */
 export interface DriverConnection {
   /** The server process id of this session. */
@@ -89,6 +92,12 @@ export interface DriverConnection {
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
   /** Calls `listener` once when the session ends, for whatever reason. */
   onClose(listener: () => void): void;
+  /**
+   * Calls `listener` with each notification the session receives (`LISTEN` on it, then a
+   * `NOTIFY` committed anywhere), until the session ends. On the embedded driver the one
+   * session receives them after the statement during which they arrived.
+   */
+  onNotification(listener: NotificationListener): void;
   /** Ends the session after the statements already sent; idempotent. */
   close(): Promise<void>;
   /**

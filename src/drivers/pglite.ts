@@ -24,6 +24,7 @@ import type {
   DriverCapabilities,
   DriverConnection,
   DriverResult,
+  NotificationListener,
   Row,
   RunningQuery,
   StatementOptions,
@@ -206,6 +207,11 @@ class PgliteDriver implements Driver {
     return { promise, task };
   }
 
+  /** Passes the engine's notifications to `listener` until the returned function is called. */
+  subscribe(listener: NotificationListener): () => void {
+    return this.#pg?.onNotification(listener) ?? (() => {});
+  }
+
   /** Removes `task` if it has not started; true when it was removed. */
   unschedule(task: Task): boolean {
     const index = this.#queue.indexOf(task);
@@ -302,6 +308,7 @@ class PgliteConnection implements DriverConnection {
   #closed = false;
   #closing?: Promise<void>;
   #listeners: Array<() => void> = [];
+  #unsubscribe: Array<() => void> = [];
 
   constructor(driver: PgliteDriver, pid: number, serverVersion: string) {
     this.#driver = driver;
@@ -373,9 +380,14 @@ class PgliteConnection implements DriverConnection {
     else this.#listeners.push(listener);
   }
 
+  onNotification(listener: NotificationListener): void {
+    if (!this.#closed) this.#unsubscribe.push(this.#driver.subscribe(listener));
+  }
+
   close(): Promise<void> {
     if (this.#closing === undefined) {
       this.#closed = true;
+      for (const unsubscribe of this.#unsubscribe.splice(0)) unsubscribe();
       const listeners = this.#listeners;
       this.#listeners = [];
       for (const listener of listeners) listener();

@@ -14,6 +14,7 @@ import type {
   Driver,
   DriverConnection,
   DriverResult,
+  NotificationListener,
   Row,
   RunningQuery,
   StatementOptions,
@@ -109,13 +110,23 @@ class PostgresConnection implements DriverConnection {
   #serverVersion = "";
   #closed = false;
   #listeners: Array<() => void> = [];
+  #notified: NotificationListener[] = [];
 
   private constructor(options: postgres.Options<Record<string, never>>) {
     this.#prepare = options.prepare !== false;
     // A lost session must fail what postgres.js still holds for it: left alone, it keeps
     // the queries not yet sent and reconnects to run them, so they hang while the server
     // is down.
-    this.#sql = postgres({ ...options, onclose: () => this.#lose() });
+    // `onnotify` (every NotificationResponse of the session) is an option postgres.js
+    // reads but does not declare: its own `sql.listen` opens a second session with it.
+    const onnotify = (channel: string, payload: string) => {
+      for (const listener of this.#notified) listener(channel, payload);
+    };
+    this.#sql = postgres({
+      ...options,
+      onclose: () => this.#lose(),
+      onnotify,
+    } as postgres.Options<Record<string, never>>);
   }
 
   static async open(options: postgres.Options<Record<string, never>>): Promise<PostgresConnection> {
@@ -248,6 +259,10 @@ class PostgresConnection implements DriverConnection {
     else this.#listeners.push(listener);
   }
 
+  onNotification(listener: NotificationListener): void {
+    if (!this.#closed) this.#notified.push(listener);
+  }
+
   async close(): Promise<void> {
     this.#markClosed();
     await this.#sql.end({ timeout: 5 });
@@ -315,6 +330,7 @@ class PostgresConnection implements DriverConnection {
   #markClosed(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#notified = [];
     const listeners = this.#listeners;
     this.#listeners = [];
     for (const listener of listeners) listener();

@@ -9,7 +9,12 @@
  */
 
 import { type DatabaseConfig, poolKey, resolveConfig, type ResolvedConfig } from "../config.ts";
-import type { Driver, DriverResult } from "../drivers/driver.ts";
+import type {
+  Driver,
+  DriverConnection,
+  DriverResult,
+  NotificationListener,
+} from "../drivers/driver.ts";
 import { createDriver } from "../drivers/mod.ts";
 import { PoolError } from "../errors.ts";
 import { setsSessionState } from "../_sql.ts";
@@ -24,6 +29,13 @@ import {
   timeoutError,
 } from "./_cancel.ts";
 import { connectWithRetry, prepareStatement } from "./_connect.ts";
+import { Listener, type ListenSession } from "./_listener.ts";
+import {
+  type ListenOptions,
+  type NotificationHandler,
+  quoteChannel,
+  type Subscription,
+} from "../listen.ts";
 import { available, type InFlight, openedSlot, type Slot } from "./_slot.ts";
 import { StatementTimings } from "./_statement_timings.ts";
 import { ReplicaSet } from "./replicas.ts";
@@ -109,6 +121,9 @@ export class ConnectionPool implements Pool {
   #queries = 0;
   #errors = 0;
   #replicas?: ReplicaSet;
+  #listener?: Listener;
+  /** Where the sessions of a one-session driver hand their notifications. */
+  #sharedNotify?: NotificationListener;
   #opening = 0;
   #turnAt = 0;
   #turnProbe = false;
@@ -179,13 +194,14 @@ export class ConnectionPool implements Pool {
   getStats(): PoolStats {
     let idle = 0;
     for (const slot of this.#slots) if (!slot.leased && slot.running.size === 0) idle++;
+    const size = this.#slots.length + this.#listenSeats();
     return {
       status: this.#closed ? "closed" : "connected",
       minSize: this.#minSize,
       maxSize: this.#maxSize,
-      size: this.#slots.length,
+      size,
       idle,
-      used: this.#slots.length - idle,
+      used: size - idle,
       waiting: this.#waiters.length,
       queries: this.#queries,
       errors: this.#errors,
@@ -312,6 +328,7 @@ export class ConnectionPool implements Pool {
       waiter.reject(this.#closedError());
     }
     this.#closing = (async () => {
+      await this.#listener?.close();
       if (this.#slots.some((slot) => slot.leased || slot.running.size > 0)) {
         await new Promise<void>((resolve) => this.#drained = resolve);
       }
@@ -330,6 +347,121 @@ export class ConnectionPool implements Pool {
 
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
+  }
+
+  /**
+   * Subscribes to a channel on the pool's listening session (see `DatabaseManager.listen`).
+   * On a server the session is a connection of its own, opened on the first subscription
+   * and counted against `maxConnections`; on the embedded engine it is the pool's one
+   * session.
+   */
+  listen(
+    channel: string,
+    handler: NotificationHandler,
+    options: ListenOptions | undefined,
+    schema: string | undefined,
+  ): Promise<Subscription> {
+    if (this.#closed) return Promise.reject(this.#closedError());
+    if (!this.#sharesListenSession() && !this.config.prepare) {
+      return Promise.reject(
+        new PoolError(
+          "Cannot listen: this pool has 'prepare: false', pgdbm's setting for a pooler in " +
+            "transaction mode (PgBouncer), where LISTEN cannot work (each transaction may run " +
+            "on another server connection, and notifications go to none of yours). Open a " +
+            "second pool with a direct URL to the server (not through the pooler) for listen()",
+        ),
+      );
+    }
+    if (!this.#sharesListenSession() && this.#maxSize < 2) {
+      return Promise.reject(
+        new PoolError(
+          "Cannot listen: the listening session needs a connection of its own and " +
+            `'maxConnections' is ${this.#maxSize}, which leaves none for queries; set ` +
+            "'maxConnections' to 2 or more",
+        ),
+      );
+    }
+    this.#listener ??= new Listener({
+      config: this.config,
+      openSession: (stopped) =>
+        this.#sharesListenSession() ? this.#sharedListenSession() : this.#ownListenSession(stopped),
+    });
+    return this.#listener.add(channel, handler, options, schema);
+  }
+
+  /** One session in all (the embedded engine): the listener uses the pool's. */
+  #sharesListenSession(): boolean {
+    return this.#driver.maxSessions === 1;
+  }
+
+  /** The connection the listening session takes from `maxConnections` (0 or 1). */
+  #listenSeats(): number {
+    return this.#listener?.holdsSession === true && !this.#sharesListenSession() ? 1 : 0;
+  }
+
+  /** Opens the listener's own connection, closing one of the pool's when at the cap. */
+  async #ownListenSession(stopped: () => boolean): Promise<ListenSession> {
+    this.#makeRoom();
+    const conn = await connectWithRetry(
+      this.#driver,
+      this.config,
+      new Map(),
+      () => this.#closed || stopped(),
+    );
+    if (this.#closed) {
+      await conn.close();
+      throw this.#closedError();
+    }
+    return {
+      run: (sql) => conn.query(sql, []).result,
+      onNotification: (listener) => conn.onNotification(listener),
+      onClose: (listener) => conn.onClose(listener),
+      close: () => conn.close(),
+    };
+  }
+
+  /**
+   * The pool's own session, for a driver that has only one (the embedded engine): every
+   * session the pool opens listens on the listener's channels before its first statement
+   * (see `#openSlot`), so a replaced session misses nothing (no other session exists to send
+   * a notification meanwhile) and the listening session never counts as lost.
+   */
+  #sharedListenSession(): Promise<ListenSession> {
+    let deliver: NotificationListener | undefined;
+    this.#sharedNotify = (channel, payload) => deliver?.(channel, payload);
+    return Promise.resolve({
+      run: (sql) => this.query(sql, []),
+      onNotification: (listener) => deliver = listener,
+      onClose: () => {},
+      close: () => {
+        this.#sharedNotify = undefined;
+        return Promise.resolve();
+      },
+    });
+  }
+
+  /** Makes a new session of a one-session driver listen as the one before it did. */
+  async #listenOnShared(conn: DriverConnection): Promise<void> {
+    conn.onNotification((channel, payload) => this.#sharedNotify?.(channel, payload));
+    const channels = this.#listener?.channels ?? [];
+    if (channels.length === 0) return;
+    try {
+      await conn.query(channels.map((c) => `LISTEN ${quoteChannel(c)}`).join("; "), []).result;
+    } catch (error) {
+      await conn.close();
+      throw error;
+    }
+  }
+
+  /** Frees a place for the listening session: closes a connection (an idle one first). */
+  #makeRoom(): void {
+    const open = this.#slots.filter((slot) => !slot.retiring);
+    if (open.length + this.#opening < this.#maxSize) return;
+    const victim = open.find((slot) => !slot.leased && slot.running.size === 0) ??
+      open.find((slot) => !slot.leased) ?? open[open.length - 1];
+    if (victim === undefined) return;
+    if (!victim.leased && victim.running.size === 0) this.#remove(victim);
+    else victim.retiring = true;
   }
 
   /**
@@ -647,7 +779,8 @@ export class ConnectionPool implements Pool {
 
   /** Opens one more connection in the background when below the cap. */
   #grow(): boolean {
-    if (this.#closed || this.#slots.length + this.#opening >= this.#maxSize) return false;
+    const taken = this.#slots.length + this.#opening + this.#listenSeats();
+    if (this.#closed || taken >= this.#maxSize) return false;
     this.#openSlot().catch((error) => {
       if (this.#slots.length === 0) {
         for (const waiter of this.#waiters.splice(0)) {
@@ -672,6 +805,7 @@ export class ConnectionPool implements Pool {
         await conn.close();
         return;
       }
+      if (this.#sharesListenSession()) await this.#listenOnShared(conn);
       const slot = openedSlot(conn, this.#prepared.keys());
       conn.onClose(() => {
         if (!slot.leased && slot.running.size === 0) this.#remove(slot);

@@ -51,7 +51,10 @@ export interface WaitPercentiles {
   p99: number;
 }
 
-/** Live statistics of a pool. */
+/**
+ * Live statistics of a pool. On a server, `size` and `used` count the listening session of
+ * `listen()` while it is open (it is one of `maxConnections`).
+ */
 export interface PoolStats extends ConnectionCounts {
   /** `connected` until `close()` is called. */
   status: "connected" | "closed";

@@ -708,6 +708,51 @@ const CASES: Case[] = [
       assert.equal(error.sqlstate, "08003");
     },
   },
+
+  {
+    name: "onNotification() receives the session's notifications after LISTEN, none after UNLISTEN",
+    async run(conn, target) {
+      const channel = uniqueName("contract_chan");
+      const received: Array<[string, string]> = [];
+      conn.onNotification((name, payload) => received.push([name, payload]));
+      await exec(conn, `LISTEN "${channel}"`);
+      await exec(conn, "SELECT pg_notify($1, $2)", [channel, 'it\'s "here" ✓']);
+      await exec(conn, `NOTIFY "${channel}"`);
+      // Delivered at the latest with the answer of a later statement on the session.
+      await exec(conn, "SELECT 1");
+      await settlesWithin(
+        (async () => {
+          while (received.length < 2) await sleep(5);
+        })(),
+        3000,
+        "the notifications",
+      );
+      assert.deepEqual(received, [[channel, 'it\'s "here" ✓'], [channel, ""]]);
+      await exec(conn, `UNLISTEN "${channel}"`);
+      await exec(conn, "SELECT pg_notify($1, 'unheard')", [channel]);
+      await exec(conn, "SELECT 1");
+      await sleep(20);
+      assert.equal(received.length, 2, "no notification after UNLISTEN");
+      if (target.kind === "network") {
+        // Another session's notification reaches this one.
+        const other = await target.driver.connect();
+        try {
+          await exec(conn, `LISTEN "${channel}"`);
+          await exec(other, "SELECT pg_notify($1, 'from another session')", [channel]);
+          await settlesWithin(
+            (async () => {
+              while (received.length < 3) await sleep(5);
+            })(),
+            3000,
+            "the other session's notification",
+          );
+          assert.deepEqual(received[2], [channel, "from another session"]);
+        } finally {
+          await other.close();
+        }
+      }
+    },
+  },
 ];
 
 // ---------------------------------------------------------------------------------------
