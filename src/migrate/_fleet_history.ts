@@ -12,8 +12,12 @@ import { assertIdentifier, quoteIdentifier } from "../template.ts";
 import { appliedMigration, History, HISTORY_COLUMNS } from "./_history.ts";
 import type { AppliedMigration, Migration } from "./types.ts";
 
-/** Schemas read by one query (a UNION ALL of that many selects). */
-const CHUNK = 250;
+/**
+ * Schemas read by one query (a UNION ALL of that many selects). Measured over 1,000
+ * schemas: 25 a query took 1.7 s, 5 took 1.9 s and 250 took 8.7 s (planning a wide UNION
+ * costs more than the round trips it saves); one query per schema took 8.0 s.
+ */
+const CHUNK = 25;
 
 /**
  * The schemas among `schemas` (valid identifiers) where the module is up to date, read on
