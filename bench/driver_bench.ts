@@ -35,6 +35,7 @@ import { serialize } from "pg-protocol";
 import { Parser } from "pg-protocol/dist/parser.js";
 import type { BackendMessage, DatabaseError, Field } from "pg-protocol/dist/messages.js";
 import { createSharedPool, DatabaseManager } from "../mod.ts";
+import { median } from "./_support.ts";
 
 const url = Deno.env.get("PGDBM_TEST_URL") ?? "postgres://postgres@127.0.0.1:5432/test";
 const BURST = 1000;
@@ -479,12 +480,6 @@ async function interleaved(rounds: number): Promise<void> {
       );
     }
   }
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
 }
 
 if (import.meta.main) {

@@ -629,23 +629,38 @@ function callOf<O = QueryOptions>(sql: string | TemplateStringsArray, rest: unkn
 async function recordRows(
   records: CopyRecords,
   columns: readonly string[] | undefined,
-): Promise<{ rows: AsyncIterable<readonly unknown[]>; objectColumns?: readonly string[] }> {
-  const iterator = Symbol.asyncIterator in records
-    ? (records as AsyncIterable<readonly unknown[] | CopyObject>)[Symbol.asyncIterator]()
-    : (records as Iterable<readonly unknown[] | CopyObject>)[Symbol.iterator]();
+): Promise<{
+  rows: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>;
+  objectColumns?: readonly string[];
+}> {
+  // Records that come synchronously stay synchronous: an async step per row costs more
+  // than encoding it.
+  const sync = !(Symbol.asyncIterator in records);
+  const iterator = sync
+    ? (records as Iterable<readonly unknown[] | CopyObject>)[Symbol.iterator]()
+    : (records as AsyncIterable<readonly unknown[] | CopyObject>)[Symbol.asyncIterator]();
   const first = await iterator.next();
   const isObject = !first.done && first.value !== null && typeof first.value === "object" &&
     !Array.isArray(first.value);
   const keys = isObject ? columns ?? Object.keys(first.value as CopyObject) : undefined;
-  async function* rows(): AsyncGenerator<readonly unknown[]> {
+  const record = (value: unknown, index: number): readonly unknown[] =>
+    keys === undefined
+      ? arrayRecord(value, index)
+      : objectRecord(value, keys, columns === undefined, index);
+  function* syncRows(): Generator<readonly unknown[]> {
+    const source = iterator as Iterator<readonly unknown[] | CopyObject>;
     let index = 0;
-    for (let next = first; !next.done; next = await iterator.next(), index++) {
-      yield keys === undefined
-        ? arrayRecord(next.value, index)
-        : objectRecord(next.value, keys, columns === undefined, index);
+    for (let next = first; !next.done; next = source.next(), index++) {
+      yield record(next.value, index);
     }
   }
-  return { rows: rows(), objectColumns: keys };
+  async function* asyncRows(): AsyncGenerator<readonly unknown[]> {
+    let index = 0;
+    for (let next = first; !next.done; next = await iterator.next(), index++) {
+      yield record(next.value, index);
+    }
+  }
+  return { rows: sync ? syncRows() : asyncRows(), objectColumns: keys };
 }
 
 function arrayRecord(record: unknown, index: number): readonly unknown[] {

@@ -12,6 +12,9 @@ import { quoteIdentifier } from "../template.ts";
 import type { Transactional } from "../transaction.ts";
 import type { AppliedMigration, DriftedMigration, Migration } from "./types.ts";
 
+/** The history table's name unless `migrationsTable` says otherwise. */
+export const DEFAULT_HISTORY_TABLE = "schema_migrations";
+
 /** Errors of two processes creating the schema or table at the same moment. */
 const CREATE_RACE = new Set(["23505", "42P07", "42P06"]);
 
@@ -199,23 +202,31 @@ export class History {
     let rows: Record<string, unknown>[];
     try {
       rows = await q.fetchAll(
-        `SELECT filename, checksum, module_name, applied_at, applied_by, execution_time_ms ` +
-          `FROM ${this.ref} ${tail}`,
+        `SELECT ${HISTORY_COLUMNS} FROM ${this.ref} ${tail}`,
         [this.#module],
       );
     } catch (error) {
       if (isMissingTable(error)) return undefined;
       throw error;
     }
-    return rows.map((row) => ({
-      filename: String(row.filename),
-      checksum: String(row.checksum),
-      moduleName: row.module_name === null ? null : String(row.module_name),
-      appliedAt: row.applied_at as Date,
-      appliedBy: row.applied_by === null ? null : String(row.applied_by),
-      executionTimeMs: row.execution_time_ms === null ? null : Number(row.execution_time_ms),
-    }));
+    return rows.map(appliedMigration);
   }
+}
+
+/** The columns of a history row that {@link appliedMigration} reads. */
+export const HISTORY_COLUMNS =
+  "filename, checksum, module_name, applied_at, applied_by, execution_time_ms";
+
+/** A history row (its {@link HISTORY_COLUMNS}) as an {@link AppliedMigration}. */
+export function appliedMigration(row: Record<string, unknown>): AppliedMigration {
+  return {
+    filename: String(row.filename),
+    checksum: String(row.checksum),
+    moduleName: row.module_name === null ? null : String(row.module_name),
+    appliedAt: row.applied_at as Date,
+    appliedBy: row.applied_by === null ? null : String(row.applied_by),
+    executionTimeMs: row.execution_time_ms === null ? null : Number(row.execution_time_ms),
+  };
 }
 
 function isMissingTable(error: unknown): boolean {

@@ -21,6 +21,8 @@ import {
   type MigratorOptions,
 } from "./migrator.ts";
 import { type MigrationSource, resolveMigrationSource } from "./source.ts";
+import { upToDateSchemas } from "./_fleet_history.ts";
+import { DEFAULT_HISTORY_TABLE } from "./_history.ts";
 import type { Pool } from "../pool/pool.ts";
 import { assertIdentifier } from "../template.ts";
 
@@ -161,8 +163,8 @@ export interface FleetStatusReport {
 /**
  * Applies a module's migrations to many schemas over one shared pool, `concurrency`
  * schemas at a time. One schema's failure does not stop the others; it is reported in
- * its result. Call it again after an interruption: finished schemas are skipped with one
- * query each, and the rest resume.
+ * its result. Call it again after an interruption: finished schemas are found up to date
+ * for the whole fleet in a few queries, and the rest resume.
  *
  * @param target The shared pool, or a manager over it.
  * @param schemas The schemas (tenants) to migrate.
@@ -204,8 +206,18 @@ export async function migrateSchemas(
   };
   const managerFor = managerFactory(target);
   // Validates the options and the source once, before any schema is touched.
-  await new Migrator(managerFor(undefined), base).findMigrationFiles();
+  const files = await new Migrator(managerFor(undefined), base).findMigrationFiles();
   const limit = checkConcurrency(concurrency, defaultConcurrency(target), "concurrency");
+  // Schemas already up to date are found in a few round trips for the whole fleet.
+  const read = performance.now();
+  const current = dryRun === true ? new Set<string>() : await upToDateSchemas(
+    managerFor(undefined),
+    list,
+    files,
+    options.moduleName,
+    options.migrationsTable ?? DEFAULT_HISTORY_TABLE,
+  );
+  const readMs = performance.now() - read;
 
   const results: SchemaMigrationResult[] = list.map((schema) => ({
     schema,
@@ -219,7 +231,9 @@ export async function migrateSchemas(
   let appliedCount = 0;
   await runPool(list.length, limit, signal, async (index) => {
     const schema = list[index];
-    const result = await migrateOne(managerFor, schema, base, dryRun === true);
+    const result = current.has(schema)
+      ? { schema, status: "up_to_date" as const, applied: [], missing: [], durationMs: readMs }
+      : await migrateOne(managerFor, schema, base, dryRun === true);
     results[index] = result;
     done++;
     if (result.status === "failed") failed++;

@@ -93,7 +93,7 @@ import {
 import { Applier } from "./_apply.ts";
 import { Failures, RunAborted, type RunState, RunStopped } from "./_failure.ts";
 import { type ParsedMigrationFile, parseMigrationFiles, pgdbmOrder } from "./_files.ts";
-import { History, type Plan } from "./_history.ts";
+import { DEFAULT_HISTORY_TABLE, History, type Plan } from "./_history.ts";
 import type { LockScope, MigrationLock } from "./_lock.ts";
 import { SessionLock } from "./_session_lock.ts";
 import { TransactionLock } from "./_transaction_lock.ts";
@@ -117,7 +117,6 @@ import type {
 } from "./types.ts";
 export type * from "./types.ts";
 
-const DEFAULT_TABLE = "schema_migrations";
 const LOCK_MODES: readonly MigrationLockMode[] = ["session", "transaction"];
 
 const parsedCache = new WeakMap<readonly MigrationFile[], Promise<ParsedMigrationFile[]>>();
@@ -190,7 +189,7 @@ export class Migrator {
           (typeof module === "string" ? `'${module}'` : String(module)),
       );
     }
-    const table = options.migrationsTable ?? DEFAULT_TABLE;
+    const table = options.migrationsTable ?? DEFAULT_HISTORY_TABLE;
     try {
       assertIdentifier(table, "table");
     } catch (cause) {

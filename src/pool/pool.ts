@@ -156,8 +156,9 @@ export class ConnectionPool implements Pool {
     const key = poolKey(config);
     if (key !== undefined) openPools.set(key, (openPools.get(key) ?? 0) + 1);
     try {
-      await pool.#openSlot();
-      await Promise.all(Array.from({ length: pool.#minSize - 1 }, () => pool.#openSlot()));
+      // The floor opens at once, not one connection after another: connecting is a round
+      // trip or three each, and the first query waits for the whole floor.
+      await Promise.all(Array.from({ length: Math.max(pool.#minSize, 1) }, () => pool.#openSlot()));
       if (config.replicas.length > 0) {
         pool.#replicas = new ReplicaSet(
           config,

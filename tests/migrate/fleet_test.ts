@@ -335,3 +335,50 @@ serverTest("migrateSchemas() refuses an invalid source before touching any schem
     assert.deepEqual(bad.succeeded, [tenants[0]]);
   });
 });
+
+serverTest(
+  "migrateSchemas() rerun reads the fleet's histories at once yet treats each schema as before",
+  async () => {
+    await withTenants(6, async (pool, tenants) => {
+      const migrations: Record<string, string> = {};
+      for (const name of FLEET_FILES) migrations[name] = await Deno.readTextFile(FLEET + name);
+      const withGone = { ...migrations, "006_gone.sql": "SELECT 6;" };
+      const firstThree = Object.fromEntries(FLEET_FILES.slice(0, 3).map((n) => [n, migrations[n]]));
+      await migrateSchemas(pool, [tenants[0], tenants[2]], { migrations, moduleName: "tenant" });
+      await migrateSchemas(pool, [tenants[1]], { migrations: firstThree, moduleName: "tenant" });
+      await migrateSchemas(pool, [tenants[3]], { migrations: withGone, moduleName: "tenant" });
+      // tenants[1] is behind by two files, tenants[2] drifted, tenants[3] has a file that
+      // is gone, tenants[4] a history table of another shape, tenants[5] none at all.
+      await new DatabaseManager({ pool, schema: tenants[2] }).execute(
+        "UPDATE {{tables.schema_migrations}} SET checksum = repeat('0', 64) " +
+          "WHERE filename = '001_accounts.sql'",
+      );
+      const alien = new DatabaseManager({ pool, schema: tenants[4] });
+      await alien.ensureSchema();
+      await alien.execute("CREATE TABLE {{tables.schema_migrations}} (id int)");
+
+      const result = await migrateSchemas(pool, [...tenants, "Not-A-Schema"], {
+        migrations,
+        moduleName: "tenant",
+      });
+      const byName = new Map(result.results.map((r) => [r.schema, r]));
+      assert.equal(byName.get(tenants[0])!.status, "up_to_date");
+      assert.deepEqual(byName.get(tenants[0])!.missing, []);
+      assert.equal(byName.get(tenants[1])!.status, "success");
+      assert.deepEqual(
+        byName.get(tenants[1])!.applied.map((m) => m.filename),
+        FLEET_FILES.slice(3),
+      );
+      assert.equal(byName.get(tenants[2])!.status, "failed");
+      assert.match(byName.get(tenants[2])!.error!.message, /changed after it was applied/);
+      assert.equal(byName.get(tenants[3])!.status, "up_to_date");
+      assert.deepEqual(byName.get(tenants[3])!.missing, ["006_gone.sql"]);
+      assert.equal(byName.get(tenants[4])!.status, "failed");
+      assert.equal(byName.get(tenants[5])!.status, "success");
+      assert.equal(byName.get(tenants[5])!.applied.length, FLEET_FILES.length);
+      assert.equal(byName.get("Not-A-Schema")!.status, "failed");
+      assert.ok(byName.get("Not-A-Schema")!.error instanceof SchemaError);
+      assert.deepEqual(result.failed, [tenants[2], tenants[4], "Not-A-Schema"]);
+    });
+  },
+);
