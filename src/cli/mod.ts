@@ -18,7 +18,7 @@
  * | command | does |
  * |---|---|
  * | `migrate apply [--module M]… [--all] [--dry-run] [--progress]` | applies pending migrations, dependencies first |
- * | `migrate status [--module M]… [--check]` | table of module, schema, applied, pending, drifted, missing |
+ * | `migrate status [--module M]… [--all-modules] [--check]` | table of module, schema, applied, pending, drifted, missing (`--all-modules`, every module, is the default) |
  * | `migrate create NAME [--module M] [--sql TEXT]` | writes `YYYYMMDDHHMMSS_NAME.sql` (needs no database) |
  * | `migrate rollback FILE [--module M]` | removes FILE's history row so that it runs again (its changes are not undone) |
  * | `db create [NAME] [--if-not-exists]` | `CREATE DATABASE` (NAME defaults to the URL's database) |
@@ -30,7 +30,7 @@
  * | `schema drop NAME [--cascade] [--yes] [--if-exists]` | `DROP SCHEMA`, after you type its name |
  *
  * Every level takes `--help` (`pgdbm --help`, `pgdbm migrate --help`,
- * `pgdbm migrate apply --help`). Every command that reports takes `--json`: stdout then
+ * `pgdbm migrate apply --help`); `pgdbm --version` prints the version. Every command that reports takes `--json`: stdout then
  * holds exactly one JSON document (`{ "ok": true, … }`, or `{ "ok": false, "error": { … } }`
  * on failure) and nothing else; messages go to stderr. `--config PATH` and `--env NAME` are
  * accepted by every command that connects.
@@ -78,8 +78,8 @@
  *
  * ## `pgdbm.json`
  *
- * Read from the working directory (or `--config PATH`); optional. Relative paths in it are
- * relative to the file.
+ * Read from `--config PATH`, else from the path in `PGDBM_CONFIG`, else from the working
+ * directory when it is there; optional. Relative paths in it are relative to the file.
  *
  * ```json
  * {
@@ -154,6 +154,7 @@ import { DB_GROUP } from "./commands/db.ts";
 import { MIGRATE_GROUP } from "./commands/migrate.ts";
 import { Output, type ResolvedIo } from "./_output.ts";
 import { SCHEMA_GROUP } from "./commands/schema.ts";
+import { VERSION } from "./_version.ts";
 import { ConfigurationError, MigrationError, PgdbmError, QueryError } from "../errors.ts";
 
 /**
@@ -308,6 +309,9 @@ async function dispatch(context: CliContext, args: string[]): Promise<number> {
   }
   if (words.length === 0) {
     if (help) return write(context, topHelp());
+    if (tokens.some((t) => t.flag === "version" || t.flag === "V")) {
+      return write(context, `${PROGRAM} ${VERSION} (Deno ${Deno.version.deno})\n`);
+    }
     if (tokens.length === 0) {
       context.out.error(topHelp().trimEnd());
       return 2;
@@ -394,13 +398,15 @@ function topHelp(): string {
   }
   lines.push(
     "The database URL is $DATABASE_URL, else the 'url' of the environment of pgdbm.json",
-    "chosen by --env NAME (or $PGDBM_ENV, else 'default'). pgdbm.json also declares the",
+    "chosen by --env NAME (or $PGDBM_ENV, else 'default'). pgdbm.json (or --config PATH,",
+    "or $PGDBM_CONFIG) also declares the",
     'modules: { "modules": { "users": { "migrationsPath": "migrations/users",',
     '"schema": "users", "dependsOn": [] } } }.',
     "",
     "Exit codes: 0 success, 1 failure, 2 bad usage, 130 interrupted (Ctrl-C, SIGTERM).",
     `Run '${PROGRAM} <group> --help' or '${PROGRAM} <group> <command> --help' for more.`,
-    `  -${HELP_FLAG.short}, --${HELP_FLAG.name}  ${HELP_FLAG.description}`,
+    `  -${HELP_FLAG.short}, --${HELP_FLAG.name}     ${HELP_FLAG.description}`,
+    "  -V, --version  Show the version of pgdbm",
   );
   return lines.join("\n") + "\n";
 }

@@ -105,10 +105,11 @@ async function selectMany(
   const config = await readConfig(context, input);
   if (isAdHoc(config, input)) return { config, modules: [adHoc(context, config, input)] };
   const names = flagValues(input, "module");
-  if (names.length > 0 && hasFlag(input, "all")) {
+  const all = ["all", "all-modules"].find((flag) => hasFlag(input, flag));
+  if (names.length > 0 && all !== undefined) {
     throw new UsageError(
-      `Cannot combine --all with --module: pass --all for every module, or --module NAME ` +
-        `for some`,
+      `Cannot combine --${all} with --module: pass --${all} for every module, or --module ` +
+        `NAME for some`,
     );
   }
   const selected = selectModules(config, names);
@@ -461,12 +462,21 @@ async function create(context: CliContext, input: ParsedCommand): Promise<number
     `-- ${name}\n` +
       `-- Write the SQL below. It runs in one transaction; {{tables.name}} is a table of the\n` +
       `-- module's schema. A '-- pgdbm:no-transaction' line runs it statement by statement.\n`;
-  const path = await createMigrationFile(
-    resolveMigrationSource({ migrationsPath: module.migrationsPath }),
-    name,
-    content,
-    { module: module.name },
-  );
+  let path: string;
+  try {
+    path = await createMigrationFile(
+      resolveMigrationSource({ migrationsPath: module.migrationsPath }),
+      name,
+      content,
+      { module: module.name },
+    );
+  } catch (error) {
+    // A name that cannot be a file name is bad usage (exit 2), like a missing one.
+    if (error instanceof MigrationError && error.reason === "invalid_filename") {
+      throw new UsageError(error.message);
+    }
+    throw error;
+  }
   context.out.print(`Created ${path}`);
   context.out.document({
     ok: true,
@@ -546,6 +556,10 @@ const STATUS: CommandSpec<CliContext> = {
   args: [],
   flags: [
     ...MANY_MODULE_FLAGS,
+    {
+      name: "all-modules",
+      description: "Every module of pgdbm.json (the default; as Python pgdbm spells it)",
+    },
     { name: "check", description: "Exit with code 1 when anything is pending or changed" },
     JSON_FLAG,
     ...CONNECTION_FLAGS,
