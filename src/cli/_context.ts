@@ -175,19 +175,21 @@ export interface OpenPoolOptions {
   attempts?: number;
   /** Named prepared statements; off for modules migrated through PgBouncer. */
   prepare?: boolean;
+  /** The pool's size (default 4); a fleet needs one connection per schema at once. */
+  maxConnections?: number;
 }
 
 /** Opens a small pool for the command; gives up (and closes it later) when interrupted. */
 export async function openPool(
   context: CliContext,
   url: string,
-  { attempts, prepare = true }: OpenPoolOptions = {},
+  { attempts, prepare = true, maxConnections = 4 }: OpenPoolOptions = {},
 ): Promise<Pool> {
   context.out.addSecrets(passwordsOf(url));
   const opening = createSharedPool({
     connectionString: url,
     minConnections: 1,
-    maxConnections: 4,
+    maxConnections,
     serverSettings: { application_name: "pgdbm-cli" },
     prepare,
     logger: { warn: (message) => context.out.error(`Warning: ${message}`) },

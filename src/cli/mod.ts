@@ -19,6 +19,8 @@
  * |---|---|
  * | `migrate apply [--module M]… [--all] [--dry-run] [--progress]` | applies pending migrations, dependencies first |
  * | `migrate status [--module M]… [--all-modules] [--check]` | table of module, schema, applied, pending, drifted, missing (`--all-modules`, every module, is the default) |
+ * | `migrate apply --module M --schemas A,B \| --schema-pattern GLOB \| --schemas-query SQL [--concurrency N] [--dry-run]` | a tenant fleet: module M in many schemas, N at a time, with a summary table |
+ * | `migrate status --module M --schemas … \| --schema-pattern … \| --schemas-query … [--check]` | a fleet's schemas that are behind, drifted, or could not be checked |
  * | `migrate create NAME [--module M] [--sql TEXT]` | writes `YYYYMMDDHHMMSS_NAME.sql` (needs no database) |
  * | `migrate rollback FILE [--module M]` | removes FILE's history row so that it runs again (its changes are not undone) |
  * | `db create [NAME] [--if-not-exists]` | `CREATE DATABASE` (NAME defaults to the URL's database) |
@@ -46,6 +48,21 @@
  * stderr is a terminal, or always with `--progress`. When another run holds the migration
  * lock of a module, it says so on stderr (with the holder's server process id) while it
  * waits.
+ *
+ * ## Tenant fleets
+ *
+ * `--schemas a,b,c` (repeatable), `--schema-pattern 'tenant_*'` (`*` and `?` over the
+ * existing schemas, in name order) or `--schemas-query "SELECT …"` (the first column of its
+ * rows) turn `migrate apply` and `migrate status` into a run of one module (`--module`,
+ * or the `--path` module) in each of those schemas, `--concurrency N` (default 4) at a
+ * time. The module's `dependsOn` modules are not applied. One schema's failure does not
+ * stop the others: the summary table lists each schema that was migrated, failed or not
+ * started (and counts those already up to date), and the exit code is 1 when any failed.
+ * On a terminal stderr shows a progress bar (done/total, failures, rate, time left).
+ * Resuming is running the same command again: schemas already up to date cost one query
+ * each and the others continue from their first pending migration. Ctrl-C stops starting
+ * new schemas, cancels and rolls back the migration running in each schema in progress
+ * (what those schemas committed before stays applied) and exits with 130, saying so.
  *
  * ## Ctrl-C and SIGTERM
  *

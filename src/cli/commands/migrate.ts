@@ -12,6 +12,7 @@ import {
   type CliConfig,
   type CliModule,
   maskUrl,
+  type ResolvedUrl,
   selectModules,
   unknownModule,
 } from "../_config.ts";
@@ -29,6 +30,7 @@ import {
   readConfig,
 } from "../_context.ts";
 import { duration, plural, table } from "../_output.ts";
+import { applyFleet, FLEET_FLAGS, fleetSelection, statusFleet } from "./fleet.ts";
 import { MigrationError } from "../../errors.ts";
 import { DatabaseManager } from "../../manager.ts";
 import {
@@ -205,7 +207,22 @@ function printResult(context: CliContext, result: MigrationResult, dryRun: boole
   }
 }
 
+/** The module and URL of a fleet run (`--schemas`, `--schema-pattern`, `--schemas-query`). */
+async function fleetTarget(
+  context: CliContext,
+  input: ParsedCommand,
+  path: string,
+): Promise<{ target: ResolvedUrl; module: CliModule }> {
+  const { config, modules } = await selectOne(context, input, `pgdbm ${path}`);
+  return { target: databaseUrl(context, config, input), module: modules[0] };
+}
+
 async function apply(context: CliContext, input: ParsedCommand): Promise<number> {
+  const fleet = fleetSelection(input, "migrate apply");
+  if (fleet !== undefined) {
+    const { target, module } = await fleetTarget(context, input, "migrate apply");
+    return await applyFleet(context, input, target, module, fleet);
+  }
   const dryRun = hasFlag(input, "dry-run");
   const { config, modules } = await selectMany(context, input, true);
   const target = databaseUrl(context, config, input);
@@ -375,6 +392,11 @@ function state(status: MigrationStatus): string {
 }
 
 async function status(context: CliContext, input: ParsedCommand): Promise<number> {
+  const fleet = fleetSelection(input, "migrate status");
+  if (fleet !== undefined) {
+    const { target, module } = await fleetTarget(context, input, "migrate status");
+    return await statusFleet(context, input, target, module, fleet);
+  }
   const { config, modules } = await selectMany(context, input, false);
   const target = databaseUrl(context, config, input);
   const pool = await openPool(context, target.url, { prepare: !behindPooler(modules) });
@@ -540,13 +562,19 @@ const APPLY: CommandSpec<CliContext> = {
       name: "progress",
       description: "Show a progress line on stderr even when it is not a terminal",
     },
+    ...FLEET_FLAGS,
     JSON_FLAG,
     ...CONNECTION_FLAGS,
   ],
   details: "Each migration runs in its own transaction with its history row. With pgdbm.json,\n" +
     "modules run in 'dependsOn' order, and --module NAME also applies the modules NAME\n" +
-    "depends on. The run stops at the first failing migration (exit code 1).",
-  example: "pgdbm migrate apply --module orders --dry-run",
+    "depends on. The run stops at the first failing migration (exit code 1).\n\n" +
+    "Tenant fleets: --schemas, --schema-pattern or --schemas-query run one module in\n" +
+    "many schemas, --concurrency at a time (its dependencies are not applied). A schema's\n" +
+    "failure does not stop the others; the exit code is 1 if any failed. Ctrl-C stops\n" +
+    "starting schemas and rolls back the migrations running (exit code 130). Run the same\n" +
+    "command again to resume: schemas already up to date are skipped.",
+  example: "pgdbm migrate apply --module tenant --schema-pattern 'tenant_*' --concurrency 8",
   run: apply,
 };
 
@@ -561,9 +589,13 @@ const STATUS: CommandSpec<CliContext> = {
       description: "Every module of pgdbm.json (the default; as Python pgdbm spells it)",
     },
     { name: "check", description: "Exit with code 1 when anything is pending or changed" },
+    ...FLEET_FLAGS,
     JSON_FLAG,
     ...CONNECTION_FLAGS,
   ],
+  details: "With --schemas, --schema-pattern or --schemas-query: one module in many schemas,\n" +
+    "listing those behind (pending migrations), drifted (an applied file changed) and\n" +
+    "those that could not be checked (exit code 1).",
   example: "pgdbm migrate status --json",
   run: status,
 };
