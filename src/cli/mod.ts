@@ -25,11 +25,13 @@
  * | `migrate rollback FILE [--module M]` | removes FILE's history row so that it runs again (its changes are not undone) |
  * | `db create [NAME] [--if-not-exists]` | `CREATE DATABASE` (NAME defaults to the URL's database) |
  * | `db drop [NAME] [--yes] [--if-exists] [--force]` | `DROP DATABASE`, after you type its name |
+ * | `db reset [NAME] [--yes] [--force] [--module M]…` | drops the database (after you type its name), creates it, applies the migrations |
  * | `db info` | server version, database, user, size, connections |
  * | `db test-connection` | connects once: `ok` and the latency, or the error |
  * | `schema list` | schemas that are not PostgreSQL's own, with owner, tables and size |
  * | `schema create NAME [--if-not-exists]` | `CREATE SCHEMA` |
  * | `schema drop NAME [--cascade] [--yes] [--if-exists]` | `DROP SCHEMA`, after you type its name |
+ * | `schema dump [--schema S] [--output FILE] [--pg-dump PATH]` | the DDL through `pg_dump --schema-only` (which must be installed; the password goes in `PGPASSWORD`, not its arguments) |
  *
  * Every level takes `--help` (`pgdbm --help`, `pgdbm migrate --help`,
  * `pgdbm migrate apply --help`); `pgdbm --version` prints the version. Every command that reports takes `--json`: stdout then
@@ -37,10 +39,10 @@
  * on failure) and nothing else; messages go to stderr. `--config PATH` and `--env NAME` are
  * accepted by every command that connects.
  *
- * `db create` and `db drop` connect to the maintenance database of the same server (the URL
+ * `db create`, `db drop` and `db reset` connect to the maintenance database of the same server (the URL
  * with its database replaced by `postgres`, or `--maintenance-db NAME`). `db drop` and
  * `schema drop` ask you to type the name; when stdin is not a terminal they refuse (exit 2)
- * unless `--yes` is given. Database and schema names must be identifiers
+ * unless `--yes` is given; `db reset` asks the same. Database and schema names must be identifiers
  * (`^[A-Za-z_][A-Za-z0-9_]{0,62}$`). URLs are printed with the password replaced by `****`,
  * and a password never appears in any output.
  *

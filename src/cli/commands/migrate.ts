@@ -66,12 +66,14 @@ const MODULE_FLAGS: FlagSpec[] = [
   },
 ];
 
-const MANY_MODULE_FLAGS: FlagSpec[] = [
+/** `--module` (repeatable), `--path`, `--schema`, `--migrations-table`. */
+export const MANY_MODULE_FLAGS: FlagSpec[] = [
   { ...MODULE_FLAGS[0], repeatable: true },
   ...MODULE_FLAGS.slice(1),
 ];
 
-interface Selection {
+/** The configuration and the modules a command works on. */
+export interface Selection {
   config: CliConfig;
   modules: CliModule[];
 }
@@ -99,7 +101,7 @@ function adHoc(context: CliContext, config: CliConfig, input: ParsedCommand): Cl
 }
 
 /** Every module the flags select (with their dependencies when `withDependencies`). */
-async function selectMany(
+export async function selectMany(
   context: CliContext,
   input: ParsedCommand,
   withDependencies: boolean,
@@ -167,7 +169,8 @@ function where(module: { schema?: string | null }): string {
   return `schema ${module.schema ?? "public (default)"}`;
 }
 
-function resultJson(result: MigrationResult): Record<string, unknown> {
+/** A module's result as JSON (times rounded to milliseconds). */
+export function resultJson(result: MigrationResult): Record<string, unknown> {
   return {
     ...result,
     applied: result.applied.map((a) => ({ ...a, executionTimeMs: Math.round(a.executionTimeMs) })),
@@ -226,6 +229,37 @@ async function apply(context: CliContext, input: ParsedCommand): Promise<number>
   const dryRun = hasFlag(input, "dry-run");
   const { config, modules } = await selectMany(context, input, true);
   const target = databaseUrl(context, config, input);
+  const results = await applyModules(context, target, modules, dryRun);
+  const applied = results.reduce((sum, r) => sum + r.applied.length, 0);
+  if (dryRun) context.out.print("Dry run: nothing was applied.");
+  else {
+    context.out.print(
+      `Done: ${plural(applied, "migration")} applied in ${plural(results.length, "module")}.`,
+    );
+  }
+  context.out.document({
+    ok: true,
+    command: "migrate apply",
+    dryRun,
+    database: maskUrl(target.url),
+    modules: results.map(resultJson),
+  });
+  return 0;
+}
+
+/**
+ * Applies the pending migrations of `modules` (in that order) to the database of
+ * `target`, printing each module's result and the progress line.
+ *
+ * @throws {CommandFailure} When a migration fails (what was applied before is in it).
+ * @throws {CommandInterrupted} When the CLI is interrupted.
+ */
+export async function applyModules(
+  context: CliContext,
+  target: ResolvedUrl,
+  modules: CliModule[],
+  dryRun: boolean,
+): Promise<MigrationResult[]> {
   const pool = await openPool(context, target.url, { prepare: !behindPooler(modules) });
   const results: MigrationResult[] = [];
   try {
@@ -273,21 +307,7 @@ async function apply(context: CliContext, input: ParsedCommand): Promise<number>
         throw applyFailure(error, module, modules, results);
       }
     }
-    const applied = results.reduce((sum, r) => sum + r.applied.length, 0);
-    if (dryRun) context.out.print("Dry run: nothing was applied.");
-    else {
-      context.out.print(
-        `Done: ${plural(applied, "migration")} applied in ${plural(results.length, "module")}.`,
-      );
-    }
-    context.out.document({
-      ok: true,
-      command: "migrate apply",
-      dryRun,
-      database: maskUrl(target.url),
-      modules: results.map(resultJson),
-    });
-    return 0;
+    return results;
   } finally {
     context.out.endProgress();
     await pool.close();
