@@ -34,15 +34,16 @@
  * | `schema dump [--schema S] [--output FILE] [--pg-dump PATH]` | the DDL through `pg_dump --schema-only` (which must be installed; the password goes in `PGPASSWORD`, not its arguments) |
  *
  * Every level takes `--help` (`pgdbm --help`, `pgdbm migrate --help`,
- * `pgdbm migrate apply --help`); `pgdbm --version` prints the version. Every command that reports takes `--json`: stdout then
- * holds exactly one JSON document (`{ "ok": true, … }`, or `{ "ok": false, "error": { … } }`
- * on failure) and nothing else; messages go to stderr. `--config PATH` and `--env NAME` are
- * accepted by every command that connects.
+ * `pgdbm migrate apply --help`); `pgdbm --version` prints the version. Every command that
+ * reports takes `--json`: stdout then holds exactly one JSON document (`{ "ok": true, … }`,
+ * or `{ "ok": false, "error": { … } }` on failure) and nothing else; messages go to stderr.
+ * `--config PATH` and `--env NAME` are accepted by every command that connects.
  *
- * `db create`, `db drop` and `db reset` connect to the maintenance database of the same server (the URL
- * with its database replaced by `postgres`, or `--maintenance-db NAME`). `db drop` and
- * `schema drop` ask you to type the name; when stdin is not a terminal they refuse (exit 2)
- * unless `--yes` is given; `db reset` asks the same. Database and schema names must be identifiers
+ * `db create`, `db drop` and `db reset` connect to the maintenance database of the same
+ * server (the URL with its database replaced by `postgres`, or `--maintenance-db NAME`).
+ * `db drop`, `db reset` and `schema drop` ask you to type the name; when stdin is not a
+ * terminal they refuse (exit 2) unless `--yes` is given. Database and schema names must be
+ * identifiers
  * (`^[A-Za-z_][A-Za-z0-9_]{0,62}$`). URLs are printed with the password replaced by `****`,
  * and a password never appears in any output.
  *

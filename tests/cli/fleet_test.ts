@@ -74,7 +74,7 @@ serverTest(
         assert.match(
           run.stdout,
           new RegExp(
-            `Failures:\\n {2}${schemas[1]}: .*002_name\\.sql.*\\(file 002_name\\.sql, line 2\\)`,
+            `Failures:\\n {2}${schemas[1]}: .*002_name\\.sql.*the statement at line 2 failed`,
           ),
         );
         assert.match(

@@ -315,16 +315,13 @@ function fleetJson(result: FleetResult): Record<string, unknown> {
   };
 }
 
-/** `message (file 002_x.sql, line 4)`. */
+/** The message, with the file and line when it does not name them already. */
 function describe(error: Error | undefined): string {
   if (error === undefined) return "";
-  const where = error instanceof MigrationError
-    ? [
-      error.filename === undefined ? undefined : `file ${error.filename}`,
-      error.line === undefined ? undefined : `line ${error.line}`,
-    ].filter((x) => x !== undefined)
-    : [];
-  return error.message + (where.length > 0 ? ` (${where.join(", ")})` : "");
+  if (!(error instanceof MigrationError) || error.filename === undefined) return error.message;
+  if (error.message.includes(error.filename)) return error.message;
+  return `${error.message} (file ${error.filename}` +
+    (error.line === undefined ? ")" : `, line ${error.line})`);
 }
 
 function printFleet(context: CliContext, result: FleetResult, dryRun: boolean): void {
