@@ -66,10 +66,14 @@ const REDRAW_MS = 100;
 
 /** How the schemas of a fleet are chosen. */
 interface Selection {
-  kind: typeof SELECTORS[number];
-  value: string;
-  /** For messages: `3 listed schemas`, `schemas matching 'tenant_*'`. */
+  /** For messages: `the listed schemas`, `schemas matching 'tenant_*'`. */
   label: string;
+  /** `--schemas`: the names, checked. */
+  names?: string[];
+  /** `--schema-pattern`: the pattern as a regular expression over whole names. */
+  pattern?: RegExp;
+  /** `--schemas-query`: the SQL. */
+  query?: string;
 }
 
 /**
@@ -105,16 +109,20 @@ export function fleetSelection(input: ParsedCommand, path: string): Selection | 
   const kind = given[0];
   if (kind === "schemas") {
     const value = flagValues(input, kind).join(",");
-    return { kind, value, label: "the listed schemas" };
+    const names = value.split(",").map((s) => s.trim()).filter((s) => s !== "");
+    if (names.length === 0) {
+      throw new UsageError("--schemas needs schema names, such as '--schemas tenant_1,tenant_2'");
+    }
+    return {
+      label: "the listed schemas",
+      names: [...new Set(names.map((n) => checkSchemaName(n, "--schemas")))],
+    };
   }
   const value = flagValue(input, kind)!;
-  return {
-    kind,
-    value,
-    label: kind === "schema-pattern"
-      ? `schemas matching '${value}'`
-      : "schemas from --schemas-query",
-  };
+  if (kind === "schema-pattern") {
+    return { label: `schemas matching '${value}'`, pattern: globRegExp(value) };
+  }
+  return { label: "schemas from --schemas-query", query: value };
 }
 
 function concurrencyOf(input: ParsedCommand): number {
@@ -156,15 +164,9 @@ async function resolveSchemas(
   db: DatabaseManager,
   selection: Selection,
 ): Promise<string[]> {
-  if (selection.kind === "schemas") {
-    const names = selection.value.split(",").map((s) => s.trim()).filter((s) => s !== "");
-    if (names.length === 0) {
-      throw new UsageError("--schemas needs schema names, such as '--schemas tenant_1,tenant_2'");
-    }
-    return [...new Set(names.map((n) => checkSchemaName(n, "--schemas")))];
-  }
-  if (selection.kind === "schema-pattern") {
-    const pattern = globRegExp(selection.value);
+  if (selection.names !== undefined) return selection.names;
+  const pattern = selection.pattern;
+  if (pattern !== undefined) {
     const names = await db.fetchAll<{ name: string }>(
       `SELECT nspname AS name FROM pg_namespace
         WHERE nspname <> 'information_schema' AND nspname NOT LIKE 'pg\\_%'
@@ -176,7 +178,7 @@ async function resolveSchemas(
   }
   let rows: Record<string, unknown>[];
   try {
-    rows = await db.fetchAll(selection.value, [], { signal: context.signal });
+    rows = await db.fetchAll(selection.query!, [], { signal: context.signal });
   } catch (error) {
     if (context.signal.aborted) throw error;
     throw new CommandFailure(
