@@ -418,10 +418,10 @@ function topHelp(): string {
   }
   lines.push(
     "The database URL is $DATABASE_URL, else the 'url' of the environment of pgdbm.json",
-    "chosen by --env NAME (or $PGDBM_ENV, else 'default'). pgdbm.json (or --config PATH,",
-    "or $PGDBM_CONFIG) also declares the",
-    'modules: { "modules": { "users": { "migrationsPath": "migrations/users",',
-    '"schema": "users", "dependsOn": [] } } }.',
+    "chosen by --env NAME (or $PGDBM_ENV, else 'default'). The configuration file is",
+    "--config PATH, else $PGDBM_CONFIG, else ./pgdbm.json; it also declares the modules:",
+    '{ "modules": { "users": { "migrationsPath": "migrations/users", "schema": "users",',
+    '"dependsOn": [] } } }.',
     "",
     "Exit codes: 0 success, 1 failure, 2 bad usage, 130 interrupted (Ctrl-C, SIGTERM).",
     `Run '${PROGRAM} <group> --help' or '${PROGRAM} <group> <command> --help' for more.`,

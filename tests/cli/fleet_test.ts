@@ -86,6 +86,16 @@ serverTest(
           /Summary: 3 schemas \(2 migrated, 1 failed\); 5 migrations applied/,
         );
         assert.deepEqual(await history(schemas[2]), ["001_items.sql", "002_name.sql"]);
+        const json = await cli(dir, ["migrate", "apply", "--json", ...module, ...pattern]);
+        assert.equal(json.code, 1, json.stderr);
+        const failed = parseJson(json);
+        assert.equal(failed.ok, false);
+        assert.equal((failed.error as { exitCode: number }).exitCode, 1);
+        assert.deepEqual(failed.failed, [schemas[1]]);
+        const entry = (failed.schemas as { schema: string; error?: Record<string, unknown> }[])
+          .find((s) => s.schema === schemas[1])!;
+        assert.equal(entry.error?.filename, "002_name.sql");
+        assert.equal(entry.error?.line, 2);
         assert.equal(
           await observe(async (sql) =>
             (await sql`SELECT to_regclass(${`"${other}".items`}) AS t`)[0].t
