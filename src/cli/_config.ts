@@ -59,11 +59,16 @@ const URL_SCHEME = /^[A-Za-z][A-Za-z0-9+.-]*:\/\//;
 
 /**
  * Reads `pgdbm.json` from `explicitPath` (which must exist), or from `cwd` when it is
- * there; no file gives an empty configuration.
+ * there; no file gives an empty configuration. `origin` names where `explicitPath` came
+ * from (`--config`, `PGDBM_CONFIG`) for the message when it cannot be read.
  *
  * @throws {UsageError} When the file is missing (explicit path), not JSON, or invalid.
  */
-export async function loadConfig(cwd: string, explicitPath?: string): Promise<CliConfig> {
+export async function loadConfig(
+  cwd: string,
+  explicitPath?: string,
+  origin = "--config",
+): Promise<CliConfig> {
   const path = explicitPath === undefined ? resolve(cwd, CONFIG_FILE) : resolve(cwd, explicitPath);
   let text: string;
   try {
@@ -78,7 +83,7 @@ export async function loadConfig(cwd: string, explicitPath?: string): Promise<Cl
       ? error.message
       : String(error);
     throw new UsageError(
-      `Cannot read the configuration '${path}': ${reason}; check the path given to --config`,
+      `Cannot read the configuration '${path}': ${reason}; check the path given to ${origin}`,
     );
   }
   let data: unknown;

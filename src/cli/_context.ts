@@ -120,7 +120,7 @@ export const CONNECTION_FLAGS: FlagSpec[] = [
   {
     name: "config",
     value: "PATH",
-    description: "The configuration file (default: ./pgdbm.json when it exists)",
+    description: "The configuration file (default: $PGDBM_CONFIG, else ./pgdbm.json if any)",
   },
   {
     name: "env",
@@ -144,9 +144,18 @@ export function hasFlag(input: ParsedCommand, name: string): boolean {
   return input.flags.has(name);
 }
 
-/** Reads the configuration the flags point at. */
+/**
+ * Reads the configuration the flags point at: `--config PATH`, else `$PGDBM_CONFIG`, else
+ * `pgdbm.json` in the working directory when it is there.
+ */
 export async function readConfig(context: CliContext, input: ParsedCommand): Promise<CliConfig> {
-  return await loadConfig(context.io.cwd, flagValue(input, "config"));
+  const flag = flagValue(input, "config");
+  if (flag !== undefined) return await loadConfig(context.io.cwd, flag, "--config");
+  const variable = context.io.env("PGDBM_CONFIG");
+  if (variable !== undefined && variable.trim() !== "") {
+    return await loadConfig(context.io.cwd, variable, "PGDBM_CONFIG");
+  }
+  return await loadConfig(context.io.cwd);
 }
 
 /** Resolves the database URL and registers its password for scrubbing. */
@@ -166,19 +175,21 @@ export interface OpenPoolOptions {
   attempts?: number;
   /** Named prepared statements; off for modules migrated through PgBouncer. */
   prepare?: boolean;
+  /** The pool's size (default 4); a fleet needs one connection per schema at once. */
+  maxConnections?: number;
 }
 
 /** Opens a small pool for the command; gives up (and closes it later) when interrupted. */
 export async function openPool(
   context: CliContext,
   url: string,
-  { attempts, prepare = true }: OpenPoolOptions = {},
+  { attempts, prepare = true, maxConnections = 4 }: OpenPoolOptions = {},
 ): Promise<Pool> {
   context.out.addSecrets(passwordsOf(url));
   const opening = createSharedPool({
     connectionString: url,
     minConnections: 1,
-    maxConnections: 4,
+    maxConnections,
     serverSettings: { application_name: "pgdbm-cli" },
     prepare,
     logger: { warn: (message) => context.out.error(`Warning: ${message}`) },

@@ -18,27 +18,32 @@
  * | command | does |
  * |---|---|
  * | `migrate apply [--module M]… [--all] [--dry-run] [--progress]` | applies pending migrations, dependencies first |
- * | `migrate status [--module M]… [--check]` | table of module, schema, applied, pending, drifted, missing |
+ * | `migrate status [--module M]… [--all-modules] [--check]` | table of module, schema, applied, pending, drifted, missing (`--all-modules`, every module, is the default) |
+ * | `migrate apply --module M --schemas A,B \| --schema-pattern GLOB \| --schemas-query SQL [--concurrency N] [--dry-run]` | a tenant fleet: module M in many schemas, N at a time, with a summary table |
+ * | `migrate status --module M --schemas … \| --schema-pattern … \| --schemas-query … [--check]` | a fleet's schemas that are behind, drifted, or could not be checked |
  * | `migrate create NAME [--module M] [--sql TEXT]` | writes `YYYYMMDDHHMMSS_NAME.sql` (needs no database) |
  * | `migrate rollback FILE [--module M]` | removes FILE's history row so that it runs again (its changes are not undone) |
  * | `db create [NAME] [--if-not-exists]` | `CREATE DATABASE` (NAME defaults to the URL's database) |
  * | `db drop [NAME] [--yes] [--if-exists] [--force]` | `DROP DATABASE`, after you type its name |
+ * | `db reset [NAME] [--yes] [--force] [--module M]…` | drops the database (after you type its name), creates it, applies the migrations |
  * | `db info` | server version, database, user, size, connections |
  * | `db test-connection` | connects once: `ok` and the latency, or the error |
  * | `schema list` | schemas that are not PostgreSQL's own, with owner, tables and size |
  * | `schema create NAME [--if-not-exists]` | `CREATE SCHEMA` |
  * | `schema drop NAME [--cascade] [--yes] [--if-exists]` | `DROP SCHEMA`, after you type its name |
+ * | `schema dump [--schema S] [--output FILE] [--pg-dump PATH]` | the DDL through `pg_dump --schema-only` (which must be installed; the password goes in `PGPASSWORD`, not its arguments) |
  *
  * Every level takes `--help` (`pgdbm --help`, `pgdbm migrate --help`,
- * `pgdbm migrate apply --help`). Every command that reports takes `--json`: stdout then
- * holds exactly one JSON document (`{ "ok": true, … }`, or `{ "ok": false, "error": { … } }`
- * on failure) and nothing else; messages go to stderr. `--config PATH` and `--env NAME` are
- * accepted by every command that connects.
+ * `pgdbm migrate apply --help`); `pgdbm --version` prints the version. Every command that
+ * reports takes `--json`: stdout then holds exactly one JSON document (`{ "ok": true, … }`,
+ * or `{ "ok": false, "error": { … } }` on failure) and nothing else; messages go to stderr.
+ * `--config PATH` and `--env NAME` are accepted by every command that connects.
  *
- * `db create` and `db drop` connect to the maintenance database of the same server (the URL
- * with its database replaced by `postgres`, or `--maintenance-db NAME`). `db drop` and
- * `schema drop` ask you to type the name; when stdin is not a terminal they refuse (exit 2)
- * unless `--yes` is given. Database and schema names must be identifiers
+ * `db create`, `db drop` and `db reset` connect to the maintenance database of the same
+ * server (the URL with its database replaced by `postgres`, or `--maintenance-db NAME`).
+ * `db drop`, `db reset` and `schema drop` ask you to type the name; when stdin is not a
+ * terminal they refuse (exit 2) unless `--yes` is given. Database and schema names must be
+ * identifiers
  * (`^[A-Za-z_][A-Za-z0-9_]{0,62}$`). URLs are printed with the password replaced by `****`,
  * and a password never appears in any output.
  *
@@ -46,6 +51,21 @@
  * stderr is a terminal, or always with `--progress`. When another run holds the migration
  * lock of a module, it says so on stderr (with the holder's server process id) while it
  * waits.
+ *
+ * ## Tenant fleets
+ *
+ * `--schemas a,b,c` (repeatable), `--schema-pattern 'tenant_*'` (`*` and `?` over the
+ * existing schemas, in name order) or `--schemas-query "SELECT …"` (the first column of its
+ * rows) turn `migrate apply` and `migrate status` into a run of one module (`--module`,
+ * or the `--path` module) in each of those schemas, `--concurrency N` (default 4) at a
+ * time. The module's `dependsOn` modules are not applied. One schema's failure does not
+ * stop the others: the summary table lists each schema that was migrated, failed or not
+ * started (and counts those already up to date), and the exit code is 1 when any failed.
+ * On a terminal stderr shows a progress bar (done/total, failures, rate, time left).
+ * Resuming is running the same command again: schemas already up to date cost one query
+ * each and the others continue from their first pending migration. Ctrl-C stops starting
+ * new schemas, cancels and rolls back the migration running in each schema in progress
+ * (what those schemas committed before stays applied) and exits with 130, saying so.
  *
  * ## Ctrl-C and SIGTERM
  *
@@ -78,8 +98,8 @@
  *
  * ## `pgdbm.json`
  *
- * Read from the working directory (or `--config PATH`); optional. Relative paths in it are
- * relative to the file.
+ * Read from `--config PATH`, else from the path in `PGDBM_CONFIG`, else from the working
+ * directory when it is there; optional. Relative paths in it are relative to the file.
  *
  * ```json
  * {
@@ -154,6 +174,7 @@ import { DB_GROUP } from "./commands/db.ts";
 import { MIGRATE_GROUP } from "./commands/migrate.ts";
 import { Output, type ResolvedIo } from "./_output.ts";
 import { SCHEMA_GROUP } from "./commands/schema.ts";
+import { VERSION } from "./_version.ts";
 import { ConfigurationError, MigrationError, PgdbmError, QueryError } from "../errors.ts";
 
 /**
@@ -308,6 +329,9 @@ async function dispatch(context: CliContext, args: string[]): Promise<number> {
   }
   if (words.length === 0) {
     if (help) return write(context, topHelp());
+    if (tokens.some((t) => t.flag === "version" || t.flag === "V")) {
+      return write(context, `${PROGRAM} ${VERSION} (Deno ${Deno.version.deno})\n`);
+    }
     if (tokens.length === 0) {
       context.out.error(topHelp().trimEnd());
       return 2;
@@ -394,13 +418,15 @@ function topHelp(): string {
   }
   lines.push(
     "The database URL is $DATABASE_URL, else the 'url' of the environment of pgdbm.json",
-    "chosen by --env NAME (or $PGDBM_ENV, else 'default'). pgdbm.json also declares the",
-    'modules: { "modules": { "users": { "migrationsPath": "migrations/users",',
-    '"schema": "users", "dependsOn": [] } } }.',
+    "chosen by --env NAME (or $PGDBM_ENV, else 'default'). The configuration file is",
+    "--config PATH, else $PGDBM_CONFIG, else ./pgdbm.json; it also declares the modules:",
+    '{ "modules": { "users": { "migrationsPath": "migrations/users", "schema": "users",',
+    '"dependsOn": [] } } }.',
     "",
     "Exit codes: 0 success, 1 failure, 2 bad usage, 130 interrupted (Ctrl-C, SIGTERM).",
     `Run '${PROGRAM} <group> --help' or '${PROGRAM} <group> <command> --help' for more.`,
-    `  -${HELP_FLAG.short}, --${HELP_FLAG.name}  ${HELP_FLAG.description}`,
+    `  -${HELP_FLAG.short}, --${HELP_FLAG.name}     ${HELP_FLAG.description}`,
+    "  -V, --version  Show the version of pgdbm",
   );
   return lines.join("\n") + "\n";
 }

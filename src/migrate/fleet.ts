@@ -42,8 +42,19 @@ export interface MigrateSchemasOptions extends Omit<MigratorOptions, "onEvent"> 
    * @default {false}
    */
   dryRun?: boolean;
-  /** Stops starting new schemas when aborted; schemas already running finish their run. */
+  /**
+   * Stops starting new schemas when aborted; schemas already running finish their run,
+   * unless {@link MigrateSchemasOptions.cancelRunning}.
+   */
   signal?: AbortSignal;
+  /**
+   * When `signal` aborts, also stop the schemas that are running, as
+   * `applyPending({ signal })` does: the statement is cancelled and the migration in
+   * progress rolls back. Their results are `failed`, with a {@link MigrationError} whose
+   * `reason` is `aborted`; migrations they committed before stay applied.
+   * @default {false}
+   */
+  cancelRunning?: boolean;
   /** Called after each schema finishes. Exceptions it throws are ignored. */
   onProgress?: (progress: FleetProgress) => void;
 }
@@ -196,7 +207,7 @@ export async function migrateSchemas(
 ): Promise<FleetResult> {
   const started = performance.now();
   const list = unique(schemas);
-  const { concurrency, dryRun, signal, onProgress, ...migratorOptions } = options;
+  const { concurrency, dryRun, signal, cancelRunning, onProgress, ...migratorOptions } = options;
   const frozen = await freeze(migratorOptions);
   const base: MigratorOptions = {
     ...migratorOptions,
@@ -233,7 +244,10 @@ export async function migrateSchemas(
     const schema = list[index];
     const result = current.has(schema)
       ? { schema, status: "up_to_date" as const, applied: [], missing: [], durationMs: readMs }
-      : await migrateOne(managerFor, schema, base, dryRun === true);
+      : await migrateOne(managerFor, schema, base, {
+        dryRun: dryRun === true,
+        signal: cancelRunning === true ? signal : undefined,
+      });
     results[index] = result;
     done++;
     if (result.status === "failed") failed++;
@@ -374,12 +388,12 @@ async function migrateOne(
   managerFor: (schema: string | undefined) => DatabaseManager,
   schema: string,
   options: MigratorOptions,
-  dryRun: boolean,
+  run: { dryRun: boolean; signal?: AbortSignal },
 ): Promise<SchemaMigrationResult> {
   const started = performance.now();
   try {
     assertIdentifier(schema, "schema");
-    const result = await new Migrator(managerFor(schema), options).applyPending({ dryRun });
+    const result = await new Migrator(managerFor(schema), options).applyPending(run);
     const out: SchemaMigrationResult = {
       schema,
       status: result.status,

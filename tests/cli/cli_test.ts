@@ -4,104 +4,20 @@
  * where a terminal can be simulated.
  */
 import assert from "node:assert/strict";
-import { cp } from "node:fs/promises";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { main } from "../../src/cli/mod.ts";
 import { observe, serverTest, TEST_URL, uniqueName } from "../_support/server.ts";
-
-const CLI = fileURLToPath(new URL("../../src/cli/mod.ts", import.meta.url));
-const DENO_JSON = fileURLToPath(new URL("../../deno.json", import.meta.url));
-const FIXTURES = fileURLToPath(new URL("../fixtures/cli/", import.meta.url));
-
-/** The variables the child keeps from this process (Deno's cache, PATH); nothing else. */
-function baseEnv(): Record<string, string> {
-  const env: Record<string, string> = { NO_COLOR: "1" };
-  for (const name of ["PATH", "HOME", "DENO_DIR", "XDG_CACHE_HOME", "TMPDIR"]) {
-    const value = Deno.env.get(name);
-    if (value !== undefined) env[name] = value;
-  }
-  return env;
-}
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs the CLI in `cwd` with `DATABASE_URL` set to the test server unless `env` says otherwise. */
-async function cli(
-  cwd: string,
-  args: string[],
-  env: Record<string, string | undefined> = { DATABASE_URL: TEST_URL },
-): Promise<Run> {
-  const childEnv = baseEnv();
-  for (const [name, value] of Object.entries(env)) if (value !== undefined) childEnv[name] = value;
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--config", DENO_JSON, CLI, ...args],
-    cwd,
-    env: childEnv,
-    clearEnv: true,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decoder = new TextDecoder();
-  return {
-    code: output.code,
-    stdout: decoder.decode(output.stdout),
-    stderr: decoder.decode(output.stderr),
-  };
-}
-
-/** Runs `fn` in a fresh temporary directory, removed afterwards. */
-async function inTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "pgdbm_cli_" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
-
-/** Copies fixture folders into `dir/migrations/<name>`. */
-async function copyFixtures(dir: string, ...names: string[]): Promise<void> {
-  for (const name of names) {
-    await cp(join(FIXTURES, name), join(dir, "migrations", name), { recursive: true });
-  }
-}
-
-async function dropSchemas(...schemas: string[]): Promise<void> {
-  await observe(async (sql) => {
-    for (const schema of schemas) await sql.unsafe(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
-  });
-}
-
-async function databaseExists(name: string): Promise<boolean> {
-  return await observe(async (sql) =>
-    (await sql`SELECT 1 FROM pg_database WHERE datname = ${name}`).length === 1
-  );
-}
-
-async function dropDatabase(name: string): Promise<void> {
-  await observe((sql) => sql.unsafe(`DROP DATABASE IF EXISTS "${name}" WITH (FORCE)`));
-}
-
-/** The test URL with another database. */
-function urlOf(database: string): string {
-  const url = new URL(TEST_URL);
-  url.pathname = `/${database}`;
-  return url.toString();
-}
-
-function parseJson(run: Run): Record<string, unknown> {
-  try {
-    return JSON.parse(run.stdout);
-  } catch {
-    assert.fail(`stdout is not one JSON document:\n${run.stdout}\nstderr:\n${run.stderr}`);
-  }
-}
+import {
+  cli,
+  copyFixtures,
+  databaseExists,
+  dropDatabase,
+  dropSchemas,
+  FIXTURES,
+  inTempDir,
+  parseJson,
+  urlOf,
+} from "./_cli.ts";
 
 // ------------------------------------------------------------------ usage (no server)
 

@@ -423,3 +423,86 @@ serverTest(
     }
   },
 );
+
+serverTest(
+  "cli migrate apply on a fleet: SIGINT stops starting schemas, rolls back the running one, " +
+    "exits 130 saying how to resume; the same command then finishes the fleet",
+  async () => {
+    const prefix = uniqueName("intr_fleet");
+    const schemas = ["a", "b", "c"].map((s) => `${prefix}_${s}`);
+    const marker = `${prefix}_sleep`;
+    await inTempDir(async (dir) => {
+      await writeMigrations(dir, {
+        "001_first.sql": "CREATE TABLE {{tables.first_t}} (id int);\n",
+        "002_slow.sql":
+          `CREATE TABLE {{tables.slow_t}} (id int);\nSELECT pg_sleep(30), '${marker}';\n`,
+      });
+      const args = [
+        "migrate",
+        "apply",
+        "--path",
+        "migrations",
+        "--module",
+        "tenant",
+        "--schemas",
+        schemas.join(","),
+        "--concurrency",
+        "1",
+      ];
+      let run: Running | undefined;
+      try {
+        run = start(dir, args);
+        await until("the first schema's pg_sleep", async () => {
+          const pids = await running(marker);
+          return pids.length > 0 ? pids : undefined;
+        });
+        run.child.kill("SIGINT");
+        const code = await run.exit(EXIT_WITHIN_MS);
+        const output = run.stdout() + run.stderr();
+        assert.equal(code, 130, output);
+        assert.match(run.stderr(), /Interrupted \(SIGINT\): stopped starting schemas/);
+        assert.match(
+          run.stderr(),
+          new RegExp(`cancelled the migration running in ${schemas[0]} and rolled it back`),
+        );
+        assert.match(run.stderr(), /2 schemas not started/);
+        assert.match(run.stderr(), /Resume with the same command: schemas already up to date/);
+        assert.match(run.stdout(), new RegExp(`${schemas[0]}\\s+interrupted\\s+1`));
+        assert.match(run.stdout(), new RegExp(`${schemas[1]}\\s+not started\\s+0`));
+        assert.deepEqual(await running(marker), [], "the statement was cancelled on the server");
+        assert.deepEqual(await history(schemas[0]), ["001_first.sql"], "002 rolled back");
+        assert.equal(await tableExists(schemas[0], "slow_t"), false);
+        assert.equal(await tableExists(schemas[1], "first_t"), false, "b was not started");
+
+        await Deno.writeTextFile(
+          join(dir, "migrations", "002_slow.sql"),
+          "CREATE TABLE {{tables.slow_t}} (id int);\n",
+        );
+        const again = start(dir, [...args, "--json"]);
+        const againCode = await again.exit(30_000);
+        assert.equal(againCode, 0, again.stdout() + again.stderr());
+        const document = JSON.parse(again.stdout());
+        assert.deepEqual(
+          document.schemas.map((s: { schema: string; applied: unknown[] }) => [
+            s.schema,
+            s.applied.length,
+          ]),
+          [[schemas[0], 1], [schemas[1], 2], [schemas[2], 2]],
+          "the interrupted schema resumes at 002, the others start from 001",
+        );
+        for (const schema of schemas) {
+          assert.deepEqual(await history(schema), ["001_first.sql", "002_slow.sql"]);
+        }
+      } finally {
+        await reap(run);
+        await observe(async (sql) => {
+          await sql`SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE pid <> pg_backend_pid() AND query LIKE ${"%" + marker + "%"}`;
+          for (const schema of schemas) {
+            await sql.unsafe(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+          }
+        });
+      }
+    });
+  },
+);

@@ -382,3 +382,45 @@ serverTest(
     });
   },
 );
+
+serverTest(
+  "migrateSchemas({ signal, cancelRunning }) rolls back the running schemas' migrations",
+  async () => {
+    await withTenants(4, async (pool, tenants) => {
+      const marker = `cancel_${tenants[0]}`;
+      const db = new DatabaseManager({ pool });
+      const controller = new AbortController();
+      const run = migrateSchemas(pool, tenants, {
+        migrations: {
+          "001_a.sql": "CREATE TABLE {{tables.a}} (id int);",
+          "002_slow.sql": `CREATE TABLE {{tables.b}} (id int);\nSELECT pg_sleep(30), '${marker}';`,
+        },
+        moduleName: "tenant",
+        concurrency: 2,
+        signal: controller.signal,
+        cancelRunning: true,
+      });
+      const deadline = performance.now() + 20_000;
+      while (
+        await db.fetchValue<number>(
+          "SELECT count(*)::int FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1",
+          [`%pg_sleep%${marker}%`],
+        ) !== 2
+      ) {
+        assert.ok(performance.now() < deadline, "two schemas reach their slow migration");
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      controller.abort();
+      const result = await run;
+      assert.equal(result.status, "interrupted");
+      const cancelled = result.results.filter((r) => r.status === "failed");
+      assert.equal(cancelled.length, 2);
+      for (const r of cancelled) {
+        assert.ok(r.error instanceof MigrationError && r.error.reason === "aborted", r.schema);
+        assert.deepEqual(r.applied.map((a) => a.filename), ["001_a.sql"]);
+        assert.equal(await historyCount(pool, r.schema), 1, "002 rolled back");
+      }
+      assert.equal(result.notStarted.length, 2);
+    });
+  },
+);

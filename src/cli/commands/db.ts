@@ -19,7 +19,8 @@ import {
   openPool,
   readConfig,
 } from "../_context.ts";
-import { duration } from "../_output.ts";
+import { duration, plural } from "../_output.ts";
+import { applyModules, MANY_MODULE_FLAGS, resultJson, selectMany } from "./migrate.ts";
 import { QueryError } from "../../errors.ts";
 import { DatabaseManager } from "../../manager.ts";
 import { assertIdentifier, quoteIdentifier } from "../../template.ts";
@@ -94,6 +95,33 @@ async function create(context: CliContext, input: ParsedCommand): Promise<number
   return 0;
 }
 
+/** `DROP DATABASE name [WITH (FORCE)]`, explaining the failure when sessions are connected. */
+async function dropDatabase(
+  context: CliContext,
+  db: DatabaseManager,
+  name: string,
+  force: boolean,
+): Promise<void> {
+  try {
+    await db.execute(
+      `DROP DATABASE ${quoteIdentifier(name)}${force ? " WITH (FORCE)" : ""}`,
+      [],
+      { signal: context.signal },
+    );
+  } catch (error) {
+    if (error instanceof QueryError && error.sqlstate === "55006") {
+      throw new CommandFailure(
+        new Error(
+          `Cannot drop database '${name}': other sessions are connected to it ` +
+            `(${error.message}). Close them, or pass --force to end them`,
+        ),
+        { database: name },
+      );
+    }
+    throw error;
+  }
+}
+
 async function drop(context: CliContext, input: ParsedCommand): Promise<number> {
   const { name, maintenance } = await maintenanceTarget(context, input, "drop");
   const command = `pgdbm db drop ${name}`;
@@ -112,24 +140,7 @@ async function drop(context: CliContext, input: ParsedCommand): Promise<number> 
         );
       }
     } else {
-      try {
-        await db.execute(
-          `DROP DATABASE ${quoteIdentifier(name)}${hasFlag(input, "force") ? " WITH (FORCE)" : ""}`,
-          [],
-          { signal: context.signal },
-        );
-      } catch (error) {
-        if (error instanceof QueryError && error.sqlstate === "55006") {
-          throw new CommandFailure(
-            new Error(
-              `Cannot drop database '${name}': other sessions are connected to it ` +
-                `(${error.message}). Close them, or pass --force to end them`,
-            ),
-            { database: name },
-          );
-        }
-        throw error;
-      }
+      await dropDatabase(context, db, name, hasFlag(input, "force"));
       dropped = true;
     }
   } finally {
@@ -137,6 +148,44 @@ async function drop(context: CliContext, input: ParsedCommand): Promise<number> 
   }
   context.out.print(dropped ? `Dropped database '${name}'.` : `Database '${name}' does not exist.`);
   context.out.document({ ok: true, command: "db drop", database: name, dropped });
+  return 0;
+}
+
+async function reset(context: CliContext, input: ParsedCommand): Promise<number> {
+  const { name, url, maintenance } = await maintenanceTarget(context, input, "reset");
+  const { modules } = await selectMany(context, input, true);
+  const command = `pgdbm db reset ${name}`;
+  if (!await confirm(context, input, "database", name, command)) return 1;
+  const pool = await openPool(context, maintenance);
+  let dropped = false;
+  try {
+    const db = new DatabaseManager({ pool });
+    if (await exists(db, name)) {
+      await dropDatabase(context, db, name, hasFlag(input, "force"));
+      dropped = true;
+    }
+    await db.execute(`CREATE DATABASE ${quoteIdentifier(name)}`, [], { signal: context.signal });
+  } finally {
+    await pool.close();
+  }
+  context.out.print(
+    dropped ? `Dropped and created database '${name}'.` : `Created database '${name}'.`,
+  );
+  const target = { url: withDatabase(url, name), source: `database '${name}'` };
+  const results = await applyModules(context, target, modules, false);
+  const applied = results.reduce((sum, r) => sum + r.applied.length, 0);
+  context.out.print(
+    `Reset database '${name}': ${plural(applied, "migration")} applied in ` +
+      `${plural(results.length, "module")}.`,
+  );
+  context.out.document({
+    ok: true,
+    command: "db reset",
+    database: name,
+    dropped,
+    created: true,
+    modules: results.map(resultJson),
+  });
   return 0;
 }
 
@@ -245,7 +294,7 @@ const NAME_ARG = {
 /** The `db` group. */
 export const DB_GROUP: GroupSpec<CliContext> = {
   name: "db",
-  summary: "Create, drop and inspect databases",
+  summary: "Create, drop, reset and inspect databases",
   commands: [
     {
       name: "create",
@@ -278,6 +327,25 @@ export const DB_GROUP: GroupSpec<CliContext> = {
         "CI), --yes is required.",
       example: "pgdbm db drop app_test --yes",
       run: drop,
+    },
+    {
+      name: "reset",
+      summary: "Drop a database (after you type its name, or --yes), create it, migrate it",
+      args: [NAME_ARG],
+      flags: [
+        { name: "yes", short: "y", description: "Do not ask for confirmation" },
+        { name: "force", description: "End the other sessions connected to it (WITH (FORCE))" },
+        ...MANY_MODULE_FLAGS,
+        MAINTENANCE_FLAG,
+        JSON_FLAG,
+        ...CONNECTION_FLAGS,
+      ],
+      details: "Drops the database if it exists, creates it, and applies the migrations of\n" +
+        "every module of pgdbm.json (or of --module, --path, as 'migrate apply' does).\n" +
+        "Asks you to type the database's name, as 'db drop' does; when stdin is not a\n" +
+        "terminal (scripts, CI), --yes is required.",
+      example: "pgdbm db reset app_dev --yes",
+      run: reset,
     },
     {
       name: "info",

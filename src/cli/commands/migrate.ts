@@ -12,6 +12,7 @@ import {
   type CliConfig,
   type CliModule,
   maskUrl,
+  type ResolvedUrl,
   selectModules,
   unknownModule,
 } from "../_config.ts";
@@ -29,6 +30,7 @@ import {
   readConfig,
 } from "../_context.ts";
 import { duration, plural, table } from "../_output.ts";
+import { applyFleet, FLEET_FLAGS, fleetSelection, statusFleet } from "./fleet.ts";
 import { MigrationError } from "../../errors.ts";
 import { DatabaseManager } from "../../manager.ts";
 import {
@@ -64,12 +66,14 @@ const MODULE_FLAGS: FlagSpec[] = [
   },
 ];
 
-const MANY_MODULE_FLAGS: FlagSpec[] = [
+/** `--module` (repeatable), `--path`, `--schema`, `--migrations-table`. */
+export const MANY_MODULE_FLAGS: FlagSpec[] = [
   { ...MODULE_FLAGS[0], repeatable: true },
   ...MODULE_FLAGS.slice(1),
 ];
 
-interface Selection {
+/** The configuration and the modules a command works on. */
+export interface Selection {
   config: CliConfig;
   modules: CliModule[];
 }
@@ -97,7 +101,7 @@ function adHoc(context: CliContext, config: CliConfig, input: ParsedCommand): Cl
 }
 
 /** Every module the flags select (with their dependencies when `withDependencies`). */
-async function selectMany(
+export async function selectMany(
   context: CliContext,
   input: ParsedCommand,
   withDependencies: boolean,
@@ -105,10 +109,11 @@ async function selectMany(
   const config = await readConfig(context, input);
   if (isAdHoc(config, input)) return { config, modules: [adHoc(context, config, input)] };
   const names = flagValues(input, "module");
-  if (names.length > 0 && hasFlag(input, "all")) {
+  const all = ["all", "all-modules"].find((flag) => hasFlag(input, flag));
+  if (names.length > 0 && all !== undefined) {
     throw new UsageError(
-      `Cannot combine --all with --module: pass --all for every module, or --module NAME ` +
-        `for some`,
+      `Cannot combine --${all} with --module: pass --${all} for every module, or --module ` +
+        `NAME for some`,
     );
   }
   const selected = selectModules(config, names);
@@ -164,7 +169,8 @@ function where(module: { schema?: string | null }): string {
   return `schema ${module.schema ?? "public (default)"}`;
 }
 
-function resultJson(result: MigrationResult): Record<string, unknown> {
+/** A module's result as JSON (times rounded to milliseconds). */
+export function resultJson(result: MigrationResult): Record<string, unknown> {
   return {
     ...result,
     applied: result.applied.map((a) => ({ ...a, executionTimeMs: Math.round(a.executionTimeMs) })),
@@ -204,10 +210,56 @@ function printResult(context: CliContext, result: MigrationResult, dryRun: boole
   }
 }
 
+/** The module and URL of a fleet run (`--schemas`, `--schema-pattern`, `--schemas-query`). */
+async function fleetTarget(
+  context: CliContext,
+  input: ParsedCommand,
+  path: string,
+): Promise<{ target: ResolvedUrl; module: CliModule }> {
+  const { config, modules } = await selectOne(context, input, `pgdbm ${path}`);
+  return { target: databaseUrl(context, config, input), module: modules[0] };
+}
+
 async function apply(context: CliContext, input: ParsedCommand): Promise<number> {
+  const fleet = fleetSelection(input, "migrate apply");
+  if (fleet !== undefined) {
+    const { target, module } = await fleetTarget(context, input, "migrate apply");
+    return await applyFleet(context, input, target, module, fleet);
+  }
   const dryRun = hasFlag(input, "dry-run");
   const { config, modules } = await selectMany(context, input, true);
   const target = databaseUrl(context, config, input);
+  const results = await applyModules(context, target, modules, dryRun);
+  const applied = results.reduce((sum, r) => sum + r.applied.length, 0);
+  if (dryRun) context.out.print("Dry run: nothing was applied.");
+  else {
+    context.out.print(
+      `Done: ${plural(applied, "migration")} applied in ${plural(results.length, "module")}.`,
+    );
+  }
+  context.out.document({
+    ok: true,
+    command: "migrate apply",
+    dryRun,
+    database: maskUrl(target.url),
+    modules: results.map(resultJson),
+  });
+  return 0;
+}
+
+/**
+ * Applies the pending migrations of `modules` (in that order) to the database of
+ * `target`, printing each module's result and the progress line.
+ *
+ * @throws {CommandFailure} When a migration fails (what was applied before is in it).
+ * @throws {CommandInterrupted} When the CLI is interrupted.
+ */
+export async function applyModules(
+  context: CliContext,
+  target: ResolvedUrl,
+  modules: CliModule[],
+  dryRun: boolean,
+): Promise<MigrationResult[]> {
   const pool = await openPool(context, target.url, { prepare: !behindPooler(modules) });
   const results: MigrationResult[] = [];
   try {
@@ -255,21 +307,7 @@ async function apply(context: CliContext, input: ParsedCommand): Promise<number>
         throw applyFailure(error, module, modules, results);
       }
     }
-    const applied = results.reduce((sum, r) => sum + r.applied.length, 0);
-    if (dryRun) context.out.print("Dry run: nothing was applied.");
-    else {
-      context.out.print(
-        `Done: ${plural(applied, "migration")} applied in ${plural(results.length, "module")}.`,
-      );
-    }
-    context.out.document({
-      ok: true,
-      command: "migrate apply",
-      dryRun,
-      database: maskUrl(target.url),
-      modules: results.map(resultJson),
-    });
-    return 0;
+    return results;
   } finally {
     context.out.endProgress();
     await pool.close();
@@ -374,6 +412,11 @@ function state(status: MigrationStatus): string {
 }
 
 async function status(context: CliContext, input: ParsedCommand): Promise<number> {
+  const fleet = fleetSelection(input, "migrate status");
+  if (fleet !== undefined) {
+    const { target, module } = await fleetTarget(context, input, "migrate status");
+    return await statusFleet(context, input, target, module, fleet);
+  }
   const { config, modules } = await selectMany(context, input, false);
   const target = databaseUrl(context, config, input);
   const pool = await openPool(context, target.url, { prepare: !behindPooler(modules) });
@@ -461,12 +504,21 @@ async function create(context: CliContext, input: ParsedCommand): Promise<number
     `-- ${name}\n` +
       `-- Write the SQL below. It runs in one transaction; {{tables.name}} is a table of the\n` +
       `-- module's schema. A '-- pgdbm:no-transaction' line runs it statement by statement.\n`;
-  const path = await createMigrationFile(
-    resolveMigrationSource({ migrationsPath: module.migrationsPath }),
-    name,
-    content,
-    { module: module.name },
-  );
+  let path: string;
+  try {
+    path = await createMigrationFile(
+      resolveMigrationSource({ migrationsPath: module.migrationsPath }),
+      name,
+      content,
+      { module: module.name },
+    );
+  } catch (error) {
+    // A name that cannot be a file name is bad usage (exit 2), like a missing one.
+    if (error instanceof MigrationError && error.reason === "invalid_filename") {
+      throw new UsageError(error.message);
+    }
+    throw error;
+  }
   context.out.print(`Created ${path}`);
   context.out.document({
     ok: true,
@@ -530,13 +582,19 @@ const APPLY: CommandSpec<CliContext> = {
       name: "progress",
       description: "Show a progress line on stderr even when it is not a terminal",
     },
+    ...FLEET_FLAGS,
     JSON_FLAG,
     ...CONNECTION_FLAGS,
   ],
   details: "Each migration runs in its own transaction with its history row. With pgdbm.json,\n" +
     "modules run in 'dependsOn' order, and --module NAME also applies the modules NAME\n" +
-    "depends on. The run stops at the first failing migration (exit code 1).",
-  example: "pgdbm migrate apply --module orders --dry-run",
+    "depends on. The run stops at the first failing migration (exit code 1).\n\n" +
+    "Tenant fleets: --schemas, --schema-pattern or --schemas-query run one module in\n" +
+    "many schemas, --concurrency at a time (its dependencies are not applied). A schema's\n" +
+    "failure does not stop the others; the exit code is 1 if any failed. Ctrl-C stops\n" +
+    "starting schemas and rolls back the migrations running (exit code 130). Run the same\n" +
+    "command again to resume: schemas already up to date are skipped.",
+  example: "pgdbm migrate apply --module tenant --schema-pattern 'tenant_*' --concurrency 8",
   run: apply,
 };
 
@@ -546,10 +604,18 @@ const STATUS: CommandSpec<CliContext> = {
   args: [],
   flags: [
     ...MANY_MODULE_FLAGS,
+    {
+      name: "all-modules",
+      description: "Every module of pgdbm.json (the default; as Python pgdbm spells it)",
+    },
     { name: "check", description: "Exit with code 1 when anything is pending or changed" },
+    ...FLEET_FLAGS,
     JSON_FLAG,
     ...CONNECTION_FLAGS,
   ],
+  details: "With --schemas, --schema-pattern or --schemas-query: one module in many schemas,\n" +
+    "listing those behind (pending migrations), drifted (an applied file changed) and\n" +
+    "those that could not be checked (exit code 1).",
   example: "pgdbm migrate status --json",
   run: status,
 };

@@ -18,6 +18,7 @@ import {
   readConfig,
 } from "../_context.ts";
 import { checkName } from "./db.ts";
+import { dump } from "./_pg_dump.ts";
 import { table } from "../_output.ts";
 import { QueryError } from "../../errors.ts";
 import { DatabaseManager } from "../../manager.ts";
@@ -148,7 +149,7 @@ const NAME_ARG = { name: "NAME", what: "the schema name", required: true };
 /** The `schema` group. */
 export const SCHEMA_GROUP: GroupSpec<CliContext> = {
   name: "schema",
-  summary: "List, create and drop schemas of the database",
+  summary: "List, create, drop and dump schemas of the database",
   commands: [
     {
       name: "list",
@@ -183,6 +184,26 @@ export const SCHEMA_GROUP: GroupSpec<CliContext> = {
         "CI), --yes is required.",
       example: "pgdbm schema drop tenant_42 --cascade --yes",
       run: drop,
+    },
+    {
+      name: "dump",
+      summary: "Print the database's DDL (pg_dump --schema-only), or one schema's",
+      args: [],
+      flags: [
+        { name: "schema", value: "NAME", description: "Only this schema (default: all of them)" },
+        { name: "output", value: "FILE", description: "Write to FILE, not stdout" },
+        {
+          name: "pg-dump",
+          value: "PATH",
+          description: "The pg_dump program (default: pg_dump on the PATH)",
+        },
+        ...CONNECTION_FLAGS,
+      ],
+      details: "Runs PostgreSQL's pg_dump, which must be installed (of the server's major\n" +
+        "version or newer); says what to install when it is not. The password reaches\n" +
+        "pg_dump in PGPASSWORD, never on its command line.",
+      example: "pgdbm schema dump --schema tenant_42 > tenant.sql",
+      run: dump,
     },
   ] satisfies CommandSpec<CliContext>[],
 };
