@@ -10,6 +10,7 @@ import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult, Row } from "./drivers/driver.ts";
 import { PoolError } from "./errors.ts";
 import { mayBeginTransaction } from "./_sql.ts";
+import { chunkSizes, plainInsert, TARGET_CHECK_SQL } from "./_batch_values.ts";
 import type { Lease, QueryOptions } from "./pool/pool.ts";
 import { abortedCommitError, Queries, type Runner } from "./queries.ts";
 import { cursorRows, type CursorSession, type StreamOptions } from "./stream.ts";
@@ -111,7 +112,7 @@ export class LeaseRunner implements Runner {
     const sent: Promise<DriverResult>[] = [
       this.#lease.query(savepoint ? `SAVEPOINT ${savepoint}` : "BEGIN", []),
     ];
-    for (const params of paramsList) sent.push(this.#lease.query(sql, params));
+    const counted = await this.#sendRows(sql, paramsList, sent);
     if (savepoint === undefined) sent.push(this.#lease.query("COMMIT", []));
     const settled = await Promise.allSettled(sent);
     const failed = settled.find((s): s is PromiseRejectedResult => s.status === "rejected");
@@ -126,10 +127,45 @@ export class LeaseRunner implements Runner {
       throw abortedCommitError();
     }
     let total = 0;
-    for (let i = 1; i <= paramsList.length; i++) {
+    const end = savepoint ? sent.length : sent.length - 1;
+    for (let i = counted; i < end; i++) {
       total += (settled[i] as PromiseFulfilledResult<DriverResult>).value.rowCount;
     }
     return total;
+  }
+
+  /**
+   * Sends a batch's rows behind its `BEGIN` (or `SAVEPOINT`), as multi-row statements when
+   * the statement is a plain INSERT into a plain table (see {@link plainInsert}), else one
+   * statement per row, all pipelined.
+   *
+   * @returns The index in `sent` of the first statement that carries rows.
+   */
+  async #sendRows(
+    sql: string,
+    paramsList: readonly (readonly unknown[])[],
+    sent: Promise<DriverResult>[],
+  ): Promise<number> {
+    const insert = plainInsert(sql, paramsList);
+    if (insert !== undefined) {
+      const check = this.#lease.query(TARGET_CHECK_SQL, [insert.table]);
+      // The batch's caller reads every outcome later; a BEGIN that fails meanwhile is not
+      // an unhandled rejection.
+      sent[0].catch(() => {});
+      sent.push(check);
+      if (await check.then((result) => result.rows[0]?.plain === true, () => false)) {
+        const first = sent.length;
+        let at = 0;
+        for (const size of chunkSizes(paramsList.length, insert.chunkRows)) {
+          const chunk = insert.statement(paramsList.slice(at, at += size));
+          sent.push(this.#lease.query(chunk.sql, chunk.params));
+        }
+        return first;
+      }
+    }
+    const first = sent.length;
+    for (const params of paramsList) sent.push(this.#lease.query(sql, params));
+    return first;
   }
 }
 
@@ -261,12 +297,12 @@ export class Connection extends Queries {
  * throws. A connection whose rollback failed is marked for closing.
  */
 export async function runTransaction<T>(
-  lease: Lease,
+  leased: Lease,
   schema: string | undefined,
   fn: (tx: Transaction) => Promise<T>,
 ): Promise<T> {
+  const lease = new BegunLease(leased);
   const runner = new LeaseRunner(lease, true);
-  await lease.query("BEGIN", []);
   try {
     let result: T;
     try {
@@ -280,6 +316,53 @@ export async function runTransaction<T>(
     return result;
   } finally {
     runner.close();
+  }
+}
+
+/**
+ * A leased connection whose `BEGIN` is sent without waiting for its answer, so the first
+ * statement of the transaction travels in the same write (one round trip fewer per
+ * transaction). Until `BEGIN` has answered, each statement's caller also waits for it and
+ * gets its error when it failed. `BEGIN` fails only with its session (a lost or terminated
+ * connection, where the statements behind it fail too): a cancel cannot reach it, since a
+ * leased connection takes no statement while a cancel on it is pending.
+ */
+class BegunLease implements Lease {
+  readonly #lease: Lease;
+  #begun: Promise<unknown> | undefined;
+
+  constructor(lease: Lease) {
+    this.#lease = lease;
+    const begun = lease.query("BEGIN", []);
+    this.#begun = begun;
+    begun.then(() => {
+      if (this.#begun === begun) this.#begun = undefined;
+    }, () => {});
+  }
+
+  get config(): ResolvedConfig {
+    return this.#lease.config;
+  }
+
+  get pid(): number {
+    return this.#lease.pid;
+  }
+
+  query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
+    const begun = this.#begun;
+    const result = this.#lease.query(sql, params, options);
+    if (begun === undefined) return result;
+    result.catch(() => {});
+    return begun.then(() => result);
+  }
+
+  async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
+    await this.#begun;
+    return await this.#lease.copyIn(sql, chunks);
+  }
+
+  release(discard?: boolean): void {
+    this.#lease.release(discard);
   }
 }
 

@@ -29,6 +29,13 @@ type TlsOptions = Record<string, unknown>;
 
 const SQLSTATE = /^[0-9A-Z]{5}$/;
 
+/**
+ * Statements postgres.js writes to a session before it waits for their answers. Its default
+ * (100) drains the whole pipeline before writing more, a round trip of idle server and client
+ * every 100 statements of an `executeMany` batch; the pool bounds shared pipelines itself.
+ */
+const MAX_PIPELINE = 10_000;
+
 const CONNECTION_LOST_CODES = new Set([
   "CONNECTION_CLOSED",
   "CONNECTION_DESTROYED",
@@ -57,13 +64,15 @@ export function createPostgresDriver(config: ResolvedConfig): Driver {
 }
 
 function connectionOptions(config: ResolvedConfig): postgres.Options<Record<string, never>> {
-  return {
+  // `max_pipeline` is a postgres.js option its type declarations leave out.
+  const options: postgres.Options<Record<string, never>> & { max_pipeline: number } = {
     host: config.host,
     port: config.port,
     database: config.database,
     username: config.user,
     password: config.password,
     max: 1,
+    max_pipeline: MAX_PIPELINE,
     idle_timeout: 0,
     max_lifetime: null,
     connect_timeout: config.connectTimeoutMs / 1000,
@@ -83,6 +92,7 @@ function connectionOptions(config: ResolvedConfig): postgres.Options<Record<stri
       },
     } as unknown as Record<string, never>,
   };
+  return options;
 }
 
 /**

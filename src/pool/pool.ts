@@ -57,7 +57,7 @@ export type * from "./types.ts";
 const STALL_MS = 10;
 /**
  * The most statements in flight on one shared connection. More adds latency without adding
- * throughput (postgres.js itself writes at most 100 and queues the rest).
+ * throughput.
  */
 const PIPELINE_LIMIT = 250;
 /**
