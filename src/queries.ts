@@ -410,9 +410,10 @@ export abstract class Queries {
       return Object.values(rows[0]).map((literal) => literal as string);
     };
     return this.#copyOut(
-      `COPY (${query}) TO STDOUT${clause}`,
+      `COPY (${query}\n) TO STDOUT${clause}`,
       call.params,
-      async () => `COPY (${inlineParameters(query, await literals())}) TO STDOUT${clause}`,
+      // The line break ends a `--` comment at the end of the query.
+      async () => `COPY (${inlineParameters(query, await literals())}\n) TO STDOUT${clause}`,
       options.signal,
     );
   }
