@@ -405,8 +405,9 @@ export abstract class Queries {
     inlineParameters(query, call.params.map(() => "NULL"));
     const literals = async () => {
       if (call.params.length === 0) return [];
+      // Part of the COPY for the hook and spans: reported alone, its values would show.
       const sent = quoteParametersSql(call.params.length);
-      const { rows } = await this.#send(sent, call.params, undefined, false);
+      const { rows } = await this.#runner.query(sent, call.params);
       return Object.values(rows[0]).map((literal) => literal as string);
     };
     return this.#copyOut(
@@ -420,7 +421,8 @@ export abstract class Queries {
 
   /**
    * Runs a COPY out on the runner. It is reported as `shown` with `params` (the values stay
-   * out of the reported text), the statement sent being made by `statement`.
+   * out of the reported text), the statement sent being made by `statement` (which quotes
+   * the values on the server: part of the COPY's time).
    */
   async *#copyOut(
     shown: string,
@@ -428,9 +430,10 @@ export abstract class Queries {
     statement: () => Promise<string>,
     signal: AbortSignal | undefined,
   ): AsyncGenerator<Uint8Array, number> {
-    const sql = await statement();
     const runner = this.#runner;
-    const chunks = runner.copyOut(sql, signal);
+    const chunks = (async function* () {
+      return yield* runner.copyOut(await statement(), signal);
+    })();
     const tracer = activeTracer();
     if (tracer === undefined && runner.config?.onQuery === undefined) return yield* chunks;
     return yield* instrumentedChunks(runner.config, tracer, this.#schema, shown, params, chunks);
