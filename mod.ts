@@ -38,6 +38,7 @@ export type {
 } from "./src/queries.ts";
 export type { Connection, RawConnection, Transaction } from "./src/transaction.ts";
 export type { StreamOptions } from "./src/stream.ts";
+export type { CopyQueryOptions, CopyTableOptions } from "./src/_copy_out.ts";
 export type {
   InferOutput,
   StandardSchemaIssue,

@@ -25,7 +25,7 @@ import type { StreamOptions } from "./stream.ts";
 import type { InferOutput, StandardSchemaV1 } from "./standard_schema.ts";
 import { assertIdentifier, expandTemplate, quoteIdentifier } from "./template.ts";
 
-export type { CopyQueryOptions, CopyTableOptions, Row };
+export type { Row };
 
 /** What `execute()` returns. */
 export interface ExecuteResult {
@@ -305,7 +305,7 @@ export abstract class Queries {
    *
    * @param sql The query.
    * @param params Values for `$1…$n`.
-   * @param options `batchSize` (default 1000) and `signal`.
+   * @param options `batchSize` (default 5000) and `signal`.
    * @returns The rows, as plain objects.
    * @throws {RangeError} When `batchSize` is not a positive integer.
    *
