@@ -648,6 +648,21 @@ const CASES: Case[] = [
       assert.equal(next.value, 3, "the generator returns the number of rows copied");
       const csv = await collect(conn.copyOut(`COPY (SELECT 'a,b' AS x) TO STDOUT (FORMAT csv)`));
       assert.equal(csv, '"a,b"\n');
+      // Read to its end, a COPY larger than the client's buffers leaves the session ready
+      // for its next statement.
+      let size = 0;
+      for await (
+        const chunk of conn.copyOut(
+          "COPY (SELECT g, repeat('x', 100) FROM generate_series(1, 100000) g) TO STDOUT",
+        )
+      ) size += chunk.length;
+      assert.ok(size > 10_000_000, `${size} bytes`);
+      const after = await settlesWithin(
+        exec(conn, "SELECT 'next' AS x"),
+        5000,
+        "the next statement",
+      );
+      assert.deepEqual(after.rows, [{ x: "next" }]);
     },
   },
 
