@@ -39,6 +39,7 @@ export type {
 export type { Connection, RawConnection, Transaction } from "./src/transaction.ts";
 export type { StreamOptions } from "./src/stream.ts";
 export type { ListenOptions, NotificationHandler, Subscription } from "./src/listen.ts";
+export type { CopyQueryOptions, CopyTableOptions } from "./src/_copy_out.ts";
 export type {
   InferOutput,
   StandardSchemaIssue,

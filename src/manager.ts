@@ -15,7 +15,7 @@ import {
   type PoolStats,
   type QueryOptions,
 } from "./pool/pool.ts";
-import { Queries, type Runner } from "./queries.ts";
+import { Queries, type Reporter, type Runner } from "./queries.ts";
 import type { ListenOptions, NotificationHandler, Subscription } from "./listen.ts";
 import { cursorRows, type CursorSession, type StreamOptions } from "./stream.ts";
 import { assertIdentifier, quoteIdentifier } from "./template.ts";
@@ -419,11 +419,13 @@ class PoolRunner implements Runner {
   async *stream(
     sql: string,
     params: readonly unknown[],
-    options?: StreamOptions,
+    options: StreamOptions | undefined,
+    report: Reporter,
   ): AsyncGenerator<Row> {
     const lease = await requirePool(this.#holder).lease();
     const session: CursorSession = {
-      run: (text, values, runOptions) => lease.query(text, values, runOptions),
+      run: (text, values, runOptions) =>
+        report(text, values, () => lease.query(text, values, runOptions)),
       inTransaction: false,
       cursorName: "pgdbm_cursor_1",
     };
@@ -431,6 +433,18 @@ class PoolRunner implements Runner {
       yield* cursorRows(session, sql, params, options);
     } finally {
       lease.release(session.broken === true);
+    }
+  }
+
+  async *copyOut(
+    sql: string,
+    signal: AbortSignal | undefined,
+  ): AsyncGenerator<Uint8Array, number> {
+    const lease = await requirePool(this.#holder).lease();
+    try {
+      return yield* lease.copyOut(sql, signal);
+    } finally {
+      lease.release();
     }
   }
 }

@@ -9,7 +9,14 @@
 import { adviseQueryError, adviseReturningId, refuseUndefinedParams } from "./_advice.ts";
 import { encodeCopyRows } from "./_copy_text.ts";
 import { hasReturning } from "./_sql.ts";
-import { instrumented } from "./_instrument.ts";
+import { instrumented, instrumentedChunks } from "./_instrument.ts";
+import {
+  copyOptionsClause,
+  type CopyQueryOptions,
+  type CopyTableOptions,
+  inlineParameters,
+  quoteParametersSql,
+} from "./_copy_out.ts";
 import { activeTracer } from "./_telemetry.ts";
 import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult, Row } from "./drivers/driver.ts";
@@ -68,9 +75,29 @@ export interface Runner {
   batch(sql: string, paramsList: readonly (readonly unknown[])[]): Promise<number>;
   /** Streams COPY text. */
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
-  /** Yields the rows of a query from a server-side cursor on one connection. */
-  stream(sql: string, params: readonly unknown[], options?: StreamOptions): AsyncGenerator<Row>;
+  /**
+   * Yields the rows of a query from a server-side cursor on one connection, sending each
+   * statement of the cursor through `report`.
+   */
+  stream(
+    sql: string,
+    params: readonly unknown[],
+    options: StreamOptions | undefined,
+    report: Reporter,
+  ): AsyncGenerator<Row>;
+  /** Yields the output of a `COPY … TO STDOUT` on one connection; returns its row count. */
+  copyOut(sql: string, signal: AbortSignal | undefined): AsyncGenerator<Uint8Array, number>;
 }
+
+/**
+ * Sends one statement with `run`, reporting it to the `onQuery` hook and OpenTelemetry like
+ * every other statement (for the statements a stream sends: DECLARE, FETCH, CLOSE). Internal.
+ */
+export type Reporter = (
+  sql: string,
+  params: readonly unknown[],
+  run: () => Promise<DriverResult>,
+) => Promise<DriverResult>;
 
 const TRAILING = /[\s;]+$/;
 
@@ -109,21 +136,21 @@ export abstract class Queries {
     read: boolean,
   ): Promise<DriverResult> {
     const runner = this.#runner;
-    const tracer = activeTracer();
-    const sent = tracer === undefined && runner.config?.onQuery === undefined
-      ? read ? runner.read(sql, params, options) : runner.query(sql, params, options)
-      : instrumented(
-        runner.config,
-        tracer,
-        this.#schema,
-        sql,
-        params,
-        () => read ? runner.read(sql, params, options) : runner.query(sql, params, options),
-      );
-    return sent.catch((error) => {
+    return this.#report(
+      sql,
+      params,
+      () => read ? runner.read(sql, params, options) : runner.query(sql, params, options),
+    ).catch((error) => {
       throw adviseQueryError(error, sql, params, runner.config);
     });
   }
+
+  /** Runs `run`, reporting it as `sql` when the `onQuery` hook or OpenTelemetry is in use. */
+  readonly #report: Reporter = (sql, params, run) => {
+    const tracer = activeTracer();
+    if (tracer === undefined && this.#runner.config?.onQuery === undefined) return run();
+    return instrumented(this.#runner.config, tracer, this.#schema, sql, params, run);
+  };
 
   /**
    * Expands templates without running anything (for debugging and logs).
@@ -312,7 +339,7 @@ export abstract class Queries {
    *
    * @param sql The query.
    * @param params Values for `$1…$n`.
-   * @param options `batchSize` (default 1000) and `signal`.
+   * @param options `batchSize` (default 5000) and `signal`.
    * @returns The rows, as plain objects.
    * @throws {RangeError} When `batchSize` is not a positive integer.
    *
@@ -333,7 +360,117 @@ export abstract class Queries {
   stream<T = Row>(sql: string | TemplateStringsArray, ...rest: unknown[]): AsyncIterable<T> {
     const call = callOf<StreamOptions>(sql, rest);
     const text = this.prepareQuery(call.sql);
-    return this.#runner.stream(text, call.params, call.options) as AsyncIterable<T>;
+    return this.#runner.stream(text, call.params, call.options, this.#report) as AsyncIterable<T>;
+  }
+
+  /**
+   * Copies a table of this schema out with `COPY … TO STDOUT`, as bytes of COPY text or CSV
+   * (PostgreSQL's own encoding of every type), without loading it into memory. The COPY runs
+   * on one connection, held until the loop ends; leaving the loop early (`break`, `throw`) or
+   * aborting `signal` stops the COPY on the server and frees the connection. In a
+   * transaction (`tx.copyFromTable`) it runs in a savepoint, so that leaving early does not
+   * abort the transaction. On the embedded engine (PGlite) the whole output is made before
+   * the first chunk.
+   *
+   * @param table The table name, unqualified: this object's schema is applied.
+   * @param options `columns`, `format` ("text" or "csv"), `header`, `delimiter`, `null`,
+   *   `signal`.
+   * @returns The output, in chunks of whole or partial lines.
+   * @throws {SchemaError} When the table or a column name is not a valid identifier.
+   * @throws {RangeError} When an option has a value COPY cannot take.
+   * @throws {QueryError} When the server fails the COPY, before or during it.
+   *
+   * @example Export a table as CSV (needs a server)
+   * ```ts ignore
+   * const file = await Deno.open("orders.csv", { write: true, create: true });
+   * for await (const chunk of db.copyFromTable("orders", { format: "csv", header: true })) {
+   *   await file.write(chunk);
+   * }
+   * file.close();
+   * ```
+   */
+  copyFromTable(table: string, options: CopyTableOptions = {}): AsyncIterable<Uint8Array> {
+    assertIdentifier(table, "table");
+    const columns = options.columns ?? [];
+    for (const column of columns) assertIdentifier(column, "column");
+    const list = columns.length > 0 ? ` (${columns.map(quoteIdentifier).join(", ")})` : "";
+    const sql = `COPY ${this.prepareQuery(`{{tables.${table}}}`)}${list} TO STDOUT` +
+      copyOptionsClause(options);
+    return this.#copyOut(sql, [], () => Promise.resolve(sql), options.signal);
+  }
+
+  /**
+   * Copies the rows of a query out with `COPY (query) TO STDOUT`, as bytes of COPY text or
+   * CSV, like {@link copyFromTable}. COPY takes no bind parameters: each of `params` is
+   * quoted by the server (`quote_nullable($n::text)`, one statement before the COPY) and the
+   * literal replaces its `$n`, so a value is never SQL and a `$n` inside a string or a
+   * comment is left alone. A value is therefore read as its text form, as a string literal
+   * in that place would be (`$1::int` and `id > $1` work as with a bound parameter).
+   *
+   * @param sql The query, with `{{tables.name}}` placeholders and `$1…$n`.
+   * @param params Values for `$1…$n`.
+   * @param options `format` ("text" or "csv"), `header`, `delimiter`, `null`, `signal`.
+   * @returns The output, in chunks of whole or partial lines.
+   * @throws {RangeError} When an option has a value COPY cannot take, or `$n` has no value.
+   * @throws {QueryError} When the server fails the COPY, before or during it.
+   *
+   * @example Export the rows of a query (needs a server)
+   * ```ts ignore
+   * for await (
+   *   const chunk of db.copyFromQuery("SELECT id, total FROM {{tables.orders}} WHERE id > $1", [10])
+   * ) {
+   *   console.log(new TextDecoder().decode(chunk));
+   * }
+   * ```
+   */
+  copyFromQuery(
+    sql: string,
+    params?: readonly unknown[],
+    options?: CopyQueryOptions,
+  ): AsyncIterable<Uint8Array>;
+  /** The same, written as a tagged template (`${value}` is a parameter). */
+  copyFromQuery(strings: TemplateStringsArray, ...values: unknown[]): AsyncIterable<Uint8Array>;
+  copyFromQuery(sql: string | TemplateStringsArray, ...rest: unknown[]): AsyncIterable<Uint8Array> {
+    const call = callOf<CopyQueryOptions>(sql, rest);
+    const options = call.options ?? {};
+    const clause = copyOptionsClause(options);
+    const query = this.prepareQuery(call.sql).replace(TRAILING, "");
+    // Checks that every $n has a value before anything is sent.
+    inlineParameters(query, call.params.map(() => "NULL"));
+    const literals = async () => {
+      if (call.params.length === 0) return [];
+      // Part of the COPY for the hook and spans: reported alone, its values would show.
+      const sent = quoteParametersSql(call.params.length);
+      const { rows } = await this.#runner.query(sent, call.params);
+      return Object.values(rows[0]).map((literal) => literal as string);
+    };
+    return this.#copyOut(
+      `COPY (${query}\n) TO STDOUT${clause}`,
+      call.params,
+      // The line break ends a `--` comment at the end of the query.
+      async () => `COPY (${inlineParameters(query, await literals())}\n) TO STDOUT${clause}`,
+      options.signal,
+    );
+  }
+
+  /**
+   * Runs a COPY out on the runner. It is reported as `shown` with `params` (the values stay
+   * out of the reported text), the statement sent being made by `statement` (which quotes
+   * the values on the server: part of the COPY's time).
+   */
+  async *#copyOut(
+    shown: string,
+    params: readonly unknown[],
+    statement: () => Promise<string>,
+    signal: AbortSignal | undefined,
+  ): AsyncGenerator<Uint8Array, number> {
+    const runner = this.#runner;
+    const chunks = (async function* () {
+      return yield* runner.copyOut(await statement(), signal);
+    })();
+    const tracer = activeTracer();
+    if (tracer === undefined && runner.config?.onQuery === undefined) return yield* chunks;
+    return yield* instrumentedChunks(runner.config, tracer, this.#schema, shown, params, chunks);
   }
 
   /**

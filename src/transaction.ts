@@ -12,7 +12,7 @@ import { PoolError } from "./errors.ts";
 import { mayBeginTransaction } from "./_sql.ts";
 import { chunkSizes, plainInsert, TARGET_CHECK_SQL } from "./_batch_values.ts";
 import type { Lease, QueryOptions } from "./pool/pool.ts";
-import { abortedCommitError, Queries, type Runner } from "./queries.ts";
+import { abortedCommitError, Queries, type Reporter, type Runner } from "./queries.ts";
 import { cursorRows, type CursorSession, type StreamOptions } from "./stream.ts";
 
 /** Runs SQL on one leased connection until it is closed (the callback returned). */
@@ -90,11 +90,13 @@ export class LeaseRunner implements Runner {
   async *stream(
     sql: string,
     params: readonly unknown[],
-    options?: StreamOptions,
+    options: StreamOptions | undefined,
+    report: Reporter,
   ): AsyncGenerator<Row> {
     if (!this.#open) throw finishedError();
     const session: CursorSession = {
-      run: (text, values, runOptions) => this.query(text, values, runOptions),
+      run: (text, values, runOptions) =>
+        report(text, values, () => this.query(text, values, runOptions)),
       inTransaction: this.#inTransaction || this.#beganOwnTransaction,
       cursorName: `pgdbm_cursor_${++this.#cursors.open}`,
     };
@@ -103,6 +105,35 @@ export class LeaseRunner implements Runner {
     } finally {
       this.#cursors.open--;
       if (session.broken === true) this.#lease.release(true);
+    }
+  }
+
+  /**
+   * In a transaction the COPY runs in a savepoint: leaving the loop early cancels it on the
+   * server, which would otherwise abort the whole transaction.
+   */
+  async *copyOut(
+    sql: string,
+    signal: AbortSignal | undefined,
+  ): AsyncGenerator<Uint8Array, number> {
+    if (!this.#open) throw finishedError();
+    if (!this.#inTransaction && !this.#beganOwnTransaction) {
+      return yield* this.#lease.copyOut(sql, signal);
+    }
+    const savepoint = this.savepointName();
+    await this.#lease.query(`SAVEPOINT ${savepoint}`, []);
+    let ended: "early" | "done" | "failed" = "early";
+    try {
+      const count = yield* this.#lease.copyOut(sql, signal);
+      ended = "done";
+      return count;
+    } catch (error) {
+      // A server error leaves the transaction aborted, as any failed statement does.
+      if (!(signal?.aborted ?? false)) ended = "failed";
+      throw error;
+    } finally {
+      if (ended === "early") await this.#lease.query(`ROLLBACK TO SAVEPOINT ${savepoint}`, []);
+      if (ended !== "failed") await this.#lease.query(`RELEASE SAVEPOINT ${savepoint}`, []);
     }
   }
 
@@ -359,6 +390,11 @@ class BegunLease implements Lease {
   async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
     await this.#begun;
     return await this.#lease.copyIn(sql, chunks);
+  }
+
+  async *copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number> {
+    await this.#begun;
+    return yield* this.#lease.copyOut(sql, signal);
   }
 
   release(discard?: boolean): void {

@@ -121,3 +121,67 @@ Deno.test("onQuery and replicas are checked when the pool is made", () => {
     (error) => error instanceof ConfigurationError && error.field === "maxReplicaLagMs",
   );
 });
+
+serverTest(
+  "onQuery sees each statement of a stream and a COPY out as one statement, values kept out",
+  async () => {
+    await withHook(async (db, events) => {
+      await db.execute("CREATE TABLE {{tables.users}} (id int, password text)");
+      await db.execute("INSERT INTO {{tables.users}} SELECT g, 'x' FROM generate_series(1, 5) g");
+      events.length = 0;
+      const schema = db.schema!;
+      const ids: unknown[] = [];
+      for await (
+        const row of db.stream<{ id: number }>(
+          "SELECT id FROM {{tables.users}} WHERE id > $1 ORDER BY id",
+          [1],
+          { batchSize: 3 },
+        )
+      ) ids.push(row.id);
+      assert.deepEqual(ids, [2, 3, 4, 5]);
+      assert.deepEqual(
+        events.map((e) => [e.sql, e.rowCount, e.error]),
+        [
+          ["BEGIN", 0, undefined],
+          [
+            `DECLARE pgdbm_cursor_1 NO SCROLL CURSOR FOR SELECT id FROM "${schema}".users WHERE id > $1 ORDER BY id`,
+            0,
+            undefined,
+          ],
+          ["FETCH FORWARD 3 FROM pgdbm_cursor_1", 3, undefined],
+          ["FETCH FORWARD 3 FROM pgdbm_cursor_1", 1, undefined],
+          ["CLOSE pgdbm_cursor_1", 0, undefined],
+          ["COMMIT", 0, undefined],
+        ],
+      );
+      assert.deepEqual(events[1].params, [1]);
+
+      events.length = 0;
+      const chunks: Uint8Array[] = [];
+      for await (
+        const chunk of db.copyFromQuery(
+          "SELECT id FROM {{tables.users}} WHERE password = $1 OR id > 0",
+          [PASSWORD],
+        )
+      ) chunks.push(chunk);
+      for await (const _ of db.copyFromTable("users", { format: "csv" })) break;
+      assert.deepEqual(
+        events.map((e) => [e.sql, e.rowCount, e.error]),
+        [
+          [
+            `COPY (SELECT id FROM "${schema}".users WHERE password = $1 OR id > 0\n) TO STDOUT`,
+            5,
+            undefined,
+          ],
+          [`COPY "${schema}".users TO STDOUT WITH (FORMAT csv)`, 0, undefined],
+        ],
+      );
+      assert.deepEqual(events[0].params, ["<hidden>"]);
+      assert.ok(!JSON.stringify(events).includes(PASSWORD), "a password reached the hook");
+      await assert.rejects(async () => {
+        for await (const _ of db.copyFromTable("missing")) { /* nothing */ }
+      });
+      assert.equal((events.at(-1)!.error as { sqlstate?: string }).sqlstate, "42P01");
+    });
+  },
+);

@@ -3,7 +3,7 @@
  * loop ends however it ends.
  */
 import assert from "node:assert/strict";
-import type { DatabaseManager, Pool } from "../mod.ts";
+import { createSharedPool, DatabaseManager, type Pool, QueryError } from "../mod.ts";
 import { serverTest, withManager } from "./_support/server.ts";
 
 async function seed(db: DatabaseManager, n: number): Promise<void> {
@@ -156,3 +156,112 @@ serverTest("stream() refuses a batchSize that is not a positive integer", async 
     idle(pool);
   });
 });
+
+/** Streams a 1,000,000-row query on the server and leaves after 10 rows. */
+serverTest(
+  "break after 10 rows of a 1,000,000-row stream frees the connection and leaves no cursor on it",
+  async () => {
+    await withManager(async (db, pool) => {
+      let seen = 0;
+      for await (const _ of db.stream("SELECT g FROM generate_series(1, 1000000) g")) {
+        if (++seen === 10) break;
+      }
+      idle(pool);
+      // maxConnections 1: the same connection the stream used.
+      await db.acquire(async (conn) => {
+        assert.equal(await conn.fetchValue("SELECT count(*)::int FROM pg_cursors"), 0);
+        assert.equal(
+          await conn.fetchValue("SELECT state FROM pg_stat_activity WHERE pid = pg_backend_pid()"),
+          "active",
+          "the session runs only this statement: not 'idle in transaction' before it",
+        );
+        assert.equal(await conn.fetchValue("SELECT now() = statement_timestamp()"), true);
+      });
+    }, { minConnections: 1, maxConnections: 1 });
+  },
+);
+
+serverTest(
+  "an error in the middle of a stream is thrown from the iterator after the rows before it",
+  async () => {
+    await withManager(async (db, pool) => {
+      const seen: number[] = [];
+      await assert.rejects(
+        async () => {
+          for await (
+            const row of db.stream<{ n: number }>(
+              "SELECT g AS n, 1 / (g - 2500) AS boom FROM generate_series(1, 5000) g",
+              [],
+              { batchSize: 1000 },
+            )
+          ) seen.push(row.n);
+        },
+        (error) => error instanceof QueryError && error.sqlstate === "22012",
+      );
+      assert.deepEqual(seen.length, 2000, "the two batches before the failing one");
+      idle(pool);
+      assert.equal(await db.fetchValue("SELECT count(*)::int FROM pg_cursors"), 0);
+    }, { minConnections: 1, maxConnections: 1 });
+  },
+);
+
+serverTest("an aborted stream closes its cursor on the connection it used", async () => {
+  await withManager(async (db, pool) => {
+    const controller = new AbortController();
+    await assert.rejects(async () => {
+      for await (
+        const _ of db.stream("SELECT g FROM generate_series(1, 100000) g", [], {
+          batchSize: 100,
+          signal: controller.signal,
+        })
+      ) controller.abort(new Error("enough"));
+    }, /enough/);
+    idle(pool);
+    assert.equal(await db.fetchValue("SELECT count(*)::int FROM pg_cursors"), 0);
+  }, { minConnections: 1, maxConnections: 1 });
+});
+
+serverTest("a stream in a transaction runs on the transaction's connection", async () => {
+  await withManager(async (db) => {
+    await db.transaction(async (tx) => {
+      const pid = await tx.fetchValue<number>("SELECT pg_backend_pid()");
+      for await (
+        const row of tx.stream<{ pid: number }>(
+          "SELECT pg_backend_pid() AS pid FROM generate_series(1, 3)",
+        )
+      ) assert.equal(row.pid, pid);
+      const cursors = await tx.fetchValue("SELECT count(*)::int FROM pg_cursors");
+      assert.equal(cursors, 0, "the cursor is closed once the loop ended");
+    });
+  }, { minConnections: 2, maxConnections: 2 });
+});
+
+Deno.test(
+  "on PGlite: break after 10 rows of a 20,000-row stream (1,000,000 take minutes in WASM) frees the connection, no cursor left",
+  async () => {
+    const pool = await createSharedPool({ connectionString: "pglite:memory" });
+    try {
+      const db = new DatabaseManager({ pool });
+      let seen = 0;
+      for await (const _ of db.stream("SELECT g FROM generate_series(1, 20000) g")) {
+        if (++seen === 10) break;
+      }
+      idle(pool);
+      assert.equal(await db.fetchValue("SELECT count(*)::int FROM pg_cursors"), 0);
+      await assert.rejects(
+        async () => {
+          for await (
+            const _ of db.stream("SELECT 1 / (g - 50) FROM generate_series(1, 100) g", [], {
+              batchSize: 10,
+            })
+          ) { /* rows */ }
+        },
+        (error) => error instanceof QueryError && error.sqlstate === "22012",
+      );
+      idle(pool);
+      assert.equal(await db.fetchValue("SELECT count(*)::int FROM pg_cursors"), 0);
+    } finally {
+      await pool.close();
+    }
+  },
+);

@@ -126,6 +126,37 @@ serverTest("Migrator.applyPending() is a span with each migration as an event", 
   });
 });
 
+serverTest("stream statements and a COPY out are spans too, without parameter values", async () => {
+  await withTracing(async (spans) => {
+    await withManager(async (db) => {
+      await db.execute("CREATE TABLE {{tables.users}} (id int, password text)");
+      await db.execute("INSERT INTO {{tables.users}} VALUES (1, $1), (2, $1)", [SECRET]);
+      for await (
+        const _ of db.stream("SELECT * FROM {{tables.users}} WHERE password = $1", [SECRET])
+      ) {
+        /* rows */
+      }
+      for await (
+        const _ of db.copyFromQuery("SELECT * FROM {{tables.users}} WHERE password = $1", [SECRET])
+      ) { /* chunks */ }
+      const database = new URL(TEST_URL).pathname.slice(1);
+      const names = spans().map((span) => span.name).slice(3);
+      const at = `${database}.${db.schema}`;
+      assert.deepEqual(names, [
+        `BEGIN ${at}`,
+        `DECLARE ${at}`,
+        `FETCH ${at}`,
+        `CLOSE ${at}`,
+        `COMMIT ${at}`,
+        `COPY ${at}`,
+      ]);
+      const copy = spans().at(-1)!;
+      assert.equal(copy.attributes["db.response.returned_rows"], 2);
+      assert.ok(!JSON.stringify(spans().map((s) => s.attributes)).includes(SECRET));
+    });
+  });
+});
+
 serverTest("once the tracer provider is unregistered, queries make no span", async () => {
   const exporter = new InMemorySpanExporter();
   const provider = new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] });

@@ -90,6 +90,18 @@ export interface DriverConnection {
    * server. Resolves with the number of rows copied.
    */
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
+  /**
+   * Runs `COPY … TO STDOUT` with `sql` and yields its output (COPY text or CSV, as `sql`
+   * asks) in chunks of whole or partial rows; the generator returns the number of rows
+   * copied. A server error, before or during the COPY, is thrown from the iterator as a
+   * {@link QueryError}. Leaving early (`return()`, as `break` in `for await` does) or
+   * aborting `signal` (the iterator then throws `signal.reason`) stops the COPY on the server
+   * and settles only once the session is ready for its next statement; a session that gives
+   * no sign of being ready in time is ended ({@link DriverConnection.closed}). An iterator
+   * dropped without `return()` holds the session. The embedded driver runs the COPY to its
+   * end before the first chunk (PGlite hands over the whole output at once).
+   */
+  copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number>;
   /** Calls `listener` once when the session ends, for whatever reason. */
   onClose(listener: () => void): void;
   /**

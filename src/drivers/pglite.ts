@@ -94,18 +94,23 @@ const PARSERS: ParserOptions = {
 const YIELD_AFTER_MS = 10;
 const COPY_FROM_STDIN = /\bFROM\s+STDIN\b/i;
 
-/** PGlite that reports the command tag of every statement it completes. */
+/**
+ * PGlite that reports the command tag of every statement it completes, and the data of a
+ * `COPY … TO STDOUT`.
+ */
 class TaggedPGlite extends PGlite {
   onTag?: (tag: string) => void;
+  onCopyData?: (chunk: Uint8Array) => void;
 
   override async execProtocolStream(
     message: Uint8Array,
     options?: ExecProtocolOptions,
   ): Promise<messages.BackendMessage[]> {
     const replies = await super.execProtocolStream(message, options);
-    if (this.onTag) {
+    if (this.onTag || this.onCopyData) {
       for (const reply of replies) {
-        if (reply instanceof messages.CommandCompleteMessage) this.onTag(reply.text);
+        if (reply instanceof messages.CommandCompleteMessage) this.onTag?.(reply.text);
+        else if (reply instanceof messages.CopyDataMessage) this.onCopyData?.(reply.chunk);
       }
     }
     return replies;
@@ -375,6 +380,31 @@ class PgliteConnection implements DriverConnection {
     }
   }
 
+  async *copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number> {
+    if (this.#closed) throw sessionClosedError(sql, []);
+    signal?.throwIfAborted();
+    const { promise } = this.#driver.schedule(
+      async (pg) => {
+        const chunks = new CopyChunks();
+        pg.onCopyData = (chunk) => chunks.add(chunk);
+        try {
+          const { rowCount } = await runStatement(pg, sql, []);
+          return { chunks: chunks.done(), rowCount };
+        } finally {
+          pg.onCopyData = undefined;
+        }
+      },
+      sql,
+      [],
+    );
+    const { chunks, rowCount } = await promise;
+    for (const chunk of chunks) {
+      signal?.throwIfAborted();
+      yield chunk;
+    }
+    return rowCount;
+  }
+
   onClose(listener: () => void): void {
     if (this.#closed) listener();
     else this.#listeners.push(listener);
@@ -399,6 +429,37 @@ class PgliteConnection implements DriverConnection {
   /** PGlite cannot interrupt a statement: the session ends after it, as with `close()`. */
   terminate(): Promise<void> {
     return this.close();
+  }
+}
+
+/** Bytes of COPY output handed out per chunk. */
+const COPY_CHUNK_BYTES = 64 * 1024;
+
+/** Gathers COPY data rows (views into PGlite's memory, so copied) into chunks of ~64 KiB. */
+class CopyChunks {
+  readonly #full: Uint8Array[] = [];
+  #current = new Uint8Array(COPY_CHUNK_BYTES);
+  #length = 0;
+
+  add(data: Uint8Array): void {
+    if (this.#length + data.length > this.#current.length) {
+      this.#flush();
+      if (data.length > this.#current.length) this.#current = new Uint8Array(data.length);
+    }
+    this.#current.set(data, this.#length);
+    this.#length += data.length;
+  }
+
+  done(): Uint8Array[] {
+    this.#flush();
+    return this.#full;
+  }
+
+  #flush(): void {
+    if (this.#length === 0) return;
+    this.#full.push(this.#current.subarray(0, this.#length));
+    this.#current = new Uint8Array(COPY_CHUNK_BYTES);
+    this.#length = 0;
   }
 }
 

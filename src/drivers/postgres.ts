@@ -7,6 +7,8 @@
  * @module
  */
 
+import type { Buffer } from "node:buffer";
+import type { Readable } from "node:stream";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import postgres from "postgres";
 import type { ResolvedConfig, ResolvedSsl } from "../config.ts";
@@ -203,29 +205,8 @@ class PostgresConnection implements DriverConnection {
 
   async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
     if (this.#closed) return closedQuery(sql, []).result.then(() => 0);
-    const query = this.#sql.unsafe(sql) as PgQuery & {
-      resolve: (value: unknown) => void;
-      reject: (error: unknown) => void;
-    };
-    // The query resolves with its stream; its result (with the row count of the command
-    // tag) comes in a second, ignored resolve at the end: read the count there.
-    let counted!: (count: number) => void;
-    const count = new Promise<number>((resolve) => counted = resolve);
-    const resolve = query.resolve;
-    query.resolve = (value) => {
-      if (Array.isArray(value) && "count" in value) counted(Number(value.count ?? 0));
-      resolve(value);
-    };
-    // postgres.js resolves a COPY query with its stream, then loses a later server error
-    // (the stream neither finishes nor errors): catch it where the query is rejected.
-    let serverError: (error: unknown) => void = () => {};
-    const failed = new Promise<never>((_, reject) => serverError = reject);
-    failed.catch(() => {});
-    const reject = query.reject;
-    query.reject = (error) => {
-      serverError(error);
-      reject(error);
-    };
+    const query = this.#sql.unsafe(sql) as CopyQuery;
+    const { count, failed } = watchCopy(query);
     try {
       const stream = await query.writable();
       const finished = new Promise<void>((resolve, reject) => {
@@ -262,6 +243,71 @@ class PostgresConnection implements DriverConnection {
       if (error instanceof RangeError || error instanceof TypeError) throw error;
       throw this.toQueryError(error, sql, []);
     }
+  }
+
+  /**
+   * postgres.js pauses the socket while a COPY-out stream's buffer is full and resumes it
+   * only when the stream is read, so a stream that is destroyed, or no longer read, leaves
+   * the session stuck. Leaving early therefore cancels the COPY on the server and keeps
+   * reading (discarding) until the server's answer ends the statement.
+   */
+  async *copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number> {
+    if (this.#closed) await closedQuery(sql, []).result;
+    signal?.throwIfAborted();
+    const query = this.#sql.unsafe(sql) as CopyQuery;
+    const copy = watchCopy(query);
+    let cancelled: Promise<void> | undefined;
+    const send = takeCanceller(query);
+    const cancel = () =>
+      cancelled ??= copy.over || send === undefined ? Promise.resolve() : (() => {
+        // postgres.js marks the query inactive once it resolved with its stream, and would
+        // hold a cancel for an inactive query until its turn, which has come already.
+        (query as unknown as QueryInternals).active = true;
+        return send();
+      })();
+    const onAbort = () => void cancel();
+    signal?.addEventListener("abort", onAbort, { once: true });
+    let reader: CopyOutReader | undefined;
+    try {
+      reader = new CopyOutReader(await query.readable());
+      while (true) {
+        const chunk = await reader.next();
+        signal?.throwIfAborted();
+        if (chunk === null) break;
+        yield chunk;
+      }
+      return await Promise.race([copy.count, copy.failed]);
+    } catch (error) {
+      if (signal?.aborted) throw signal.reason;
+      throw this.toQueryError(error, sql, []);
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      if (!copy.over) await this.#stopCopy(copy, cancel, reader);
+    }
+  }
+
+  /** Cancels a COPY out and reads its rest; ends the session when it does not finish in time. */
+  async #stopCopy(
+    copy: CopyWatch,
+    cancel: () => Promise<void>,
+    reader: CopyOutReader | undefined,
+  ): Promise<void> {
+    const drained = (async () => {
+      // The cancel request is delivered before the session can take another statement: a
+      // cancel that arrives once the COPY has ended finds the session idle and is ignored.
+      await cancel();
+      try {
+        while (reader !== undefined && await reader.next() !== null) { /* discard */ }
+      } catch {
+        // The cancel's own 57014 (or the error that ended the COPY).
+      }
+      await copy.ended;
+    })();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<false>((resolve) => timer = setTimeout(resolve, COPY_STOP_MS, false));
+    const inTime = await Promise.race([drained.then(() => true), late]);
+    clearTimeout(timer);
+    if (!inTime) await this.terminate();
   }
 
   onClose(listener: () => void): void {
@@ -385,6 +431,131 @@ function installArrayTypes(options: TypeOptions, rows: readonly ArrayTypeRow[]):
 /** `box[]`, the one array type whose elements are separated by `;`. */
 const BOX_ARRAY = 1020;
 
+/** How long a cancelled COPY out may take to end before its session is ended instead. */
+const COPY_STOP_MS = 2000;
+
+/**
+ * Reads a COPY-out stream in chunks of everything it has buffered: it holds one buffer per
+ * row, and handing each on alone costs more than joining them. Waits with the stream's own
+ * async iterator (never ended early: its `return()` would destroy the stream).
+ *
+ * postgres.js pauses the session's socket whenever the stream's buffer is full and resumes
+ * it only from the stream's `_read()`, which a stream that has ended never calls again: a
+ * COPY whose end arrived while the socket was paused would leave it paused, and the
+ * session would hang on its next statement. So the reader resumes the socket, through
+ * that same `_read()`, once the stream has ended or failed.
+ */
+class CopyOutReader {
+  readonly #stream: Readable;
+  readonly #rows: AsyncIterator<Buffer>;
+
+  constructor(stream: Readable) {
+    this.#stream = stream;
+    this.#rows = stream[Symbol.asyncIterator]();
+  }
+
+  /** The next chunk, or `null` at the end; rejects with the error that ended the stream. */
+  async next(): Promise<Uint8Array | null> {
+    let next: IteratorResult<Buffer>;
+    try {
+      next = await this.#rows.next();
+    } catch (error) {
+      this.#resume();
+      throw error;
+    }
+    if (next.done) {
+      this.#resume();
+      return null;
+    }
+    const first = next.value;
+    const rows: Buffer[] = [first];
+    let length = first.byteLength;
+    for (let row = this.#read(); row !== null; row = this.#read()) {
+      rows.push(row);
+      length += row.byteLength;
+    }
+    if (rows.length === 1) return new Uint8Array(first.buffer, first.byteOffset, length);
+    const chunk = new Uint8Array(length);
+    let at = 0;
+    for (const row of rows) {
+      chunk.set(row, at);
+      at += row.byteLength;
+    }
+    return chunk;
+  }
+
+  #resume(): void {
+    (this.#stream as unknown as { _read(size: number): void })._read(0);
+  }
+
+  #read(): Buffer | null {
+    return this.#stream.readableLength > 0 ? this.#stream.read() as Buffer | null : null;
+  }
+}
+
+/** A postgres.js COPY query, with the settle functions the driver wraps. */
+type CopyQuery = PgQuery & {
+  resolve: (value: unknown) => void;
+  reject: (error: unknown) => void;
+};
+
+/** How a COPY statement ends: its row count, or its error. */
+interface CopyWatch {
+  /** The row count of the command tag, once the statement ended. */
+  count: Promise<number>;
+  /** Rejects with the statement's error; never resolves. */
+  failed: Promise<never>;
+  /** Settles when the statement ended either way (the session is ready again). */
+  ended: Promise<void>;
+  /** True once it ended. */
+  over: boolean;
+}
+
+/**
+ * Watches a COPY query's end. postgres.js resolves a COPY query with its stream, and then
+ * resolves it a second time (ignored) with the result that holds the row count, or rejects
+ * it (also ignored) with a server error that neither ends nor fails a COPY-in stream: both
+ * are caught where the query is settled.
+ */
+function watchCopy(query: CopyQuery): CopyWatch {
+  let counted!: (count: number) => void;
+  let serverError!: (error: unknown) => void;
+  const watch: CopyWatch = {
+    count: new Promise<number>((resolve) => counted = resolve),
+    failed: new Promise<never>((_, reject) => serverError = reject),
+    ended: Promise.resolve(),
+    over: false,
+  };
+  watch.failed.catch(() => {});
+  watch.ended = Promise.race([watch.count, watch.failed]).then(() => {}, () => {});
+  watch.ended.then(() => watch.over = true);
+  const resolve = query.resolve;
+  query.resolve = (value) => {
+    if (Array.isArray(value) && "count" in value) counted(Number(value.count ?? 0));
+    resolve(value);
+  };
+  const reject = query.reject;
+  query.reject = (error) => {
+    serverError(error);
+    reject(error);
+  };
+  return watch;
+}
+
+/**
+ * Takes a query's canceller (once: `undefined` after that) as a function that sends the
+ * cancel request and settles once the server took it, never rejecting. Query.cancel() would
+ * drop the request's promise, so a failed request (the server or a pooler resetting it)
+ * would be an unhandled rejection.
+ */
+function takeCanceller(query: PgQuery): (() => Promise<void>) | undefined {
+  const internals = query as unknown as QueryInternals;
+  const canceller = internals.canceller;
+  if (typeof canceller !== "function") return undefined;
+  internals.canceller = null;
+  return () => Promise.resolve(canceller(query)).then(() => {}, () => {});
+}
+
 /** Carries an error of the caller's COPY source past the driver's own error handling. */
 class CopySourceError {
   constructor(readonly error: unknown) {}
@@ -431,13 +602,8 @@ class PostgresRunningQuery implements RunningQuery {
 
   async #requestCancel(): Promise<void> {
     const query = this.#query as unknown as QueryInternals;
-    const canceller = query.canceller;
-    if (typeof canceller !== "function") return;
-    query.canceller = null;
-    // Query.cancel() drops the promise of the cancel request, so a failed request (the
-    // server or a pooler resetting it) would be an unhandled rejection: call the canceller
-    // itself and keep its promise.
-    const send = () => Promise.resolve(canceller(this.#query)).then(() => {}, () => {});
+    const send = takeCanceller(this.#query);
+    if (send === undefined) return;
     if (!query.state) {
       // Not written yet: withdrawn. postgres.js hands a new query to its session a microtask
       // after making it; a query cancelled in between would still reach the session, which

@@ -501,6 +501,28 @@ export class ConnectionPool implements Pool {
     }
   }
 
+  /** Yields the output of a `COPY … TO STDOUT` on a leased slot. */
+  async *copyOut(
+    slot: Slot,
+    sql: string,
+    signal: AbortSignal | undefined,
+  ): AsyncGenerator<Uint8Array, number> {
+    const entry: InFlight = {
+      running: { result: Promise.resolve(EMPTY), cancel: () => Promise.resolve() },
+      sql,
+      deadline: Infinity,
+      slow: true,
+      start: performance.now(),
+      exposed: false,
+    };
+    slot.running.add(entry);
+    try {
+      return yield* slot.conn.copyOut(sql, signal);
+    } finally {
+      this.#settle(slot, entry);
+    }
+  }
+
   /** Returns a leased slot, preparing the statements added while it was leased. */
   release(slot: Slot, discard: boolean): void {
     slot.leased = false;
@@ -900,6 +922,11 @@ class SlotLease implements Lease {
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
     if (this.#released) return Promise.reject(releasedError());
     return this.#pool.copyIn(this.#slot, sql, chunks);
+  }
+
+  async *copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number> {
+    if (this.#released) throw releasedError();
+    return yield* this.#pool.copyOut(this.#slot, sql, signal);
   }
 
   release(discard = false): void {

@@ -100,6 +100,8 @@ export interface Lease {
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
   /** Streams COPY text to the leased connection. */
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
+  /** Yields the output of a `COPY … TO STDOUT` on the leased connection; returns its row count. */
+  copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number>;
   /** Returns the connection; `discard` closes it instead (its state is unknown). */
   release(discard?: boolean): void;
 }

@@ -83,6 +83,23 @@ function selected(rows: unknown[]): Outcome {
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
+function concat(chunks: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(chunks.reduce((n, chunk) => n + chunk.length, 0));
+  let at = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, at);
+    at += chunk.length;
+  }
+  return out;
+}
+
+/** The whole output of a COPY out, as text. */
+async function collect(chunks: AsyncIterable<Uint8Array>): Promise<string> {
+  const all: Uint8Array[] = [];
+  for await (const chunk of chunks) all.push(chunk);
+  return new TextDecoder().decode(concat(all));
+}
+
 /** Escapes one value for COPY text format (`null` becomes `\N`). */
 function copyValue(value: string | null): string {
   if (value === null) return "\\N";
@@ -613,6 +630,82 @@ const CASES: Case[] = [
       assert.equal(thrown, failing, `expected the source's own error, got ${thrown}`);
       assert.deepEqual((await exec(conn, `SELECT count(*)::int AS n FROM ${t}`)).rows, [{ n: 0 }]);
       assert.equal(conn.closed, false);
+    },
+  },
+
+  {
+    name: "copyOut() yields COPY text of the rows and returns the row count",
+    async run(conn, target) {
+      const t = target.table("copied_out");
+      await exec(conn, `CREATE TABLE ${t} (id int, v text)`);
+      await exec(conn, `INSERT INTO ${t} VALUES (1, E'tab\\there'), (2, NULL), (3, 'é 😀')`);
+      const out = conn.copyOut(`COPY ${t} (id, v) TO STDOUT`);
+      const bytes: Uint8Array[] = [];
+      let next = await out.next();
+      for (; !next.done; next = await out.next()) bytes.push(next.value);
+      const text = new TextDecoder().decode(concat(bytes));
+      assert.equal(text, "1\ttab\\there\n2\t\\N\n3\té 😀\n");
+      assert.equal(next.value, 3, "the generator returns the number of rows copied");
+      const csv = await collect(conn.copyOut(`COPY (SELECT 'a,b' AS x) TO STDOUT (FORMAT csv)`));
+      assert.equal(csv, '"a,b"\n');
+      // Read to its end, a COPY larger than the client's buffers leaves the session ready
+      // for its next statement.
+      let size = 0;
+      for await (
+        const chunk of conn.copyOut(
+          "COPY (SELECT g, repeat('x', 100) FROM generate_series(1, 100000) g) TO STDOUT",
+        )
+      ) size += chunk.length;
+      assert.ok(size > 10_000_000, `${size} bytes`);
+      const after = await settlesWithin(
+        exec(conn, "SELECT 'next' AS x"),
+        5000,
+        "the next statement",
+      );
+      assert.deepEqual(after.rows, [{ x: "next" }]);
+    },
+  },
+
+  {
+    name: "copyOut() left early stops the COPY; the session runs its next statement",
+    async run(conn, target) {
+      // PGlite makes the whole output first (and slowly): fewer rows there.
+      const rows = target.kind === "network" ? 200_000 : 20_000;
+      for await (
+        const _ of conn.copyOut(
+          `COPY (SELECT g, repeat('x', 100) FROM generate_series(1, ${rows}) a(g)) TO STDOUT`,
+        )
+      ) break;
+      assert.equal(conn.closed, false);
+      assert.deepEqual((await exec(conn, "SELECT 'next' AS x")).rows, [{ x: "next" }]);
+      assert.equal(await collect(conn.copyOut("COPY (SELECT 1) TO STDOUT")), "1\n");
+      const controller = new AbortController();
+      const reason = new Error("stop");
+      await assert.rejects(async () => {
+        for await (
+          const _ of conn.copyOut(
+            `COPY (SELECT g FROM generate_series(1, ${rows}) a(g)) TO STDOUT`,
+            controller.signal,
+          )
+        ) controller.abort(reason);
+      }, (error) => error === reason);
+      assert.deepEqual((await exec(conn, "SELECT 'after abort' AS x")).rows, [{
+        x: "after abort",
+      }]);
+    },
+  },
+
+  {
+    name: "copyOut() throws a server error from the iterator; the session goes on",
+    async run(conn) {
+      const error = await rejection(
+        collect(conn.copyOut("COPY (SELECT 1 / (g - 3) FROM generate_series(1, 5) g) TO STDOUT")),
+      );
+      assert.equal(error.sqlstate, "22012");
+      const missing = await rejection(collect(conn.copyOut("COPY no_such_table TO STDOUT")));
+      assert.equal(missing.sqlstate, "42P01");
+      assert.equal(conn.closed, false);
+      assert.deepEqual((await exec(conn, "SELECT 1 AS x")).rows, [{ x: 1 }]);
     },
   },
 
