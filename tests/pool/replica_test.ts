@@ -397,6 +397,9 @@ Deno.test({
               const replica = statsOf(pool).replicas[0];
               assert.ok(replica.lagMs !== null && replica.lagMs <= 500, `lagMs ${replica.lagMs}`);
             },
+            // A loaded host can leave the replica over 500 ms behind when the pool opens; the
+            // step waits for reads to reach it instead.
+            false,
           );
         },
       );
