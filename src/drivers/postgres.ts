@@ -9,6 +9,7 @@
 
 import type { Buffer } from "node:buffer";
 import type { Readable } from "node:stream";
+import { Socket } from "node:net";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import postgres from "postgres";
 import type { ResolvedConfig, ResolvedSsl } from "../config.ts";
@@ -85,6 +86,8 @@ function connectionOptions(config: ResolvedConfig): postgres.Options<Record<stri
     ssl: tlsOptions(config.ssl, config.host) as postgres.Options<Record<string, never>>["ssl"],
     connection: config.serverSettings as postgres.Options<Record<string, never>>["connection"],
     onnotice: () => {},
+    // A host with a slash is a Unix socket folder, where Nagle's algorithm does not apply.
+    ...(config.host.includes("/") ? {} : { socket: () => noDelaySocket(config.host, config.port) }),
     types: {
       bytea: {
         to: 17,
@@ -95,6 +98,22 @@ function connectionOptions(config: ResolvedConfig): postgres.Options<Record<stri
     } as unknown as Record<string, never>,
   };
   return options;
+}
+
+/**
+ * A TCP socket to `host:port` with Nagle's algorithm off, connecting (postgres.js queues its
+ * first writes until it is connected, and puts TLS on top itself). postgres.js writes a
+ * COPY's data and its CopyDone, and statements sent while others are in flight, as separate
+ * small writes: with Nagle on, such a write waits for the server to acknowledge the one
+ * before it, which Linux delays by up to 40 ms. Measured in one run: 10 COPYs of 5,000 rows
+ * took 422–481 ms with Nagle and 37–39 ms without; 200 two-statement transactions 124–190 ms
+ * and 60–85 ms. postgres.js takes such a socket only ready-made, through its `socket` option.
+ */
+function noDelaySocket(host: string, port: number): Socket {
+  const socket = new Socket();
+  socket.setNoDelay(true);
+  socket.connect(port, host);
+  return socket;
 }
 
 /**
