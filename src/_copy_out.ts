@@ -9,6 +9,8 @@
  * @module
  */
 
+import { codeOnly, PARAMETER } from "./_sql.ts";
+
 /** Options of `copyFromQuery()`. */
 export interface CopyQueryOptions {
   /**
@@ -90,117 +92,26 @@ export function quoteParametersSql(count: number): string {
 
 /**
  * Replaces every `$n` placeholder of `sql` with ` literals[n-1] ` (spaced, so that it joins
- * no neighbouring token), skipping strings (`'…'`, `E'…'`), quoted names, `--` and `/* *\/`
- * comments and dollar-quoted bodies.
+ * no neighbouring token); placeholders inside strings, quoted names, comments and
+ * dollar-quoted bodies are text, not placeholders ({@link codeOnly}).
  *
  * @throws {RangeError} When a placeholder has no value.
  */
 export function inlineParameters(sql: string, literals: readonly string[]): string {
   let out = "";
   let copied = 0;
-  let i = 0;
-  while (i < sql.length) {
-    const c = sql[i];
-    if (c === "'") {
-      i = stringEnd(sql, i, isEscapeString(sql, i));
-    } else if (c === '"') {
-      i = quotedEnd(sql, i);
-    } else if (c === "-" && sql[i + 1] === "-") {
-      const end = sql.indexOf("\n", i);
-      i = end < 0 ? sql.length : end + 1;
-    } else if (c === "/" && sql[i + 1] === "*") {
-      i = commentEnd(sql, i);
-    } else if (c === "$" && !isIdentifierPart(sql[i - 1])) {
-      PLACEHOLDER.lastIndex = i;
-      const placeholder = PLACEHOLDER.exec(sql);
-      if (placeholder !== null) {
-        const n = Number(placeholder[1]);
-        if (n < 1 || n > literals.length) {
-          throw new RangeError(
-            `Cannot copy out: the query uses $${placeholder[1]} but ${literals.length} ` +
-              "parameter(s) were given; pass one value for each $n",
-          );
-        }
-        out += sql.slice(copied, i) + ` ${literals[n - 1]} `;
-        i += placeholder[0].length;
-        copied = i;
-        continue;
-      }
-      DOLLAR_TAG.lastIndex = i;
-      const tag = DOLLAR_TAG.exec(sql);
-      if (tag !== null) {
-        const end = sql.indexOf(tag[0], i + tag[0].length);
-        i = end < 0 ? sql.length : end + tag[0].length;
-      } else {
-        i++;
-      }
-    } else {
-      i++;
+  for (const placeholder of codeOnly(sql).matchAll(PARAMETER)) {
+    const n = Number(placeholder[1]);
+    if (n < 1 || n > literals.length) {
+      throw new RangeError(
+        `Cannot copy out: the query uses $${placeholder[1]} but ${literals.length} ` +
+          "parameter(s) were given; pass one value for each $n",
+      );
     }
+    out += sql.slice(copied, placeholder.index) + ` ${literals[n - 1]} `;
+    copied = placeholder.index + placeholder[0].length;
   }
   return out + sql.slice(copied);
-}
-
-const PLACEHOLDER = /\$(\d+)/y;
-const DOLLAR_TAG = /\$(?:[A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$/y;
-const IDENTIFIER_PART = /[A-Za-z0-9_$\u0080-\uffff]/;
-
-function isIdentifierPart(c: string | undefined): boolean {
-  return c !== undefined && IDENTIFIER_PART.test(c);
-}
-
-/** `E'…'` (or `e'…'`) not preceded by a letter of a longer name: backslashes escape there. */
-function isEscapeString(sql: string, quote: number): boolean {
-  return (sql[quote - 1] === "E" || sql[quote - 1] === "e") && !isIdentifierPart(sql[quote - 2]);
-}
-
-/** The index just past the string literal opening at `start` (`''` is a quote in it). */
-function stringEnd(sql: string, start: number, escapes: boolean): number {
-  let i = start + 1;
-  while (i < sql.length) {
-    if (escapes && sql[i] === "\\") {
-      i += 2;
-    } else if (sql[i] === "'") {
-      if (sql[i + 1] !== "'") return i + 1;
-      i += 2;
-    } else {
-      i++;
-    }
-  }
-  return i;
-}
-
-/** The index just past the quoted name opening at `start` (`""` is a quote in it). */
-function quotedEnd(sql: string, start: number): number {
-  let i = start + 1;
-  while (i < sql.length) {
-    if (sql[i] === '"') {
-      if (sql[i + 1] !== '"') return i + 1;
-      i += 2;
-    } else {
-      i++;
-    }
-  }
-  return i;
-}
-
-/** The index just past the (nested) block comment opening at `start`. */
-function commentEnd(sql: string, start: number): number {
-  let depth = 0;
-  let i = start;
-  while (i < sql.length) {
-    if (sql[i] === "/" && sql[i + 1] === "*") {
-      depth++;
-      i += 2;
-    } else if (sql[i] === "*" && sql[i + 1] === "/") {
-      depth--;
-      i += 2;
-      if (depth === 0) return i;
-    } else {
-      i++;
-    }
-  }
-  return i;
 }
 
 /** A string literal that reads the same whatever `standard_conforming_strings` is. */

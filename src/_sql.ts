@@ -572,7 +572,8 @@ export function isCopyFromStdin(sql: string): boolean {
   return COPY_FROM_STDIN.test(sql);
 }
 
-const PARAMETER = /(?<![A-Za-z0-9_$\u0080-\uffff])\$([0-9]+)/g;
+/** A `$n` placeholder (not the tail of a name such as `a$1`); search {@link codeOnly}'s text. */
+export const PARAMETER = /(?<![A-Za-z0-9_$\u0080-\uffff])\$([0-9]+)/g;
 
 /**
  * The SQL with every single-quoted string (`'…'`, `E'…'`), double-quoted identifier,

@@ -485,14 +485,7 @@ export class ConnectionPool implements Pool {
 
   /** Streams COPY text on a leased slot. */
   async copyIn(slot: Slot, sql: string, chunks: AsyncIterable<string>): Promise<number> {
-    const entry: InFlight = {
-      running: { result: Promise.resolve(EMPTY), cancel: () => Promise.resolve() },
-      sql,
-      deadline: Infinity,
-      slow: true,
-      start: performance.now(),
-      exposed: false,
-    };
+    const entry = copyEntry(sql);
     slot.running.add(entry);
     try {
       return await slot.conn.copyIn(sql, chunks);
@@ -507,14 +500,7 @@ export class ConnectionPool implements Pool {
     sql: string,
     signal: AbortSignal | undefined,
   ): AsyncGenerator<Uint8Array, number> {
-    const entry: InFlight = {
-      running: { result: Promise.resolve(EMPTY), cancel: () => Promise.resolve() },
-      sql,
-      deadline: Infinity,
-      slow: true,
-      start: performance.now(),
-      exposed: false,
-    };
+    const entry = copyEntry(sql);
     slot.running.add(entry);
     try {
       return yield* slot.conn.copyOut(sql, signal);
@@ -943,4 +929,19 @@ function releasedError(): PoolError {
     "Cannot use this connection: its transaction or acquire() callback has already finished; " +
       "run queries only inside the callback",
   );
+}
+
+/**
+ * A COPY's entry among a leased slot's statements in flight: no driver statement to cancel
+ * (the COPY ends with its stream) and no deadline of the pool's tick.
+ */
+function copyEntry(sql: string): InFlight {
+  return {
+    running: { result: Promise.resolve(EMPTY), cancel: () => Promise.resolve() },
+    sql,
+    deadline: Infinity,
+    slow: true,
+    start: performance.now(),
+    exposed: false,
+  };
 }
