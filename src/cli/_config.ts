@@ -381,7 +381,12 @@ export function maskUrl(url: string): string {
   return maskPasswords(url, "****");
 }
 
-function parseNetworkUrl(url: string, what: string): URL {
+/**
+ * Parses a `postgres://` URL of a server.
+ *
+ * @throws {UsageError} Naming what could not be done (`what`) when the URL is not one.
+ */
+export function parseNetworkUrl(url: string, what: string): URL {
   let parsed: URL | undefined;
   try {
     parsed = new URL(url);

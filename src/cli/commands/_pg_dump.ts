@@ -6,7 +6,6 @@
  */
 
 import type { ParsedCommand } from "../_args.ts";
-import { UsageError } from "../_args.ts";
 import {
   type CliContext,
   CommandFailure,
@@ -14,7 +13,7 @@ import {
   flagValue,
   readConfig,
 } from "../_context.ts";
-import { maskUrl } from "../_config.ts";
+import { maskUrl, parseNetworkUrl } from "../_config.ts";
 import { checkName } from "./db.ts";
 
 /** What to install when `pg_dump` is missing. */
@@ -24,18 +23,7 @@ const INSTALL_HINT = "Install PostgreSQL's client tools, of the server's major v
 
 /** The URL without its password, and the password (for `PGPASSWORD`). */
 function splitPassword(url: string): { url: string; password?: string } {
-  let parsed: URL | undefined;
-  try {
-    parsed = new URL(url);
-  } catch {
-    parsed = undefined;
-  }
-  if (parsed === undefined || !/^postgres(ql)?:$/.test(parsed.protocol)) {
-    throw new UsageError(
-      `Cannot dump ${maskUrl(url)}: 'schema dump' runs pg_dump, which needs a postgres:// URL ` +
-        "of a server (the embedded engine has no pg_dump)",
-    );
-  }
+  const parsed = parseNetworkUrl(url, "run pg_dump (the embedded engine has none)");
   const password = parsed.password !== ""
     ? decodeURIComponent(parsed.password)
     : parsed.searchParams.get("password") ?? undefined;
