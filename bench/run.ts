@@ -144,7 +144,11 @@ function named(text: string, values: unknown[]): pg.QueryConfig {
   return { name, text, values };
 }
 
-/** Runs `fn` with a pgdbm pool of `max` connections, opened and closed outside the timing. */
+/**
+ * Runs `fn` twice on a pgdbm pool of `max` connections, timing the second run. Each JS
+ * candidate gets what `peers.py` gives asyncpg (`min_size = max_size`, one untimed run):
+ * connections opened and code warmed outside the timing.
+ */
 async function withPgdbm(
   max: number,
   fn: (db: DatabaseManager) => Promise<unknown>,
@@ -152,26 +156,28 @@ async function withPgdbm(
   const pool = await createSharedPool({ connectionString: url, maxConnections: max });
   try {
     const db = new DatabaseManager({ pool });
-    await db.fetchValue("SELECT 1");
+    await fn(db);
     return await timed(() => fn(db));
   } finally {
     await pool.close();
   }
 }
 
+/** The same with raw postgres.js. */
 async function withPostgresJs(
   max: number,
   fn: (sql: postgres.Sql) => Promise<unknown>,
 ): Promise<number> {
   const sql = postgres(url, { max, onnotice: () => {} });
   try {
-    await sql`SELECT 1`;
+    await fn(sql);
     return await timed(() => fn(sql));
   } finally {
     await sql.end();
   }
 }
 
+/** The same with a node-postgres pool. */
 async function withNodePostgres(
   max: number,
   fn: (pool: pg.Pool) => Promise<unknown>,
@@ -179,7 +185,7 @@ async function withNodePostgres(
   const pool = new pg.Pool({ connectionString: url, max });
   pool.on("error", () => {});
   try {
-    await pool.query("SELECT 1");
+    await fn(pool);
     return await timed(() => fn(pool));
   } finally {
     await pool.end();
