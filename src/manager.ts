@@ -17,7 +17,7 @@ import {
 } from "./pool/pool.ts";
 import { Queries, type Reporter, type Runner } from "./queries.ts";
 import type { ListenOptions, NotificationHandler, Subscription } from "./listen.ts";
-import { cursorRows, type CursorSession, type StreamOptions } from "./stream.ts";
+import { cursorBatches, type CursorSession, type StreamOptions } from "./stream.ts";
 import { assertIdentifier, quoteIdentifier } from "./template.ts";
 import { Connection, LeaseRunner, runTransaction, type Transaction } from "./transaction.ts";
 
@@ -421,7 +421,7 @@ class PoolRunner implements Runner {
     params: readonly unknown[],
     options: StreamOptions | undefined,
     report: Reporter,
-  ): AsyncGenerator<Row> {
+  ): AsyncGenerator<Row[]> {
     const lease = await requirePool(this.#holder).lease();
     const session: CursorSession = {
       run: (text, values, runOptions) =>
@@ -430,7 +430,7 @@ class PoolRunner implements Runner {
       cursorName: "pgdbm_cursor_1",
     };
     try {
-      yield* cursorRows(session, sql, params, options);
+      yield* cursorBatches(session, sql, params, options);
     } finally {
       lease.release(session.broken === true);
     }

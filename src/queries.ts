@@ -22,7 +22,7 @@ import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult, Row } from "./drivers/driver.ts";
 import { QueryError, SchemaError, ValidationError } from "./errors.ts";
 import type { QueryOptions } from "./pool/pool.ts";
-import type { StreamOptions } from "./stream.ts";
+import { BatchRows, type StreamOptions } from "./stream.ts";
 import type { InferOutput, StandardSchemaV1 } from "./standard_schema.ts";
 import { assertIdentifier, expandTemplate, quoteIdentifier } from "./template.ts";
 import { assertChannel } from "./listen.ts";
@@ -76,15 +76,15 @@ export interface Runner {
   /** Streams COPY text. */
   copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
   /**
-   * Yields the rows of a query from a server-side cursor on one connection, sending each
-   * statement of the cursor through `report`.
+   * Yields the rows of a query in batches from a server-side cursor on one connection,
+   * sending each statement of the cursor through `report`.
    */
   stream(
     sql: string,
     params: readonly unknown[],
     options: StreamOptions | undefined,
     report: Reporter,
-  ): AsyncGenerator<Row>;
+  ): AsyncGenerator<Row[]>;
   /** Yields the output of a `COPY … TO STDOUT` on one connection; returns its row count. */
   copyOut(sql: string, signal: AbortSignal | undefined): AsyncGenerator<Uint8Array, number>;
 }
@@ -360,7 +360,8 @@ export abstract class Queries {
   stream<T = Row>(sql: string | TemplateStringsArray, ...rest: unknown[]): AsyncIterable<T> {
     const call = callOf<StreamOptions>(sql, rest);
     const text = this.prepareQuery(call.sql);
-    return this.#runner.stream(text, call.params, call.options, this.#report) as AsyncIterable<T>;
+    const batches = this.#runner.stream(text, call.params, call.options, this.#report);
+    return new BatchRows<T>(batches, call.options?.signal);
   }
 
   /**

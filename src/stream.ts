@@ -40,16 +40,17 @@ export interface CursorSession {
 }
 
 /**
- * Yields the rows of `sql` from a cursor on `session`, `batchSize` at a time.
+ * Yields the rows of `sql` from a cursor on `session` in batches of up to `batchSize` (never
+ * an empty one); {@link BatchRows} hands them out one at a time.
  *
  * @throws {RangeError} When `batchSize` is not a positive integer.
  */
-export async function* cursorRows(
+export async function* cursorBatches(
   session: CursorSession,
   sql: string,
   params: readonly unknown[],
   options: StreamOptions | undefined,
-): AsyncGenerator<Row> {
+): AsyncGenerator<Row[]> {
   const batchSize = options?.batchSize ?? DEFAULT_BATCH_SIZE;
   if (!Number.isSafeInteger(batchSize) || batchSize < 1) {
     throw new RangeError(
@@ -71,7 +72,7 @@ export async function* cursorRows(
     while (true) {
       signal?.throwIfAborted();
       const { rows } = await run(`FETCH FORWARD ${batchSize} FROM ${name}`);
-      for (const row of rows) yield row;
+      if (rows.length > 0) yield rows;
       if (rows.length < batchSize) break;
     }
     await run(`CLOSE ${name}`);
@@ -90,5 +91,62 @@ export async function* cursorRows(
         });
       }
     }
+  }
+}
+
+/**
+ * The rows of a cursor's batches, one per `next()`. An async generator yielding each row
+ * costs several promise turns per row (and one more per `yield*` layer): this hands out a
+ * fetched batch's rows as resolved promises, so streaming runs at `fetchAll`'s pace, and
+ * drops each batch once it is read. Leaving the loop (`return()`) or an aborted `signal`
+ * ends the batches' generator, which closes the cursor.
+ */
+export class BatchRows<T = Row> implements AsyncIterableIterator<T> {
+  readonly #batches: AsyncGenerator<Row[]>;
+  readonly #signal: AbortSignal | undefined;
+  #batch: Row[] = [];
+  #index = 0;
+
+  /**
+   * @param batches The cursor's batches.
+   * @param signal Aborting ends the rows with `signal.reason`.
+   */
+  constructor(batches: AsyncGenerator<Row[]>, signal: AbortSignal | undefined) {
+    this.#batches = batches;
+    this.#signal = signal;
+  }
+
+  /** This iterator. */
+  [Symbol.asyncIterator](): this {
+    return this;
+  }
+
+  /** The next row, from the batch at hand or from the next batch. */
+  next(): Promise<IteratorResult<T>> {
+    if (this.#index < this.#batch.length && this.#signal?.aborted !== true) {
+      return Promise.resolve({ value: this.#batch[this.#index++] as T, done: false });
+    }
+    return this.#nextBatch();
+  }
+
+  /** Ends the rows early: closes the cursor and frees its connection. */
+  async return(): Promise<IteratorResult<T>> {
+    this.#batch = [];
+    await this.#batches.return(undefined);
+    return { value: undefined, done: true };
+  }
+
+  async #nextBatch(): Promise<IteratorResult<T>> {
+    this.#batch = [];
+    this.#index = 0;
+    if (this.#signal?.aborted === true) {
+      await this.#batches.return(undefined);
+      throw this.#signal.reason;
+    }
+    const next = await this.#batches.next();
+    if (next.done === true) return { value: undefined, done: true };
+    this.#batch = next.value;
+    this.#index = 1;
+    return { value: next.value[0] as T, done: false };
   }
 }

@@ -13,7 +13,7 @@ import { mayBeginTransaction } from "./_sql.ts";
 import { chunkSizes, plainInsert, TARGET_CHECK_SQL } from "./_batch_values.ts";
 import type { Lease, QueryOptions } from "./pool/pool.ts";
 import { abortedCommitError, Queries, type Reporter, type Runner } from "./queries.ts";
-import { cursorRows, type CursorSession, type StreamOptions } from "./stream.ts";
+import { cursorBatches, type CursorSession, type StreamOptions } from "./stream.ts";
 
 /** Runs SQL on one leased connection until it is closed (the callback returned). */
 export class LeaseRunner implements Runner {
@@ -92,7 +92,7 @@ export class LeaseRunner implements Runner {
     params: readonly unknown[],
     options: StreamOptions | undefined,
     report: Reporter,
-  ): AsyncGenerator<Row> {
+  ): AsyncGenerator<Row[]> {
     if (!this.#open) throw finishedError();
     const session: CursorSession = {
       run: (text, values, runOptions) =>
@@ -101,7 +101,7 @@ export class LeaseRunner implements Runner {
       cursorName: `pgdbm_cursor_${++this.#cursors.open}`,
     };
     try {
-      yield* cursorRows(session, sql, params, options);
+      yield* cursorBatches(session, sql, params, options);
     } finally {
       this.#cursors.open--;
       if (session.broken === true) this.#lease.release(true);
