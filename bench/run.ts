@@ -145,51 +145,52 @@ function named(text: string, values: unknown[]): pg.QueryConfig {
 }
 
 /**
- * Runs `fn` twice on a pgdbm pool of `max` connections, timing the second run. Each JS
- * candidate gets what `peers.py` gives asyncpg (`min_size = max_size`, one untimed run):
- * connections opened and code warmed outside the timing.
+ * Runs `fn` twice on a client from `open`, timing the second run, and closes the client.
+ * Each JS candidate gets what `peers.py` gives asyncpg (`min_size = max_size`, one untimed
+ * run): connections opened and code warmed outside the timing.
  */
-async function withPgdbm(
-  max: number,
-  fn: (db: DatabaseManager) => Promise<unknown>,
+async function secondRun<C>(
+  open: () => Promise<C> | C,
+  close: (client: C) => Promise<unknown>,
+  fn: (client: C) => Promise<unknown>,
 ): Promise<number> {
-  const pool = await createSharedPool({ connectionString: url, maxConnections: max });
+  const client = await open();
   try {
-    const db = new DatabaseManager({ pool });
-    await fn(db);
-    return await timed(() => fn(db));
+    await fn(client);
+    return await timed(() => fn(client));
   } finally {
-    await pool.close();
+    await close(client);
   }
 }
 
-/** The same with raw postgres.js. */
-async function withPostgresJs(
-  max: number,
-  fn: (sql: postgres.Sql) => Promise<unknown>,
-): Promise<number> {
-  const sql = postgres(url, { max, onnotice: () => {} });
-  try {
-    await fn(sql);
-    return await timed(() => fn(sql));
-  } finally {
-    await sql.end();
-  }
+/** {@link secondRun} on a pgdbm pool of `max` connections. */
+function withPgdbm(max: number, fn: (db: DatabaseManager) => Promise<unknown>): Promise<number> {
+  return secondRun(
+    async () =>
+      new DatabaseManager({
+        pool: await createSharedPool({ connectionString: url, maxConnections: max }),
+      }),
+    (db) => db.pool.close(),
+    fn,
+  );
 }
 
-/** The same with a node-postgres pool. */
-async function withNodePostgres(
-  max: number,
-  fn: (pool: pg.Pool) => Promise<unknown>,
-): Promise<number> {
-  const pool = new pg.Pool({ connectionString: url, max });
-  pool.on("error", () => {});
-  try {
-    await fn(pool);
-    return await timed(() => fn(pool));
-  } finally {
-    await pool.end();
-  }
+/** {@link secondRun} on raw postgres.js with `max` connections. */
+function withPostgresJs(max: number, fn: (sql: postgres.Sql) => Promise<unknown>): Promise<number> {
+  return secondRun(() => postgres(url, { max, onnotice: () => {} }), (sql) => sql.end(), fn);
+}
+
+/** {@link secondRun} on a node-postgres pool of `max` connections. */
+function withNodePostgres(max: number, fn: (pool: pg.Pool) => Promise<unknown>): Promise<number> {
+  return secondRun(
+    () => {
+      const pool = new pg.Pool({ connectionString: url, max });
+      pool.on("error", () => {});
+      return pool;
+    },
+    (pool) => pool.end(),
+    fn,
+  );
 }
 
 // Warm pools shared by the workloads that measure steady state (10 connections each).
