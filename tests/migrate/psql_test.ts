@@ -453,9 +453,17 @@ serverTest("applyPending({ signal }) stops a long COPY data block and rolls it b
       { length: 400_000 },
       (_, i) => `${i}\tsome text to make the row longer`,
     );
+    // The COPY stalls at row 1,000 while public.stall has a row, so the abort lands inside
+    // it however fast the server copies; the rerun below finds the table empty.
+    await db.execute(
+      "CREATE TABLE public.stall (x int); INSERT INTO public.stall VALUES (1);\n" +
+        "CREATE FUNCTION public.stall() RETURNS boolean LANGUAGE sql AS " +
+        "$$ SELECT true FROM pg_sleep((SELECT 3 * count(*) FROM public.stall)) $$",
+    );
     const migrator = new Migrator(db, {
       migrations: {
-        "001_big.sql": "CREATE TABLE public.big (id int, body text);\n" +
+        "001_big.sql":
+          "CREATE TABLE public.big (id int CHECK (id <> 1000 OR public.stall()), body text);\n" +
           "COPY public.big (id, body) FROM stdin;\n" + rows.join("\n") + "\n\\.\n",
       },
       moduleName: "m",
@@ -485,6 +493,7 @@ serverTest("applyPending({ signal }) stops a long COPY data block and rolls it b
       return true;
     });
     await watcher;
+    await db.execute("DELETE FROM public.stall");
     assert.equal(await db.tableExists("public.big"), false);
     assert.deepEqual(await migrator.getApplied(), []);
     // The lock was released: the next run applies the file.
