@@ -374,6 +374,22 @@ const RESUME = "Resume with the same command: schemas already up to date are ski
   "query each) and the others are migrated from where they stopped.";
 
 /**
+ * The pool a fleet runs on: a connection per schema in progress and one to list the schemas,
+ * with prepared statements unless the module's lock is meant for a transaction pooler.
+ */
+function openFleetPool(
+  context: CliContext,
+  target: ResolvedUrl,
+  module: CliModule,
+  concurrency: number,
+): ReturnType<typeof openPool> {
+  return openPool(context, target.url, {
+    prepare: module.lock !== "transaction",
+    maxConnections: concurrency + 1,
+  });
+}
+
+/**
  * `migrate apply` on a fleet: `module` in every schema `selection` names, `--concurrency`
  * at a time, with a progress bar on a terminal and a summary table.
  */
@@ -386,10 +402,7 @@ export async function applyFleet(
 ): Promise<number> {
   const dryRun = hasFlag(input, "dry-run");
   const concurrency = concurrencyOf(input);
-  const pool = await openPool(context, target.url, {
-    prepare: module.lock !== "transaction",
-    maxConnections: concurrency + 1,
-  });
+  const pool = await openFleetPool(context, target, module, concurrency);
   let result: FleetResult;
   try {
     const schemas = await resolveSchemas(context, new DatabaseManager({ pool }), selection);
@@ -511,10 +524,7 @@ export async function statusFleet(
   selection: Selection,
 ): Promise<number> {
   const concurrency = concurrencyOf(input);
-  const pool = await openPool(context, target.url, {
-    prepare: module.lock !== "transaction",
-    maxConnections: concurrency + 1,
-  });
+  const pool = await openFleetPool(context, target, module, concurrency);
   let report: FleetStatusReport;
   try {
     const schemas = await resolveSchemas(context, new DatabaseManager({ pool }), selection);
