@@ -387,9 +387,9 @@ class BegunLease implements Lease {
     return begun.then(() => result);
   }
 
-  async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
+  async copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number> {
     await this.#begun;
-    return await this.#lease.copyIn(sql, chunks);
+    return await this.#lease.copyIn(sql, chunks, signal);
   }
 
   async *copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number> {

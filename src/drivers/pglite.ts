@@ -348,8 +348,9 @@ class PgliteConnection implements DriverConnection {
     return { result: promise, cancel };
   }
 
-  async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
+  async copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number> {
     if (this.#closed) throw sessionClosedError(sql, []);
+    signal?.throwIfAborted();
     if (!isCopyFromStdin(sql)) {
       throw new TypeError(
         `Cannot run COPY: 'sql' must be "COPY <table> [(<columns>)] FROM STDIN …"; got "${sql}"`,
@@ -361,7 +362,11 @@ class PgliteConnection implements DriverConnection {
       async (pg) => {
         const parts: string[] = [];
         try {
-          for await (const chunk of chunks) parts.push(chunk);
+          for await (const chunk of chunks) {
+            signal?.throwIfAborted();
+            parts.push(chunk);
+          }
+          signal?.throwIfAborted();
         } catch (error) {
           sourceError = { error };
           throw error;

@@ -8,7 +8,7 @@
  */
 
 import type { Buffer } from "node:buffer";
-import type { Readable } from "node:stream";
+import type { Readable, Writable } from "node:stream";
 import { Socket } from "node:net";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import postgres from "postgres";
@@ -222,45 +222,63 @@ class PostgresConnection implements DriverConnection {
     return (bound ?? params) as postgres.ParameterOrJSON<never>[];
   }
 
-  async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
+  async copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number> {
     if (this.#closed) return closedQuery(sql, []).result.then(() => 0);
+    signal?.throwIfAborted();
     const query = this.#sql.unsafe(sql) as CopyQuery;
-    const { count, failed } = watchCopy(query);
+    const copy = watchCopy(query);
+    const { count, failed } = copy;
+    const cancel = copyCanceller(query, copy);
+    const aborted = abortion(signal);
+    let stream: Writable | undefined;
+    let source: AsyncIterator<string> | undefined;
     try {
-      const stream = await query.writable();
+      stream = await Promise.race([query.writable(), aborted.promise]);
       const finished = new Promise<void>((resolve, reject) => {
-        stream.once("finish", resolve);
-        stream.once("error", reject);
+        stream!.once("finish", resolve);
+        stream!.once("error", reject);
       });
       finished.catch(() => {});
-      const source = chunks[Symbol.asyncIterator]();
+      source = chunks[Symbol.asyncIterator]();
       while (true) {
         let next: IteratorResult<string>;
         try {
-          next = await source.next();
+          next = await Promise.race([source.next(), aborted.promise]);
         } catch (error) {
+          if (error === ABORTED) throw error;
           // The caller's own records failed: end the COPY (the server rolls it back) and
-          // hand the caller its own error.
+          // hand the caller its own error once the session is ready for its next statement.
           stream.destroy(error instanceof Error ? error : new Error(String(error)));
-          await Promise.race([finished, failed]).catch(() => {});
+          await this.#stopCopy(copy, cancel, undefined);
           throw new CopySourceError(error);
         }
         if (next.done) break;
         if (!stream.write(next.value)) {
           await Promise.race([
-            new Promise<void>((resolve) => stream.once("drain", resolve)),
+            new Promise<void>((resolve) => stream!.once("drain", resolve)),
             finished,
             failed,
+            aborted.promise,
           ]);
         }
       }
       stream.end();
-      await Promise.race([finished, failed]);
-      return await Promise.race([count, failed]);
+      await Promise.race([finished, failed, aborted.promise]);
+      return await Promise.race([count, failed, aborted.promise]);
     } catch (error) {
+      if (error === ABORTED) {
+        // The server reads the COPY's end only after the row it is busy with (a lock wait,
+        // a slow trigger): a cancel request goes with it.
+        stream?.destroy(new Error("the COPY was aborted"));
+        source?.return?.().catch(() => {});
+        await this.#stopCopy(copy, cancel, undefined);
+        throw signal!.reason;
+      }
       if (error instanceof CopySourceError) throw error.error;
       if (error instanceof RangeError || error instanceof TypeError) throw error;
       throw this.toQueryError(error, sql, []);
+    } finally {
+      aborted.dispose();
     }
   }
 
@@ -275,15 +293,7 @@ class PostgresConnection implements DriverConnection {
     signal?.throwIfAborted();
     const query = this.#sql.unsafe(sql) as CopyQuery;
     const copy = watchCopy(query);
-    let cancelled: Promise<void> | undefined;
-    const send = takeCanceller(query);
-    const cancel = () =>
-      cancelled ??= copy.over || send === undefined ? Promise.resolve() : (() => {
-        // postgres.js marks the query inactive once it resolved with its stream, and would
-        // hold a cancel for an inactive query until its turn, which has come already.
-        (query as unknown as QueryInternals).active = true;
-        return send();
-      })();
+    const cancel = copyCanceller(query, copy);
     const onAbort = () => void cancel();
     signal?.addEventListener("abort", onAbort, { once: true });
     let reader: CopyOutReader | undefined;
@@ -305,7 +315,10 @@ class PostgresConnection implements DriverConnection {
     }
   }
 
-  /** Cancels a COPY out and reads its rest; ends the session when it does not finish in time. */
+  /**
+   * Cancels a COPY and reads the rest of a COPY out; ends the session when the COPY does not
+   * finish in time.
+   */
   async #stopCopy(
     copy: CopyWatch,
     cancel: () => Promise<void>,
@@ -559,6 +572,39 @@ function watchCopy(query: CopyQuery): CopyWatch {
     reject(error);
   };
   return watch;
+}
+
+/** What {@link abortion} rejects with when its signal aborts. */
+const ABORTED = Symbol("aborted");
+
+/**
+ * A promise that rejects with {@link ABORTED} once `signal` aborts (and never settles
+ * otherwise), to race the steps of a COPY against; `dispose` removes its listener.
+ */
+function abortion(signal: AbortSignal | undefined): { promise: Promise<never>; dispose(): void } {
+  if (signal === undefined) return { promise: new Promise<never>(() => {}), dispose() {} };
+  let onAbort!: () => void;
+  const promise = new Promise<never>((_, reject) => {
+    onAbort = () => reject(ABORTED);
+    signal.addEventListener("abort", onAbort, { once: true });
+  });
+  promise.catch(() => {});
+  return { promise, dispose: () => signal.removeEventListener("abort", onAbort) };
+}
+
+/**
+ * Sends a COPY's cancel request, once, unless the COPY has ended. postgres.js marks a COPY
+ * query inactive once it resolved with its stream, and would hold a cancel for an inactive
+ * query until its turn, which has come already.
+ */
+function copyCanceller(query: CopyQuery, copy: CopyWatch): () => Promise<void> {
+  const send = takeCanceller(query);
+  let cancelled: Promise<void> | undefined;
+  return () =>
+    cancelled ??= copy.over || send === undefined ? Promise.resolve() : (() => {
+      (query as unknown as QueryInternals).active = true;
+      return send();
+    })();
 }
 
 /**

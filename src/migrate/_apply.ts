@@ -394,18 +394,25 @@ export class Applier {
   }
 }
 
-/** COPY on a leased connection, the data in chunks of 64 KiB. */
+/**
+ * COPY on a leased connection, the data in chunks of 64 KiB. An abort stops the COPY on the
+ * server, even while the server is busy on a row.
+ */
 function copier(lease: Lease): CopyIn {
-  return (sql, data, signal) =>
-    lease.copyIn(
-      sql,
-      (async function* () {
-        for (let i = 0; i < data.length; i += 65536) {
-          if (signal?.aborted) throw new RunAborted("statement", signal.reason);
-          yield data.slice(i, i + 65536);
-        }
-      })(),
-    );
+  return async (sql, data, signal) => {
+    try {
+      return await lease.copyIn(sql, chunksOf(data), signal);
+    } catch (error) {
+      if (signal?.aborted && error === signal.reason) {
+        throw new RunAborted("statement", signal.reason);
+      }
+      throw error;
+    }
+  };
+}
+
+async function* chunksOf(data: string): AsyncGenerator<string> {
+  for (let i = 0; i < data.length; i += 65536) yield data.slice(i, i + 65536);
 }
 
 /** Settings changed by `SET` in this session (not those sent when connecting). */

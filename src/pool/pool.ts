@@ -484,11 +484,16 @@ export class ConnectionPool implements Pool {
   }
 
   /** Streams COPY text on a leased slot. */
-  async copyIn(slot: Slot, sql: string, chunks: AsyncIterable<string>): Promise<number> {
+  async copyIn(
+    slot: Slot,
+    sql: string,
+    chunks: AsyncIterable<string>,
+    signal: AbortSignal | undefined,
+  ): Promise<number> {
     const entry = copyEntry(sql);
     slot.running.add(entry);
     try {
-      return await slot.conn.copyIn(sql, chunks);
+      return await slot.conn.copyIn(sql, chunks, signal);
     } finally {
       this.#settle(slot, entry);
     }
@@ -905,9 +910,9 @@ class SlotLease implements Lease {
     return this.#pool.run(this.#slot, sql, params, options);
   }
 
-  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
+  copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number> {
     if (this.#released) return Promise.reject(releasedError());
-    return this.#pool.copyIn(this.#slot, sql, chunks);
+    return this.#pool.copyIn(this.#slot, sql, chunks, signal);
   }
 
   async *copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number> {

@@ -98,8 +98,8 @@ export interface Lease {
   readonly pid: number;
   /** Runs a statement on the leased connection. */
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
-  /** Streams COPY text to the leased connection. */
-  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
+  /** Streams COPY text to the leased connection; aborting `signal` stops the COPY. */
+  copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number>;
   /** Yields the output of a `COPY … TO STDOUT` on the leased connection; returns its row count. */
   copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number>;
   /** Returns the connection; `discard` closes it instead (its state is unknown). */

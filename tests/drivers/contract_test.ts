@@ -634,6 +634,75 @@ const CASES: Case[] = [
   },
 
   {
+    name:
+      "copyIn() stopped by its source or its signal while the server is busy on a row ends at once",
+    skip: (target) =>
+      target.kind === "embedded"
+        ? "PGlite cannot interrupt a running statement (documented)"
+        : undefined,
+    async run(conn, target) {
+      const t = target.table("copy_busy");
+      await exec(conn, `CREATE TABLE ${t} (id int, v text)`);
+      // Row 2 keeps the server busy for 60 s: only a cancel request gets the COPY out sooner,
+      // since the server reads the COPY's end (CopyFail) only after the row.
+      await exec(
+        conn,
+        `CREATE FUNCTION ${t}_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.id = 2 THEN PERFORM pg_sleep(60); END IF; RETURN NEW; END $$`,
+      );
+      await exec(
+        conn,
+        `CREATE TRIGGER slow BEFORE INSERT ON ${t} FOR EACH ROW EXECUTE FUNCTION ${t}_slow()`,
+      );
+      const watcher = await target.driver.connect();
+      const serverSleeps = async () => {
+        while (true) {
+          const { rows } = await exec(
+            watcher,
+            "SELECT count(*)::int AS n FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'PgSleep'",
+            [conn.pid],
+          );
+          if (rows[0].n === 1) return;
+          await sleep(20);
+        }
+      };
+      try {
+        for (const stop of ["source", "signal"] as const) {
+          const failing = new Error(`the COPY was stopped by its ${stop}`);
+          const controller = new AbortController();
+          const copied = conn.copyIn(
+            `COPY ${t} (id, v) FROM STDIN`,
+            (async function* () {
+              yield "1\tone\n2\ttwo\n";
+              await serverSleeps();
+              if (stop === "source") throw failing;
+              controller.abort(failing);
+              // A source that would go on forever: the abort must not wait for it.
+              await new Promise(() => {});
+            })(),
+            controller.signal,
+          );
+          const thrown = await settlesWithin(
+            copied.then(() => undefined, (error: unknown) => error),
+            20_000,
+            `the COPY stopped by its ${stop} while row 2 slept 60 s`,
+          );
+          assert.equal(thrown, failing, `expected the ${stop}'s error, got ${thrown}`);
+          const { rows } = await settlesWithin(
+            exec(conn, `SELECT count(*)::int AS n FROM ${t}`),
+            20_000,
+            `the statement after the COPY stopped by its ${stop}`,
+          );
+          assert.deepEqual(rows, [{ n: 0 }]);
+        }
+      } finally {
+        await watcher.close();
+      }
+      assert.equal(conn.closed, false);
+    },
+  },
+
+  {
     name: "copyOut() yields COPY text of the rows and returns the row count",
     async run(conn, target) {
       const t = target.table("copied_out");

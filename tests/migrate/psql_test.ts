@@ -10,6 +10,7 @@ import { createSharedPool, type Pool } from "../../src/pool/pool.ts";
 import { createTestDatabase } from "../../src/testing/mod.ts";
 import { splitSqlStatements } from "../../src/_sql.ts";
 import { serverTest, TEST_URL } from "../_support/server.ts";
+import { settlesWithin } from "../_support/settle.ts";
 
 interface FreshDb {
   url: string;
@@ -501,3 +502,53 @@ serverTest("applyPending({ signal }) stops a long COPY data block and rolls it b
     assert.equal(await db.fetchValue("SELECT count(*)::int FROM public.big"), 400_000);
   });
 });
+
+serverTest(
+  "applyPending({ signal }) stops a COPY while the server is busy on one of its rows",
+  async () => {
+    await withDatabase(async ({ url, db }) => {
+      // Row 2 keeps the server busy for 60 s after the whole data block was sent: only a cancel
+      // request sent with the abort ends the COPY sooner.
+      await db.execute(
+        "CREATE FUNCTION public.slow() RETURNS boolean LANGUAGE sql AS " +
+          "$$ SELECT true FROM pg_sleep(60) $$",
+      );
+      const migrator = new Migrator(db, {
+        migrations: {
+          "001_busy.sql": "CREATE TABLE public.busy (id int CHECK (id <> 2 OR public.slow()));\n" +
+            "COPY public.busy (id) FROM stdin;\n1\n2\n3\n\\.\n",
+        },
+        moduleName: "m",
+      });
+      const controller = new AbortController();
+      const watcher = (async () => {
+        const pool = await createSharedPool({ connectionString: url, maxConnections: 1 });
+        try {
+          const watch = new DatabaseManager({ pool });
+          while (!controller.signal.aborted) {
+            const sleeping = await watch.fetchValue<number>(
+              "SELECT count(*)::int FROM pg_stat_activity " +
+                "WHERE datname = current_database() AND wait_event = 'PgSleep'",
+            );
+            if (sleeping === 1) controller.abort(new Error("stop"));
+            else await new Promise((resolve) => setTimeout(resolve, 10));
+          }
+        } finally {
+          await pool.close();
+        }
+      })();
+      await settlesWithin(
+        assert.rejects(migrator.applyPending({ signal: controller.signal }), (error: unknown) => {
+          assert.ok(error instanceof MigrationError, String(error));
+          assert.match(error.message, /aborted \(stop\)/);
+          return true;
+        }),
+        20_000,
+        "the aborted migration whose COPY row sleeps 60 s",
+      );
+      await watcher;
+      assert.equal(await db.tableExists("public.busy"), false);
+      assert.deepEqual(await migrator.getApplied(), []);
+    });
+  },
+);
