@@ -5,7 +5,7 @@
  * 3 rounds, printed as pgdbm / best peer (> 1 means pgdbm is faster).
  *
  *   deno task bench                       # this, after the micro benches
- *   deno run -A bench/run.ts [rounds] [--markdown] [--only=TEXT]   # rows whose name has TEXT
+ *   deno run -A bench/run.ts [rounds] [--markdown] [--only=TEXT]…  # rows whose name has a TEXT
  *
  * Everything runs in a database made for the run (`pgdbm_bench_…`) and dropped after it.
  */
@@ -31,7 +31,8 @@ import {
 import { externalPeers } from "./peers.ts";
 
 const ROUNDS = Number(Deno.args.find((a) => /^\d+$/.test(a)) ?? 3);
-const ONLY = Deno.args.find((a) => a.startsWith("--only="))?.slice("--only=".length);
+/** `--only=TEXT`, repeatable: the rows whose name contains one of the texts (all rows without). */
+const ONLY = Deno.args.filter((a) => a.startsWith("--only=")).map((a) => a.slice("--only=".length));
 const FLEET = fileURLToPath(new URL("../tests/fixtures/migrations/fleet/", import.meta.url));
 const FIRST_RESULT = fileURLToPath(new URL("./_first_result.ts", import.meta.url));
 const MODULE = "tenant";
@@ -623,7 +624,9 @@ try {
   await createTables();
   await pgPipelined.connect();
   const peers = await externalPeers(url, log);
-  const chosen = workloads(peers).filter((w) => ONLY === undefined || w.name.includes(ONLY));
+  const chosen = workloads(peers).filter((w) =>
+    ONLY.length === 0 || ONLY.some((text) => w.name.includes(text))
+  );
   if (chosen.some((w) => w.name.includes("up-to-date"))) {
     log(`preparing ${CHECK_SCHEMAS} migrated schemas…`);
     await prepareCheck();

@@ -142,26 +142,22 @@ function isAsyncIterable(
   return typeof (records as Partial<AsyncIterable<unknown>>)[Symbol.asyncIterator] === "function";
 }
 
-/** Characters that need an escape, except the tab (checked per value). */
-// deno-lint-ignore no-control-regex -- NUL is matched on purpose, to refuse it
-const LINE_SPECIAL = /[\\\n\r\b\f\v\u0000]/;
-
 /**
- * The common case in one pass: a row of plain strings, finite numbers and nulls with
- * nothing to escape. Returns `undefined` when the row needs the general encoder.
+ * The common case in one pass: a row of plain strings, numbers and nulls with nothing to
+ * escape. Returns `undefined` when the row needs the general encoder.
+ *
+ * Each string is tested on its own: testing the row's strings joined (as this did before)
+ * made V8 flatten a new string per row, which cost a fifth of the encoding.
  */
 function fastLine(record: readonly unknown[], length: number): string | undefined {
   let line = "";
-  let texts = "";
   for (let column = 0; column < length; column++) {
     const value = record[column];
     if (column > 0) line += "\t";
     if (typeof value === "string") {
-      if (value.includes("\t")) return undefined;
+      if (COPY_SPECIAL.test(value)) return undefined;
       line += value;
-      texts += value;
     } else if (typeof value === "number") {
-      if (!Number.isFinite(value)) return undefined;
       line += value;
     } else if (value === null || value === undefined) {
       line += "\\N";
@@ -169,7 +165,7 @@ function fastLine(record: readonly unknown[], length: number): string | undefine
       return undefined;
     }
   }
-  return LINE_SPECIAL.test(texts) ? undefined : line + "\n";
+  return line + "\n";
 }
 
 /** Builds rows into chunks of about {@link CHUNK_SIZE} characters. */

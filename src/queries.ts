@@ -771,6 +771,12 @@ async function recordRows(
   rows: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>;
   objectColumns?: readonly string[];
 }> {
+  if (Array.isArray(records) && (records.length === 0 || Array.isArray(records[0]))) {
+    // Arrays of arrays go to the encoder as they are, checked here first: a generator step
+    // per row cost a tenth of a large COPY's client time.
+    for (let index = 0; index < records.length; index++) arrayRecord(records[index], index);
+    return { rows: records as readonly (readonly unknown[])[] };
+  }
   // Records that come synchronously stay synchronous: an async step per row costs more
   // than encoding it.
   const sync = !(Symbol.asyncIterator in records);

@@ -538,6 +538,66 @@ serverTest("DatabaseManager.copyRecordsToTable() round-trips awkward values exac
 });
 
 serverTest(
+  "DatabaseManager.copyRecordsToTable() copies plain rows and awkward ones mixed in the same chunks exactly",
+  async () => {
+    await withManager(async (db) => {
+      await db.execute("CREATE TABLE {{tables.mixed}} (id int, t text, f float8, big int8)");
+      // Plain rows take the encoder's one-pass line; each awkward value sends its row through
+      // the general one, and the two kinds alternate inside every chunk.
+      const awkward: unknown[] = [
+        "tab\there",
+        "new\nline",
+        "cr\r",
+        "back\\slash",
+        "\\N",
+        "",
+        null,
+        undefined,
+        "\b\f\v",
+        "☃ 日本語 🎉 e\u0301",
+        "trailing\\",
+      ];
+      const floats = [0.1, -0, 1e21, -1.5e-300, NaN, Infinity, -Infinity, 2 ** 53 + 2];
+      const records: unknown[][] = Array.from({ length: 6000 }, (_, i) => [
+        i,
+        i % 7 === 3 ? awkward[(i >> 3) % awkward.length] : `plain ${i} 🎉`,
+        i % 5 === 1 ? floats[(i >> 2) % floats.length] : i / 8,
+        i % 11 === 0 ? 9_007_199_254_740_991 - i : i % 13 === 0 ? null : -i,
+      ]);
+      assert.equal(await db.copyRecordsToTable("mixed", records), records.length);
+      const rows = await db.fetchAll<{ id: number; t: string | null; f: number; big: string }>(
+        "SELECT id, t, f, big::text AS big FROM {{tables.mixed}} ORDER BY id",
+      );
+      assert.equal(rows.length, records.length);
+      for (const [i, [id, t, f, big]] of records.entries()) {
+        assert.deepEqual(
+          rows[i],
+          { id, t: t ?? null, f: Object.is(f, -0) ? 0 : f, big: big === null ? null : String(big) },
+          `row ${i}`,
+        );
+      }
+    });
+  },
+);
+
+serverTest(
+  "DatabaseManager.copyRecordsToTable() refuses an array of arrays holding a non-array and copies nothing",
+  async () => {
+    await withManager(async (db) => {
+      await db.execute("CREATE TABLE {{tables.items}} (id int, body text)");
+      const records: unknown[] = Array.from({ length: 5000 }, (_, i) => [i, "x".repeat(50)]);
+      records[4000] = { id: 4000, body: "object" };
+      await assert.rejects(
+        db.copyRecordsToTable("items", records as unknown[][]),
+        (error: unknown) =>
+          error instanceof RangeError && /record 4000\b.*not both/.test(error.message),
+      );
+      assert.equal(await countRows(db, "items"), 0);
+    });
+  },
+);
+
+serverTest(
   "DatabaseManager.copyRecordsToTable() throws RangeError for a record of the wrong length and copies nothing",
   async () => {
     await withManager(async (db) => {

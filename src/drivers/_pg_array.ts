@@ -72,14 +72,29 @@ function parseLevel(
 export type ElementSerializer = (value: unknown) => string;
 
 /**
- * Writes a JavaScript array as an array literal: every element quoted and escaped, nested
- * arrays as nested literals, `null` and `undefined` as NULL. A value that is not an array
+ * Characters that make an element need double quotes: braces, quotes, backslashes, the
+ * delimiters and whitespace (`array_in` trims unquoted whitespace; `\s` also takes the
+ * non-ASCII spaces, which only costs them quotes).
+ */
+const NEEDS_QUOTES = /[{}"\\,;\s]/;
+/** Characters that need a backslash inside double quotes. */
+const NEEDS_ESCAPE = /["\\]/;
+const ESCAPES = /["\\]/g;
+
+/**
+ * Writes a JavaScript array as an array literal: `null` and `undefined` as NULL, nested
+ * arrays as nested literals, and every other element as its text, bare when `array_in`
+ * reads it back unchanged (not empty, not `NULL` in any case, none of {@link NEEDS_QUOTES})
+ * and double-quoted otherwise, with `"` and `\` escaped. A value that is not an array
  * (already a literal) is returned as it is.
+ *
+ * Bare elements are what numbers, ids and e-mail addresses mostly are: they spare a regex
+ * replacement per element here and the unquoting in the server's `array_in`.
  *
  * @param value The array.
  * @param serialize The element serializer, or `undefined` for `String(element)`.
  * @param delimiter The element delimiter (`;` for `box`, `,` otherwise).
- * @returns The literal, such as `{"1","NULL is not this",NULL}`.
+ * @returns The literal, such as `{1,"NULL is not this",NULL}`.
  */
 export function serializeArray(
   value: unknown,
@@ -87,11 +102,28 @@ export function serializeArray(
   delimiter = ",",
 ): string {
   if (!Array.isArray(value)) return value as string;
-  const parts = value.map((element) => {
-    if (element === null || element === undefined) return "NULL";
-    if (Array.isArray(element)) return serializeArray(element, serialize, delimiter);
-    const text = serialize === undefined ? String(element) : serialize(element);
-    return `"${text.replace(/\\/g, "\\\\").replace(/"/g, '\\"')}"`;
-  });
-  return `{${parts.join(delimiter)}}`;
+  let literal = "{";
+  for (let i = 0; i < value.length; i++) {
+    if (i > 0) literal += delimiter;
+    const element = value[i];
+    if (element === null || element === undefined) {
+      literal += "NULL";
+    } else if (Array.isArray(element)) {
+      literal += serializeArray(element, serialize, delimiter);
+    } else {
+      const text = serialize === undefined ? String(element) : serialize(element);
+      if (text !== "" && !NEEDS_QUOTES.test(text) && !(text.length === 4 && isNull(text))) {
+        literal += text;
+      } else if (NEEDS_ESCAPE.test(text)) {
+        literal += `"${text.replace(ESCAPES, "\\$&")}"`;
+      } else {
+        literal += `"${text}"`;
+      }
+    }
+  }
+  return literal + "}";
+}
+
+function isNull(text: string): boolean {
+  return text.toUpperCase() === "NULL";
 }

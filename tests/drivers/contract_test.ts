@@ -356,6 +356,73 @@ const CASES: Case[] = [
   },
 
   {
+    name: "query() binds arrays of awkward elements exactly, bare or quoted",
+    async run(conn, target) {
+      const texts = [
+        "plain",
+        "user1@example.com",
+        null,
+        "NULL",
+        "null",
+        "NuLl",
+        "",
+        " lead",
+        "trail ",
+        "in side",
+        "a,b",
+        "semi;colon",
+        "{}",
+        "}",
+        "{x",
+        'q"uote',
+        "back\\slash",
+        "\\",
+        '\\"',
+        "tab\there",
+        "new\nline",
+        "cr\r",
+        "nbsp\u00a0here",
+        "☃ 日本語 🎉 e\u0301",
+        "[1:2]",
+        "a[b]",
+        "'single'",
+        "N",
+        "NULLS",
+      ];
+      const ints = [0, -1, 2147483647, -2147483648, null];
+      const floats = [0.1, -0, 1e21, -1.5e-300, NaN, Infinity, -Infinity, null];
+      const bigs = ["9223372036854775807", "-9223372036854775808", null];
+      const nested = [["a b", null], ['c"', "d"]];
+      const t = target.table("awkward_arrays");
+      await exec(conn, `CREATE TABLE ${t} (t text[], i int4[], f float8[], b int8[], n text[])`);
+      for (const prepare of [false, true]) {
+        await exec(conn, `DELETE FROM ${t}`);
+        await exec(
+          conn,
+          `INSERT INTO ${t} SELECT $1::text[], $2::int4[], $3::float8[], $4::int8[], $5::text[]`,
+          [texts, ints, floats, bigs, nested],
+          prepare,
+        );
+        const { rows: [row] } = await exec(
+          conn,
+          `SELECT array_to_json(t)::text AS t, array_to_json(i)::text AS i, f::text AS f, ` +
+            `b::text AS b, array_to_json(n)::text AS n FROM ${t}`,
+        );
+        assert.deepEqual(JSON.parse(row.t as string), texts, `prepare ${prepare}`);
+        assert.deepEqual(JSON.parse(row.i as string), ints, `prepare ${prepare}`);
+        assert.equal(
+          row.f,
+          // -0 is written as JavaScript prints it: 0.
+          "{0.1,0,1e+21,-1.5e-300,NaN,Infinity,-Infinity,NULL}",
+          `prepare ${prepare}`,
+        );
+        assert.equal(row.b, "{9223372036854775807,-9223372036854775808,NULL}");
+        assert.deepEqual(JSON.parse(row.n as string), nested, `prepare ${prepare}`);
+      }
+    },
+  },
+
+  {
     name: "query() rejects with QueryError and the server's SQLSTATE; the session goes on",
     async run(conn, target) {
       const t = target.table("errors");
