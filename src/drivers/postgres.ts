@@ -58,10 +58,11 @@ const CONNECTION_LOST_CODES = new Set([
  */
 export function createPostgresDriver(config: ResolvedConfig): Driver {
   const options = connectionOptions(config);
+  const setupTimeoutMs = Math.ceil(config.connectTimeoutMs);
   return {
     maxSessions: Infinity,
     capabilities: { parameterizedAlone: !config.prepare },
-    connect: () => PostgresConnection.open(options),
+    connect: () => PostgresConnection.open(options, setupTimeoutMs),
     close: () => Promise.resolve(),
   };
 }
@@ -160,28 +161,40 @@ class PostgresConnection implements DriverConnection {
     } as postgres.Options<Record<string, never>>);
   }
 
-  static async open(options: postgres.Options<Record<string, never>>): Promise<PostgresConnection> {
+  /**
+   * Opens a session and runs its setup statements (its pid, the server's array types). They
+   * run in a transaction under `SET LOCAL` timeouts of their own: the user's
+   * `statement_timeout` and `lock_timeout` are startup settings, meant for the user's
+   * statements, and would otherwise fail the setup whenever the server is slow or a session
+   * holds a lock on `pg_type`. `setupTimeoutMs` (the pool's `connectTimeoutMs`) bounds them
+   * instead; the transaction's end restores the session's own values, wherever they came
+   * from (startup settings, the role's defaults, a pooler's `connect_query`). Each statement
+   * is its own message, pipelined: a server before 13 times a multi-statement message as one.
+   */
+  static async open(
+    options: postgres.Options<Record<string, never>>,
+    setupTimeoutMs: number,
+  ): Promise<PostgresConnection> {
     const connection = new PostgresConnection(options);
+    const sql = connection.#sql;
     try {
-      const [[identity], types] = await Promise.all([
-        connection.#sql.unsafe(
-          "SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version",
+      const [, [identity], types] = await Promise.all([
+        sql.unsafe(
+          `BEGIN; SET LOCAL statement_timeout = ${setupTimeoutMs}; SET LOCAL lock_timeout = 0; ` +
+            "SET LOCAL idle_in_transaction_session_timeout = 0",
         ),
-        connection.#sql.unsafe(ARRAY_TYPES_SQL),
+        sql.unsafe("SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version"),
+        sql.unsafe(ARRAY_TYPES_SQL),
+        sql.unsafe("COMMIT"),
       ]);
       connection.#pid = identity.pid as number;
       connection.#serverVersion = identity.version as string;
-      installArrayTypes(
-        connection.#sql.options as unknown as TypeOptions,
-        types as unknown as ArrayTypeRow[],
-      );
+      installArrayTypes(sql.options as unknown as TypeOptions, types as unknown as ArrayTypeRow[]);
       return connection;
     } catch (error) {
       connection.#markClosed();
-      await connection.#sql.end({ timeout: 0 }).catch(() => {});
-      const e = error as Error & { code?: unknown };
-      const sqlstate = e?.name === "PostgresError" ? String(e.code) : undefined;
-      throw new QueryError(e?.message ?? String(error), "", [], { sqlstate }, { cause: error });
+      await sql.end({ timeout: 0 }).catch(() => {});
+      throw setupError(error, setupTimeoutMs);
     }
   }
 
@@ -410,6 +423,25 @@ class PostgresConnection implements DriverConnection {
     this.#listeners = [];
     for (const listener of listeners) listener();
   }
+}
+
+/**
+ * The error of a session that did not open: the server's error with its fields (a FATAL one
+ * refused the session; an ERROR failed a setup statement), or the socket's.
+ */
+function setupError(error: unknown, setupTimeoutMs: number): QueryError {
+  const e = error as Error & Record<string, unknown>;
+  if (e?.name !== "PostgresError") {
+    return new QueryError(e?.message ?? String(error), "", [], {}, { cause: error });
+  }
+  const fields = serverFields(e);
+  const message = fields.sqlstate === "57014" && /statement timeout/.test(e.message)
+    ? `the statements that set up the connection (its pid, the server's array types) took ` +
+      `longer than connectTimeoutMs (${setupTimeoutMs} ms), which bounds them instead of ` +
+      `statementTimeoutMs and lockTimeoutMs (the server said: ${e.message}); the server is ` +
+      "overloaded, or a session holds a lock on the system catalog pg_type"
+    : e.message;
+  return new QueryError(message, "", [], fields, { cause: error });
 }
 
 /** Every array type with its element type (what postgres.js would fetch per session). */
