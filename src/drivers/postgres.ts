@@ -168,8 +168,12 @@ class PostgresConnection implements DriverConnection {
    * statements, and would otherwise fail the setup whenever the server is slow or a session
    * holds a lock on `pg_type`. `setupTimeoutMs` (the pool's `connectTimeoutMs`) bounds them
    * instead; the transaction's end restores the session's own values, wherever they came
-   * from (startup settings, the role's defaults, a pooler's `connect_query`). Each statement
-   * is its own message, pipelined: a server before 13 times a multi-statement message as one.
+   * from (startup settings, the role's defaults, a pooler's `connect_query`).
+   *
+   * It is one message (servers from 13 on time each statement of it on its own), so nothing
+   * waits in postgres.js's queue while the session connects: when a connect fails,
+   * postgres.js at once connects again to run what is queued, before `end()` can stop it,
+   * and ending a socket that is still connecting leaves it open, a backend nobody closes.
    */
   static async open(
     options: postgres.Options<Record<string, never>>,
@@ -178,18 +182,13 @@ class PostgresConnection implements DriverConnection {
     const connection = new PostgresConnection(options);
     const sql = connection.#sql;
     try {
-      const [, [identity], types] = await Promise.all([
-        sql.unsafe(
-          `BEGIN; SET LOCAL statement_timeout = ${setupTimeoutMs}; SET LOCAL lock_timeout = 0; ` +
-            "SET LOCAL idle_in_transaction_session_timeout = 0",
-        ),
-        sql.unsafe("SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version"),
-        sql.unsafe(ARRAY_TYPES_SQL),
-        sql.unsafe("COMMIT"),
-      ]);
-      connection.#pid = identity.pid as number;
-      connection.#serverVersion = identity.version as string;
-      installArrayTypes(sql.options as unknown as TypeOptions, types as unknown as ArrayTypeRow[]);
+      // postgres.js labels the results of a multi-statement message oddly; the setup's one
+      // row is its only row.
+      const results = await sql.unsafe(setupSql(setupTimeoutMs)) as unknown as Row[][];
+      const [setup] = results.flat();
+      connection.#pid = setup.pid as number;
+      connection.#serverVersion = setup.version as string;
+      installArrayTypes(sql.options as unknown as TypeOptions, String(setup.arrays ?? ""));
       return connection;
     } catch (error) {
       connection.#markClosed();
@@ -444,14 +443,22 @@ function setupError(error: unknown, setupTimeoutMs: number): QueryError {
   return new QueryError(message, "", [], fields, { cause: error });
 }
 
-/** Every array type with its element type (what postgres.js would fetch per session). */
-const ARRAY_TYPES_SQL = `SELECT b.oid, b.typarray
-  FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type b ON b.oid = a.typelem
-  WHERE a.typcategory = 'A' GROUP BY b.oid, b.typarray`;
-
-interface ArrayTypeRow {
-  oid: number | string;
-  typarray: number | string;
+/**
+ * The setup of a new session, under timeouts of its own: one row with its pid, its version
+ * and every array type with its element type (what postgres.js would fetch per session) as
+ * `element array` pairs separated by commas.
+ */
+function setupSql(timeoutMs: number): string {
+  return [
+    "BEGIN",
+    `SET LOCAL statement_timeout = ${timeoutMs}`,
+    "SET LOCAL lock_timeout = 0",
+    `SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version,
+      (SELECT string_agg(DISTINCT b.oid::text || ' ' || b.typarray::text, ',')
+        FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type b ON b.oid = a.typelem
+        WHERE a.typcategory = 'A') AS arrays`,
+    "COMMIT",
+  ].join(";\n");
 }
 
 interface TypeOptions {
@@ -461,13 +468,13 @@ interface TypeOptions {
 }
 
 /**
- * Teaches one session's postgres.js instance the server's array types: parsers that turn
- * NULL elements into `null`, and serializers for arrays bound as parameters.
+ * Teaches one session's postgres.js instance the server's array types (`element array`
+ * pairs separated by commas): parsers that turn NULL elements into `null`, and serializers
+ * for arrays bound as parameters.
  */
-function installArrayTypes(options: TypeOptions, rows: readonly ArrayTypeRow[]): void {
-  for (const row of rows) {
-    const element = Number(row.oid);
-    const array = Number(row.typarray);
+function installArrayTypes(options: TypeOptions, arrays: string): void {
+  for (const pair of arrays === "" ? [] : arrays.split(",")) {
+    const [element, array] = pair.split(" ").map(Number);
     const parse = options.parsers[element];
     const serialize = options.serializers[element];
     const delimiter = array === BOX_ARRAY ? ";" : ",";
