@@ -155,8 +155,6 @@ serverTest(
   "The server's statement_timeout rejects with TimeoutError and keeps SQLSTATE",
   async () => {
     await withPool(
-      // The limit also covers the statements that open a connection: 1 s leaves them room on
-      // a loaded host.
       { minConnections: 1, maxConnections: 1, statementTimeoutMs: 1000 },
       async (db) => {
         const { error } = await outcome(db.fetchValue("SELECT pg_sleep(5)"));
