@@ -547,6 +547,23 @@ serverTest(
 );
 
 serverTest(
+  "A failing initCommands statement is named in the ConnectionError, not the server's address",
+  async () => {
+    const error = await createSharedPool({
+      connectionString: TEST_URL,
+      minConnections: 1,
+      initCommands: ["SET work_mem = '7MB'", "SELEC 1"],
+      retry: { attempts: 3, delayMs: 2000 },
+    }).then(() => undefined, (e) => e);
+    assert.ok(error instanceof ConnectionError, `expected ConnectionError, got ${error}`);
+    assert.equal(error.attempts, 1);
+    assert.match(error.message, /^Cannot set up a connection to .*not retried/);
+    assert.match(error.message, /initCommands\[1\] failed with SQLSTATE 42601: syntax error/);
+    assert.doesNotMatch(error.message, /Check that the server is running/);
+  },
+);
+
+serverTest(
   "A connect the server refuses at startup leaves no session behind on the server",
   async () => {
     // A role that may hold one session, held, so that the pool's connect fails FATAL
