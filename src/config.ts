@@ -139,7 +139,9 @@ export interface DatabaseConfig {
    */
   commandTimeoutMs?: number;
   /**
-   * Opening one connection longer than this counts as a failed attempt.
+   * Opening one connection longer than this counts as a failed attempt. It also bounds the
+   * statements that set up a new connection, which `statementTimeoutMs` and `lockTimeoutMs`
+   * do not.
    * @default {10000}
    */
   connectTimeoutMs?: number;

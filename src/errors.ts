@@ -91,7 +91,10 @@ export interface ConnectionTarget {
   user: string;
 }
 
-/** The server could not be reached (after every retry). Carries no password. */
+/**
+ * The server could not be reached, or a new connection could not be set up (a setup
+ * statement or `initCommands` failed), after every retry. Carries no password.
+ */
 export class ConnectionError extends PgdbmError {
   /** Host name, address, or Unix socket directory. */
   readonly host: string;

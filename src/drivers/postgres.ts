@@ -58,10 +58,11 @@ const CONNECTION_LOST_CODES = new Set([
  */
 export function createPostgresDriver(config: ResolvedConfig): Driver {
   const options = connectionOptions(config);
+  const setupTimeoutMs = Math.ceil(config.connectTimeoutMs);
   return {
     maxSessions: Infinity,
     capabilities: { parameterizedAlone: !config.prepare },
-    connect: () => PostgresConnection.open(options),
+    connect: () => PostgresConnection.open(options, setupTimeoutMs),
     close: () => Promise.resolve(),
   };
 }
@@ -160,28 +161,39 @@ class PostgresConnection implements DriverConnection {
     } as postgres.Options<Record<string, never>>);
   }
 
-  static async open(options: postgres.Options<Record<string, never>>): Promise<PostgresConnection> {
+  /**
+   * Opens a session and runs its setup statements (its pid, the server's array types). They
+   * run in a transaction under `SET LOCAL` timeouts of their own: the user's
+   * `statement_timeout` and `lock_timeout` are startup settings, meant for the user's
+   * statements, and would otherwise fail the setup whenever the server is slow or a session
+   * holds a lock on `pg_type`. `setupTimeoutMs` (the pool's `connectTimeoutMs`) bounds them
+   * instead; the transaction's end restores the session's own values, wherever they came
+   * from (startup settings, the role's defaults, a pooler's `connect_query`).
+   *
+   * It is one message (servers from 13 on time each statement of it on its own), so nothing
+   * waits in postgres.js's queue while the session connects: when a connect fails,
+   * postgres.js at once connects again to run what is queued, before `end()` can stop it,
+   * and ending a socket that is still connecting leaves it open, a backend nobody closes.
+   */
+  static async open(
+    options: postgres.Options<Record<string, never>>,
+    setupTimeoutMs: number,
+  ): Promise<PostgresConnection> {
     const connection = new PostgresConnection(options);
+    const sql = connection.#sql;
     try {
-      const [[identity], types] = await Promise.all([
-        connection.#sql.unsafe(
-          "SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version",
-        ),
-        connection.#sql.unsafe(ARRAY_TYPES_SQL),
-      ]);
-      connection.#pid = identity.pid as number;
-      connection.#serverVersion = identity.version as string;
-      installArrayTypes(
-        connection.#sql.options as unknown as TypeOptions,
-        types as unknown as ArrayTypeRow[],
-      );
+      // postgres.js labels the results of a multi-statement message oddly; the setup's one
+      // row is its only row.
+      const results = await sql.unsafe(setupSql(setupTimeoutMs)) as unknown as Row[][];
+      const [setup] = results.flat();
+      connection.#pid = setup.pid as number;
+      connection.#serverVersion = setup.version as string;
+      installArrayTypes(sql.options as unknown as TypeOptions, String(setup.arrays ?? ""));
       return connection;
     } catch (error) {
       connection.#markClosed();
-      await connection.#sql.end({ timeout: 0 }).catch(() => {});
-      const e = error as Error & { code?: unknown };
-      const sqlstate = e?.name === "PostgresError" ? String(e.code) : undefined;
-      throw new QueryError(e?.message ?? String(error), "", [], { sqlstate }, { cause: error });
+      await sql.end({ timeout: 0 }).catch(() => {});
+      throw setupError(error, setupTimeoutMs);
     }
   }
 
@@ -425,14 +437,41 @@ class PostgresConnection implements DriverConnection {
   }
 }
 
-/** Every array type with its element type (what postgres.js would fetch per session). */
-const ARRAY_TYPES_SQL = `SELECT b.oid, b.typarray
-  FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type b ON b.oid = a.typelem
-  WHERE a.typcategory = 'A' GROUP BY b.oid, b.typarray`;
+/**
+ * The error of a session that did not open: the server's error with its fields (a FATAL one
+ * refused the session; an ERROR failed a setup statement), or the socket's.
+ */
+function setupError(error: unknown, setupTimeoutMs: number): QueryError {
+  const e = error as Error & Record<string, unknown>;
+  if (e?.name !== "PostgresError") {
+    return new QueryError(e?.message ?? String(error), "", [], {}, { cause: error });
+  }
+  const fields = serverFields(e);
+  const message = fields.sqlstate === "57014" && /statement timeout/.test(e.message)
+    ? `the statements that set up the connection (its pid, the server's array types) took ` +
+      `longer than connectTimeoutMs (${setupTimeoutMs} ms), which bounds them instead of ` +
+      `statementTimeoutMs and lockTimeoutMs (the server said: ${e.message}); the server is ` +
+      "overloaded, or a session holds a lock on the system catalog pg_type"
+    : e.message;
+  return new QueryError(message, "", [], fields, { cause: error });
+}
 
-interface ArrayTypeRow {
-  oid: number | string;
-  typarray: number | string;
+/**
+ * The setup of a new session, under timeouts of its own: one row with its pid, its version
+ * and every array type with its element type (what postgres.js would fetch per session) as
+ * `element array` pairs separated by commas.
+ */
+function setupSql(timeoutMs: number): string {
+  return [
+    "BEGIN",
+    `SET LOCAL statement_timeout = ${timeoutMs}`,
+    "SET LOCAL lock_timeout = 0",
+    `SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version,
+      (SELECT string_agg(DISTINCT b.oid::text || ' ' || b.typarray::text, ',')
+        FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type b ON b.oid = a.typelem
+        WHERE a.typcategory = 'A') AS arrays`,
+    "COMMIT",
+  ].join(";\n");
 }
 
 interface TypeOptions {
@@ -442,13 +481,13 @@ interface TypeOptions {
 }
 
 /**
- * Teaches one session's postgres.js instance the server's array types: parsers that turn
- * NULL elements into `null`, and serializers for arrays bound as parameters.
+ * Teaches one session's postgres.js instance the server's array types (`element array`
+ * pairs separated by commas): parsers that turn NULL elements into `null`, and serializers
+ * for arrays bound as parameters.
  */
-function installArrayTypes(options: TypeOptions, rows: readonly ArrayTypeRow[]): void {
-  for (const row of rows) {
-    const element = Number(row.oid);
-    const array = Number(row.typarray);
+function installArrayTypes(options: TypeOptions, arrays: string): void {
+  for (const pair of arrays === "" ? [] : arrays.split(",")) {
+    const [element, array] = pair.split(" ").map(Number);
     const parse = options.parsers[element];
     const serialize = options.serializers[element];
     const delimiter = array === BOX_ARRAY ? ";" : ",";

@@ -36,10 +36,12 @@ export async function connectWithRetry(
   const { attempts, delayMs, backoff, maxDelayMs } = config.retry;
   let lastError: unknown;
   let made = 0;
+  let step = "";
+  const at = (name: string) => step = name;
   for (let attempt = 1; attempt <= attempts; attempt++) {
     made = attempt;
     try {
-      return await connectOnce(driver, config, prepared);
+      return await connectOnce(driver, config, prepared, at);
     } catch (error) {
       lastError = error;
       if (!isRetryable(error) || stopped()) break;
@@ -49,6 +51,19 @@ export async function connectWithRetry(
         );
       }
     }
+  }
+  const tries = `${made} attempt${made === 1 ? "" : "s"}` +
+    (isRetryable(lastError) ? "" : "; not retried, retrying cannot help");
+  if (statementFailed(lastError)) {
+    // The server took the session: where it is and who logs in are right.
+    throw new ConnectionError(
+      config,
+      made,
+      `Cannot set up a connection to ${describeTarget(config)} (${tries}): the server ` +
+        `accepted it, but ${step} failed with SQLSTATE ${lastError.sqlstate}: ` +
+        lastError.message,
+      { cause: lastError },
+    );
   }
   const reason = tlsRefused(lastError, config)
     ? `the server refused TLS: sslmode=${config.ssl!.mode} asks for an encrypted connection ` +
@@ -60,23 +75,31 @@ export async function connectWithRetry(
   throw new ConnectionError(
     config,
     made,
-    `Cannot connect to ${describeTarget(config)} (${made} attempt${made === 1 ? "" : "s"}` +
-      `${isRetryable(lastError) ? "" : "; not retried, retrying cannot help"}): ${reason}. ` +
+    `Cannot connect to ${describeTarget(config)} (${tries}): ${reason}. ` +
       "Check that the server is running and that the host, port, database, user and password " +
       "are right",
     { cause: lastError },
   );
 }
 
+/** Opens one session and prepares it, telling `at` which step runs (for the error). */
 async function connectOnce(
   driver: Driver,
   config: ResolvedConfig,
   prepared: ReadonlyMap<string, string>,
+  at: (step: string) => void,
 ): Promise<DriverConnection> {
+  at("the driver's setup of the session");
   const conn = await driver.connect();
   try {
-    for (const command of config.initCommands) await conn.query(command, []).result;
-    for (const [name, sql] of prepared) await conn.query(prepareStatement(name, sql), []).result;
+    for (const [i, command] of config.initCommands.entries()) {
+      at(`initCommands[${i}]`);
+      await conn.query(command, []).result;
+    }
+    for (const [name, sql] of prepared) {
+      at(`preparing the pool's statement ${name}`);
+      await conn.query(prepareStatement(name, sql), []).result;
+    }
   } catch (error) {
     await conn.close();
     throw error;
@@ -84,11 +107,25 @@ async function connectOnce(
   return conn;
 }
 
-/** Whether opening a connection may succeed when tried again (not bad credentials or SQL). */
+/**
+ * Whether opening a connection may succeed when tried again: not after bad credentials or
+ * SQL, but after a lost or refused session, and after a setup statement that was cancelled
+ * (a timeout) or waited too long for a lock.
+ */
 function isRetryable(error: unknown): boolean {
   if (!(error instanceof QueryError)) return true;
   const state = error.sqlstate ?? "";
-  return state === "" || state.startsWith("08") || state.startsWith("57P");
+  return state === "" || state.startsWith("08") || state.startsWith("57P") ||
+    state === "57014" || state === "55P03";
+}
+
+/**
+ * Whether the server failed a statement on a session it had accepted (severity `ERROR`: the
+ * driver's setup, `initCommands`, the pool's prepared statements), rather than refusing or
+ * ending the session itself (`FATAL`), or the session being lost.
+ */
+function statementFailed(error: unknown): error is QueryError {
+  return error instanceof QueryError && error.severity === "ERROR";
 }
 
 /**

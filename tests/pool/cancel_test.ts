@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import {
+  ConnectionError,
   createSharedPool,
   DatabaseManager,
   type Pool,
@@ -154,8 +155,6 @@ serverTest(
   "The server's statement_timeout rejects with TimeoutError and keeps SQLSTATE",
   async () => {
     await withPool(
-      // The limit also covers the statements that open a connection: 1 s leaves them room on
-      // a loaded host.
       { minConnections: 1, maxConnections: 1, statementTimeoutMs: 1000 },
       async (db) => {
         const { error } = await outcome(db.fetchValue("SELECT pg_sleep(5)"));
@@ -214,40 +213,124 @@ serverTest("Arrays bound and returned without postgres.js's per-session type fet
   });
 });
 
-serverTest("A type fetch that fails while connecting is a typed error, not a crash", async () => {
+/** A private database, and a session that can hold its `pg_type` locked against every other. */
+interface LockedCatalog {
+  /** The database's URL. */
+  url: string;
+  /** Takes `ACCESS EXCLUSIVE` on `pg_type` in a transaction left open; resolves once held. */
+  lock(): Promise<void>;
+  /** Ends that transaction; resolves once it ended. */
+  release(): Promise<void>;
+}
+
+/**
+ * Runs `fn` with a fresh database whose `pg_type` is locked (the array-types query that sets
+ * up a new connection waits for it), then drops the database.
+ */
+async function withLockedCatalog(fn: (catalog: LockedCatalog) => Promise<void>): Promise<void> {
   const database = uniqueName("pgdbm_types");
   await observe((sql) => sql.unsafe(`CREATE DATABASE "${database}"`));
   const url = new URL(TEST_URL);
   url.pathname = `/${database}`;
   const locker = await createSharedPool({ connectionString: url.href, minConnections: 1 });
+  const lockDb = new DatabaseManager({ pool: locker });
+  let holder: Promise<void> | undefined;
+  let release = () => {};
+  const catalog: LockedCatalog = {
+    url: url.href,
+    lock: async () => {
+      const released = new Promise<void>((resolve) => release = resolve);
+      let locked!: () => void;
+      const isLocked = new Promise<void>((resolve) => locked = resolve);
+      holder = lockDb.transaction(async (tx) => {
+        await tx.execute("LOCK TABLE pg_catalog.pg_type IN ACCESS EXCLUSIVE MODE");
+        locked();
+        await released;
+      });
+      await Promise.race([isLocked, holder]);
+    },
+    release: async () => {
+      release();
+      await holder;
+    },
+  };
   try {
-    const lockDb = new DatabaseManager({ pool: locker });
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => release = resolve);
-    let locked!: () => void;
-    const isLocked = new Promise<void>((resolve) => locked = resolve);
-    const holder = lockDb.transaction(async (tx) => {
-      await tx.execute("LOCK TABLE pg_catalog.pg_type IN ACCESS EXCLUSIVE MODE");
-      locked();
-      await released;
-    });
-    await isLocked;
-    const failed = await outcome(createSharedPool({
-      connectionString: url.href,
-      minConnections: 1,
-      statementTimeoutMs: 300,
-      connectTimeoutMs: 5000,
-      retry: { attempts: 2, delayMs: 50 },
-    }));
-    release();
-    await holder;
-    assert.ok(failed.error instanceof Error, "the pool opened although pg_type was locked");
-    assert.equal((failed.error as Error).name, "ConnectionError", String(failed.error));
-    await withPool({ connectionString: url.href, minConnections: 1 }, async (db) => {
-      assert.deepEqual(await db.fetchValue("SELECT $1::int[]", [[1, 2]]), [1, 2]);
-    });
+    await catalog.lock();
+    await fn(catalog);
   } finally {
+    await catalog.release().catch(() => {});
     await locker.close();
     await observe((sql) => sql.unsafe(`DROP DATABASE IF EXISTS "${database}" WITH (FORCE)`));
   }
-});
+}
+
+serverTest(
+  "A type fetch cut by connectTimeoutMs is a ConnectionError naming the cause, not a crash",
+  async () => {
+    await withLockedCatalog(async ({ url, release }) => {
+      const failed = await outcome(createSharedPool({
+        connectionString: url,
+        minConnections: 1,
+        connectTimeoutMs: 1000,
+        retry: { attempts: 2, delayMs: 50 },
+      }));
+      await release();
+      const error = failed.error;
+      assert.ok(error instanceof ConnectionError, `expected ConnectionError, got ${error}`);
+      assert.equal(error.attempts, 2, "a setup statement that timed out is worth a retry");
+      assert.match(error.message, /^Cannot set up a connection to /);
+      assert.match(error.message, /the driver's setup of the session failed with SQLSTATE 57014/);
+      assert.match(error.message, /longer than connectTimeoutMs \(1000 ms\)/);
+      assert.match(error.message, /lock on the system catalog pg_type/);
+      assert.doesNotMatch(error.message, /Check that the server is running/);
+      await withPool({ connectionString: url, minConnections: 1 }, async (db) => {
+        assert.deepEqual(await db.fetchValue("SELECT $1::int[]", [[1, 2]]), [1, 2]);
+      });
+    });
+  },
+);
+
+serverTest(
+  "A new connection's setup waits out a locked catalog past statementTimeoutMs and " +
+    "lockTimeoutMs, which still bound the caller's statements",
+  async () => {
+    const cases = [
+      { config: { statementTimeoutMs: 200 }, setting: "statement_timeout" },
+      { config: { lockTimeoutMs: 200 }, setting: "lock_timeout" },
+    ];
+    for (const { config, setting } of cases) {
+      await withLockedCatalog(async ({ url, lock, release }) => {
+        const opening = outcome(createSharedPool({
+          connectionString: url,
+          minConnections: 1,
+          maxConnections: 1,
+          retry: { attempts: 1 },
+          ...config,
+        }));
+        await sleep(1000);
+        await release();
+        const { value: pool, error } = await settlesWithin(opening, 10_000, "createSharedPool()");
+        assert.equal(error, undefined, `${setting}: the pool did not open: ${error}`);
+        try {
+          const db = new DatabaseManager({ pool: pool! });
+          assert.equal(await db.fetchValue(`SHOW ${setting}`), "200ms");
+          if (setting === "statement_timeout") {
+            const slept = await outcome(db.fetchValue("SELECT pg_sleep(1)"));
+            assert.ok(slept.error instanceof TimeoutError, `expected TimeoutError: ${slept.error}`);
+            assert.equal(slept.error.sqlstate, "57014");
+            assert.equal(slept.error.timeoutMs, 200);
+          } else {
+            await lock();
+            const waited = await outcome(db.fetchValue("SELECT count(*) FROM pg_catalog.pg_type"));
+            await release();
+            assert.ok(waited.error instanceof QueryError, `expected QueryError: ${waited.error}`);
+            assert.equal(waited.error.sqlstate, "55P03");
+          }
+          assert.equal(await db.fetchValue<number>("SELECT 1"), 1);
+        } finally {
+          await pool?.close();
+        }
+      });
+    }
+  },
+);

@@ -6,6 +6,7 @@
  * can count its backends in `pg_stat_activity` from a separate connection.
  */
 import assert from "node:assert/strict";
+import postgres from "postgres";
 import {
   ConfigurationError,
   ConnectionError,
@@ -542,6 +543,102 @@ serverTest(
     assert.match(error.message, /does not exist/);
     assert.match(error.message, /not retried/);
     assert.ok(performance.now() - start < 1500, "it waited for a retry delay");
+  },
+);
+
+serverTest(
+  "A failing initCommands statement is named in the ConnectionError, not the server's address",
+  async () => {
+    const error = await createSharedPool({
+      connectionString: TEST_URL,
+      minConnections: 1,
+      initCommands: ["SET work_mem = '7MB'", "SELEC 1"],
+      retry: { attempts: 3, delayMs: 2000 },
+    }).then(() => undefined, (e) => e);
+    assert.ok(error instanceof ConnectionError, `expected ConnectionError, got ${error}`);
+    assert.equal(error.attempts, 1);
+    assert.match(error.message, /^Cannot set up a connection to .*not retried/);
+    assert.match(error.message, /initCommands\[1\] failed with SQLSTATE 42601: syntax error/);
+    assert.doesNotMatch(error.message, /Check that the server is running/);
+  },
+);
+
+serverTest(
+  "A connect the server refuses at startup leaves no session behind on the server",
+  async () => {
+    // A role that may hold one session, held, so that the pool's connect fails FATAL
+    // (53300). postgres.js used to connect again at once for the setup statements still
+    // queued, and the driver's end() could not stop that new socket: a session nobody
+    // closed. A proxy holds every later connection until the role's session is free, so
+    // such a session reaches the server, where it is counted. It did so in about one
+    // round in five (a race of that socket's connect with end()), hence the rounds.
+    const ROUNDS = 20;
+    const role = uniqueName("pgdbm_limited");
+    const app = uniqueName("pgdbm_app");
+    await observe((sql) => sql.unsafe(`CREATE ROLE "${role}" LOGIN CONNECTION LIMIT 1`));
+    const server = { hostname: TEST_TARGET.hostname, port: Number(TEST_TARGET.port || 5432) };
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    let accepted = 0;
+    let free = gate();
+    const proxying = (async () => {
+      for await (const client of listener) {
+        const first = accepted++ === 0;
+        (async () => {
+          if (!first) await free.promise;
+          const upstream = await Deno.connect(server);
+          await Promise.all([
+            client.readable.pipeTo(upstream.writable),
+            upstream.readable.pipeTo(client.writable),
+          ]).catch(() => {});
+        })().catch(() => {});
+      }
+    })();
+    const left: number[] = [];
+    try {
+      for (let round = 0; round < ROUNDS; round++) {
+        accepted = 0;
+        free = gate();
+        const held = new URL(TEST_URL);
+        held.username = role;
+        const holder = postgres(held.href, { max: 1 });
+        await holder`SELECT 1`;
+        const error = await createSharedPool({
+          host: "127.0.0.1",
+          port: (listener.addr as Deno.NetAddr).port,
+          database: TEST_TARGET.pathname.slice(1),
+          user: role,
+          retry: { attempts: 1 },
+          serverSettings: { application_name: app },
+        }).then(() => undefined, (e) => e);
+        assert.ok(error instanceof ConnectionError, `expected ConnectionError, got ${error}`);
+        assert.match(error.message, /too many connections for role/);
+        await holder.end();
+        free.open();
+        await delay(300);
+        left.push(await countBackends(app));
+        await observe((sql) =>
+          sql`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ${role}`
+        );
+        await waitFor(
+          "the role's sessions to end",
+          async () =>
+            await observe(async (sql) =>
+              (await sql`SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = ${role}`)[
+                0
+              ]
+                .n === 0
+            ),
+        );
+      }
+      assert.deepEqual(left, left.map(() => 0), "sessions left open on the server, per round");
+    } finally {
+      listener.close();
+      await proxying;
+      await observe((sql) =>
+        sql`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ${role}`
+      );
+      await observe((sql) => sql.unsafe(`DROP ROLE IF EXISTS "${role}"`));
+    }
   },
 );
 
