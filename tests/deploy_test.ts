@@ -20,7 +20,10 @@ interface Instance {
   base: string;
   port: number;
   child: Deno.ChildProcess;
-  output: Promise<Deno.CommandOutput>;
+  /** Everything the process wrote so far, stdout and stderr interleaved as they came. */
+  log: string[];
+  /** Settles when the process exited and its output was read to the end. */
+  status: Promise<Deno.CommandStatus>;
   exited: boolean;
 }
 
@@ -40,14 +43,18 @@ serverTest(
     const watcher = postgres(TEST_URL, { max: 1, onnotice: () => {} });
     const client = Deno.createHttpClient({});
     const instances: Instance[] = [];
+    const step = (name: string, fn: () => Promise<void>) =>
+      t.step(name, () => reportingLogs(instances, fn));
     try {
       for (let i = 0; i < 3; i++) {
         instances.push(start(databaseUrl.href, `${database}_i${i}`));
       }
-      await Promise.all(instances.map(waitListening));
+      await reportingLogs(instances, async () => {
+        await Promise.all(instances.map(waitListening));
+      });
 
       const posted = new Map<string, string[]>(TENANTS.map((tenant) => [tenant, []]));
-      await t.step("a cold burst across instances and tenants: every request 2xx", async () => {
+      await step("a cold burst across instances and tenants: every request 2xx", async () => {
         const sampling = new AbortController();
         const peaks = sampleConnections(watcher, database, sampling.signal);
         let statuses: number[];
@@ -87,7 +94,7 @@ serverTest(
         }
       });
 
-      await t.step("each tenant schema was migrated exactly once", async () => {
+      await step("each tenant schema was migrated exactly once", async () => {
         for (const tenant of TENANTS) {
           const schema = `tenant_${tenant}`;
           const rows = await queryDatabase(databaseUrl.href, (sql) =>
@@ -104,7 +111,7 @@ serverTest(
         }
       });
 
-      await t.step("tenants never see each other's notes, from any instance", async () => {
+      await step("tenants never see each other's notes, from any instance", async () => {
         for (const tenant of TENANTS) {
           for (const instance of instances) {
             const { status, body } = await getNotes(client, instance, tenant);
@@ -119,7 +126,7 @@ serverTest(
         }
       });
 
-      await t.step("a bad tenant name gets 400 with a clear message and runs no SQL", async () => {
+      await step("a bad tenant name gets 400 with a clear message and runs no SQL", async () => {
         const before = await noteCounts(databaseUrl.href);
         const bad = [
           "Robert'); DROP TABLE notes;--",
@@ -147,7 +154,7 @@ serverTest(
         assert.deepEqual(schemas.map((row) => row.nspname), TENANTS.map((t) => `tenant_${t}`));
       });
 
-      await t.step("SIGTERM: no new connections, in-flight requests finish, exit 0", async () => {
+      await step("SIGTERM: no new connections, in-flight requests finish, exit 0", async () => {
         const target = instances[0];
         const slow = Array.from(
           { length: SLOW_REQUESTS },
@@ -190,7 +197,7 @@ serverTest(
             // It exited on its own meanwhile.
           }
         }
-        await instance.output;
+        await instance.status;
       }
       client.close();
       await watcher.end({ timeout: 1 });
@@ -227,26 +234,55 @@ function start(databaseUrl: string, appName: string): Instance {
     stdout: "piped",
     stderr: "piped",
   }).spawn();
+  const log: string[] = [];
+  const collect = async (stream: ReadableStream<Uint8Array>): Promise<void> => {
+    for await (const text of stream.pipeThrough(new TextDecoderStream())) log.push(text);
+  };
   const instance: Instance = {
     appName,
     base: `http://127.0.0.1:${port}`,
     port,
     child,
-    output: child.output(),
+    log,
+    status: Promise.all([collect(child.stdout), collect(child.stderr)]).then(() => child.status),
     exited: false,
   };
   const exited = (): void => {
     instance.exited = true;
   };
-  instance.output.then(exited, exited);
+  instance.status.then(exited, exited);
   return instance;
+}
+
+/**
+ * Runs `fn`; when it fails, the error's message gains what each instance wrote so far
+ * (the head and tail of a long log), so that a failure says why the server failed.
+ */
+async function reportingLogs(instances: Instance[], fn: () => Promise<void>): Promise<void> {
+  try {
+    await fn();
+  } catch (error) {
+    if (!(error instanceof Error)) throw error;
+    error.message += instances.map((instance) =>
+      `\n--- output of ${instance.appName} (${instance.base}) ---\n${excerpt(instance.log)}`
+    ).join("");
+    throw error;
+  }
+}
+
+/** The first 4000 and the last 2000 characters of a log. */
+function excerpt(log: string[]): string {
+  const text = log.join("");
+  if (text.length <= 6000) return text || "(nothing)";
+  return `${text.slice(0, 4000)}\n[… ${text.length - 6000} characters left out …]\n` +
+    text.slice(-2000);
 }
 
 async function waitListening(instance: Instance): Promise<void> {
   await waitFor(async () => {
     if (instance.exited) {
-      const { code, stderr } = await instance.output;
-      throw new Error(`deno serve exited with ${code}: ${new TextDecoder().decode(stderr)}`);
+      const { code } = await instance.status;
+      throw new Error(`deno serve exited with ${code}: ${excerpt(instance.log)}`);
     }
     return !await refuses(instance.port);
   }, `${instance.appName} to listen`);
@@ -276,14 +312,10 @@ async function expectCleanExit(
       15_000,
     );
   });
-  const { code, stderr } = await Promise.race([instance.output, timeout]).finally(() =>
+  const { code } = await Promise.race([instance.status, timeout]).finally(() =>
     clearTimeout(timer)
   );
-  assert.equal(
-    code,
-    0,
-    `${instance.appName} exit code; stderr: ${new TextDecoder().decode(stderr)}`,
-  );
+  assert.equal(code, 0, `${instance.appName} exit code; output: ${excerpt(instance.log)}`);
   await waitFor(
     async () =>
       (await watcher`SELECT count(*)::int AS n FROM pg_stat_activity

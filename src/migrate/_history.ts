@@ -15,8 +15,21 @@ import type { AppliedMigration, DriftedMigration, Migration } from "./types.ts";
 /** The history table's name unless `migrationsTable` says otherwise. */
 export const DEFAULT_HISTORY_TABLE = "schema_migrations";
 
-/** Errors of two processes creating the schema or table at the same moment. */
-const CREATE_RACE = new Set(["23505", "42P07", "42P06"]);
+/**
+ * Errors of two processes creating the schema or table at the same moment, when one of
+ * them does not take {@link ENSURE_LOCK_SQL} (another tool sharing the table): PostgreSQL's
+ * `IF NOT EXISTS` checks do not keep a concurrent creator out, so the loser fails on a
+ * catalog index (23505) or on the name the winner committed a moment before (42P07, 42P06,
+ * and 42710 for the table's row type).
+ */
+const CREATE_RACE = new Set(["23505", "42P07", "42P06", "42710"]);
+
+/**
+ * The first statement of the transaction creating a history table: a transaction advisory
+ * lock on the table's name, so that pgdbm processes create it one after another, and each
+ * `IF NOT EXISTS` sees what the one before committed.
+ */
+const ENSURE_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('pgdbm_history'), hashtext($1))";
 
 /** What a run has to do, from the source's files and the history. */
 export interface Plan {
@@ -130,7 +143,7 @@ export class History {
 
   /**
    * Creates the schema (when missing) and the table with pgdbm's columns, if they do not
-   * exist. Safe from many processes at once.
+   * exist. Safe from many processes at once: they take turns under {@link ENSURE_LOCK_SQL}.
    */
   async ensure(q: Transactional): Promise<void> {
     const table = this.ref;
@@ -145,6 +158,7 @@ export class History {
     if (found?.table === true) return;
     try {
       await q.transaction(async (tx) => {
+        await tx.execute(ENSURE_LOCK_SQL, [table]);
         // Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even then.
         if (found?.schema === false) {
           await tx.execute(`CREATE SCHEMA IF NOT EXISTS ${quoteIdentifier(schema!)}`);

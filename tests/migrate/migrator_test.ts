@@ -903,6 +903,57 @@ serverTest(
   },
 );
 
+serverTest(
+  "Migrator: pools starting cold at once create each schema's history table (40 rounds)",
+  async () => {
+    // Three pools (as three processes would) migrate the same four fresh schemas at once,
+    // on new connections: the history tables are created concurrently.
+    const admin = await createSharedPool({ connectionString: TEST_URL, maxConnections: 1 });
+    const root = new DatabaseManager({ pool: admin });
+    try {
+      for (let round = 0; round < 40; round++) {
+        const schemas = Array.from({ length: 4 }, () => uniqueSchema("cold"));
+        const pools = await Promise.all(
+          Array.from(
+            { length: 3 },
+            () =>
+              createSharedPool({
+                connectionString: TEST_URL,
+                maxConnections: 3,
+                minConnections: 0,
+              }),
+          ),
+        );
+        try {
+          const outcomes = await Promise.allSettled(
+            pools.flatMap((pool) =>
+              schemas.map(async (schema) => {
+                const db = new DatabaseManager({ pool, schema });
+                await db.ensureSchema();
+                const migrations = { "001_a.sql": "CREATE TABLE {{tables.a}} (id int)" };
+                return await new Migrator(db, { migrations, moduleName: "m" }).applyPending();
+              })
+            ),
+          );
+          const failed = outcomes.filter((o) => o.status === "rejected");
+          assert.deepEqual(failed, [], `round ${round}`);
+          const applied = outcomes.flatMap((o) =>
+            o.status === "fulfilled" ? o.value.applied.map(() => o.value.schema) : []
+          );
+          assert.deepEqual(applied.sort(), [...schemas].sort(), `round ${round}`);
+        } finally {
+          await Promise.all(pools.map((pool) => pool.close()));
+          for (const schema of schemas) {
+            await root.execute(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+          }
+        }
+      }
+    } finally {
+      await admin.close();
+    }
+  },
+);
+
 serverTest("Migrator applies each migration exactly once across racing processes", async () => {
   await withSchema(async ({ db }) => {
     const script = fileURLToPath(new URL("../fixtures/migrate_race.ts", import.meta.url));

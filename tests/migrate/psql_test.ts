@@ -454,52 +454,61 @@ serverTest("applyPending({ signal }) stops a long COPY data block and rolls it b
       { length: 400_000 },
       (_, i) => `${i}\tsome text to make the row longer`,
     );
-    // The COPY stalls at row 1,000 while public.stall has a row, so the abort lands inside
-    // it however fast the server copies; the rerun below finds the table empty.
-    await db.execute(
-      "CREATE TABLE public.stall (x int); INSERT INTO public.stall VALUES (1);\n" +
-        "CREATE FUNCTION public.stall() RETURNS boolean LANGUAGE sql AS " +
-        "$$ SELECT true FROM pg_sleep((SELECT 3 * count(*) FROM public.stall)) $$",
-    );
-    const migrator = new Migrator(db, {
-      migrations: {
-        "001_big.sql":
-          "CREATE TABLE public.big (id int CHECK (id <> 1000 OR public.stall()), body text);\n" +
-          "COPY public.big (id, body) FROM stdin;\n" + rows.join("\n") + "\n\\.\n",
-      },
-      moduleName: "m",
-    });
-    const controller = new AbortController();
-    // Abort once the server is running the COPY.
-    const watcher = (async () => {
-      const pool = await createSharedPool({ connectionString: url, maxConnections: 1 });
-      try {
-        const watch = new DatabaseManager({ pool });
-        while (!controller.signal.aborted) {
-          const copying = await watch.fetchValue<number>(
-            "SELECT count(*)::int FROM pg_stat_activity " +
-              "WHERE datname = current_database() AND query LIKE 'COPY public.big%'",
+    // The COPY stalls at row 1,000 until the test lets it go (an advisory lock the test
+    // holds): the abort is signalled while the server is inside the COPY, however fast or
+    // slow the machine is, and the rest of the data is still to be sent when the gate opens.
+    const gate = await createSharedPool({ connectionString: url, maxConnections: 1 });
+    try {
+      const gateKeeper = new DatabaseManager({ pool: gate });
+      await gateKeeper.execute("SELECT pg_advisory_lock(4242)");
+      await db.execute(
+        "CREATE FUNCTION public.stall() RETURNS boolean LANGUAGE plpgsql AS " +
+          "$$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN true; END $$",
+      );
+      const migrator = new Migrator(db, {
+        migrations: {
+          "001_big.sql":
+            "CREATE TABLE public.big (id int CHECK (id <> 1000 OR public.stall()), body text);\n" +
+            "COPY public.big (id, body) FROM stdin;\n" + rows.join("\n") + "\n\\.\n",
+        },
+        moduleName: "m",
+        // The COPY waits at the gate for as long as the watcher takes to see it.
+        lockTimeoutMs: 120_000,
+      });
+      const controller = new AbortController();
+      // Abort once the server's COPY waits at the gate, then open the gate.
+      const watcher = (async () => {
+        const watch = new DatabaseManager({ pool: gate });
+        while (true) {
+          const stalled = await watch.fetchValue<number>(
+            "SELECT count(*)::int FROM pg_stat_activity WHERE datname = current_database() " +
+              "AND query LIKE 'COPY public.big%' AND wait_event_type = 'Lock' " +
+              "AND wait_event = 'advisory'",
           );
-          if (copying === 1) controller.abort(new Error("stop"));
-          else await new Promise((resolve) => setTimeout(resolve, 5));
+          if (stalled === 1) break;
+          await new Promise((resolve) => setTimeout(resolve, 5));
         }
-      } finally {
-        await pool.close();
-      }
-    })();
-    await assert.rejects(migrator.applyPending({ signal: controller.signal }), (error: unknown) => {
-      assert.ok(error instanceof MigrationError, String(error));
-      assert.match(error.message, /aborted \(stop\)/);
-      assert.match(error.message, /rolled it back/);
-      return true;
-    });
-    await watcher;
-    await db.execute("DELETE FROM public.stall");
-    assert.equal(await db.tableExists("public.big"), false);
-    assert.deepEqual(await migrator.getApplied(), []);
-    // The lock was released: the next run applies the file.
-    assert.equal((await migrator.applyPending()).status, "success");
-    assert.equal(await db.fetchValue("SELECT count(*)::int FROM public.big"), 400_000);
+        controller.abort(new Error("stop"));
+        await gateKeeper.execute("SELECT pg_advisory_unlock(4242)");
+      })();
+      await assert.rejects(
+        migrator.applyPending({ signal: controller.signal }),
+        (error: unknown) => {
+          assert.ok(error instanceof MigrationError, String(error));
+          assert.match(error.message, /aborted \(stop\)/);
+          assert.match(error.message, /rolled it back/);
+          return true;
+        },
+      );
+      await watcher;
+      assert.equal(await db.tableExists("public.big"), false);
+      assert.deepEqual(await migrator.getApplied(), []);
+      // The lock was released: the next run applies the file.
+      assert.equal((await migrator.applyPending()).status, "success");
+      assert.equal(await db.fetchValue("SELECT count(*)::int FROM public.big"), 400_000);
+    } finally {
+      await gate.close();
+    }
   });
 });
 

@@ -193,14 +193,19 @@ serverTest("QueryMonitor records every statement of a pool with masked parameter
     assert.equal(failed[0].rowCount, 0);
     assert.deepEqual(failed[0].params, ["not-a-number", "<hidden>"]);
 
+    // The slow ones are exactly those of the history at or over 150 ms: the pg_sleep(0.2),
+    // and on a loaded machine maybe a statement that waited for the CPU.
     const slow = monitor.getSlowQueries();
-    assert.deepEqual(slow.map((r) => r.sql), ["SELECT pg_sleep(0.2)"]);
-    assert.ok(slow[0].durationMs >= 150);
+    const overThreshold = history.filter((r) => r.durationMs >= 150);
+    assert.deepEqual(slow, overThreshold);
+    const sleep = slow.find((r) => r.sql === "SELECT pg_sleep(0.2)");
+    assert.ok(sleep !== undefined, JSON.stringify(slow));
+    assert.ok(sleep.durationMs >= 150);
 
     const summary = monitor.getSummary();
     assert.equal(summary.count, history.length);
     assert.equal(summary.errors, 1);
-    assert.equal(summary.slow, 1);
+    assert.equal(summary.slow, overThreshold.length);
     assert.ok(summary.p99Ms >= 150);
   }, { onQuery: monitor.onQuery });
 });
