@@ -274,6 +274,44 @@ serverTest("DatabaseManager.fetchAll() returns a plain Array of plain objects", 
   });
 });
 
+serverTest(
+  "arrays of an enum created after the connection opened come back as arrays, bound and read",
+  async () => {
+    // One connection, opened before the types exist: it must learn them when it meets them.
+    await withManager(async (db, pool) => {
+      const pid = await db.fetchValue<number>("SELECT pg_backend_pid()");
+      await db.execute(
+        "CREATE TYPE {{tables.mood}} AS ENUM ('happy', 'sad', 'it''s, \"odd\"'); " +
+          "CREATE DOMAIN {{tables.score}} AS int CHECK (VALUE >= 0); " +
+          "CREATE TABLE {{tables.feelings}} (id int, moods {{tables.mood}}[], scores {{tables.score}}[])",
+      );
+      const moods = ["happy", null, 'it\'s, "odd"'];
+      await db.execute("INSERT INTO {{tables.feelings}} VALUES (1, $1, $2)", [moods, [3, 0]]);
+      for (let round = 0; round < 2; round++) {
+        const row = await db.fetchOne("SELECT moods, scores FROM {{tables.feelings}} WHERE id = 1");
+        assert.deepEqual(row, { moods, scores: [3, 0] }, `round ${round}`);
+        assert.deepEqual(
+          await db.fetchValue("SELECT ARRAY['sad', 'happy']::{{tables.mood}}[]"),
+          ["sad", "happy"],
+        );
+      }
+      assert.equal(await db.fetchValue<number>("SELECT pg_backend_pid()"), pid);
+      assert.equal(pool.getStats().size, 1);
+      // A session opened after the types reads the same.
+      const later = await createSharedPool({ connectionString: TEST_URL, maxConnections: 1 });
+      try {
+        const fresh = new DatabaseManager({ pool: later, schema: db.schema });
+        assert.deepEqual(
+          await fresh.fetchOne("SELECT moods, scores FROM {{tables.feelings}} WHERE id = 1"),
+          { moods, scores: [3, 0] },
+        );
+      } finally {
+        await later.close();
+      }
+    }, { minConnections: 1, maxConnections: 1 });
+  },
+);
+
 serverTest("DatabaseManager.fetchValue() reads a column by index and by name", async () => {
   await withManager(async (db) => {
     const sql = "SELECT 10 AS a, 'two' AS b, NULL::int AS c";

@@ -143,6 +143,11 @@ class PostgresConnection implements DriverConnection {
   #closed = false;
   #listeners: Array<() => void> = [];
   #notified: NotificationListener[] = [];
+  /**
+   * Types of this database's own (OIDs from {@link FIRST_USER_OID}) whose array types the
+   * session has installed, or found it has none: the setup's, then each one a result showed.
+   */
+  readonly #knownTypes = new Set<number>();
 
   private constructor(options: postgres.Options<Record<string, never>>) {
     this.#prepare = options.prepare !== false;
@@ -159,6 +164,12 @@ class PostgresConnection implements DriverConnection {
       onclose: () => this.#lose(),
       onnotify,
     } as postgres.Options<Record<string, never>>);
+    Object.setPrototypeOf(this.#types.serializers, UNKNOWN_TYPE_SERIALIZERS);
+  }
+
+  /** The parsers and serializers of this session's postgres.js instance. */
+  get #types(): TypeOptions {
+    return this.#sql.options as unknown as TypeOptions;
   }
 
   /**
@@ -188,7 +199,7 @@ class PostgresConnection implements DriverConnection {
       const [setup] = results.flat();
       connection.#pid = setup.pid as number;
       connection.#serverVersion = setup.version as string;
-      installArrayTypes(sql.options as unknown as TypeOptions, String(setup.arrays ?? ""));
+      connection.#install(arrayTypePairs(String(setup.arrays ?? "")));
       return connection;
     } catch (error) {
       connection.#markClosed();
@@ -199,6 +210,56 @@ class PostgresConnection implements DriverConnection {
 
   get pid(): number {
     return this.#pid;
+  }
+
+  /** Installs array types, and notes their element and array types as known. */
+  #install(pairs: readonly ArrayTypePair[]): void {
+    installArrayTypes(this.#types, pairs);
+    for (const [element, array] of pairs) {
+      if (element >= FIRST_USER_OID) this.#knownTypes.add(element);
+      if (array >= FIRST_USER_OID) this.#knownTypes.add(array);
+    }
+  }
+
+  /**
+   * A statement's result with the array types it showed that the session did not know yet
+   * (made after it opened: an enum, a domain, a table's row type) parsed as arrays, as a
+   * session opened after them would have: their array types are looked up and installed
+   * once, and the values postgres.js left as text are parsed. When the look-up fails (the
+   * session is lost, its transaction failed meanwhile), the values stay text.
+   */
+  typed(result: PgResult): DriverResult | Promise<DriverResult> {
+    const rows = toDriverResult(result);
+    const columns = lastResult(result).columns;
+    let unknown: number[] | undefined;
+    for (const column of columns ?? []) {
+      const type = column.type;
+      if (type >= FIRST_USER_OID && !this.#knownTypes.has(type)) (unknown ??= []).push(type);
+    }
+    if (unknown === undefined) return rows;
+    return this.#learnTypes(unknown).then(
+      () => reparsed(rows, columns!, this.#types.parsers),
+      () => rows,
+    );
+  }
+
+  async #learnTypes(types: readonly number[]): Promise<void> {
+    for (const type of types) this.#knownTypes.add(type);
+    try {
+      // Only numbers go into the text: a simple-protocol statement, which a pooler in
+      // transaction mode lets share the session.
+      const list = types.join(", ");
+      const found = await this.#sql.unsafe(
+        `SELECT e.oid::int AS element, a.oid::int AS array,
+            (CASE WHEN e.typtype = 'd' THEN e.typbasetype ELSE e.oid END)::int AS "parseAs"
+          FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type e ON e.oid = a.typelem
+          WHERE a.typcategory = 'A' AND (a.oid IN (${list}) OR e.oid IN (${list}))`,
+      ) as unknown as Array<{ element: number; array: number; parseAs: number }>;
+      this.#install(found.map((row) => [row.element, row.array, row.parseAs]));
+    } catch (error) {
+      for (const type of types) this.#knownTypes.delete(type);
+      throw error;
+    }
   }
 
   get serverVersion(): string {
@@ -467,12 +528,49 @@ function setupSql(timeoutMs: number): string {
     `SET LOCAL statement_timeout = ${timeoutMs}`,
     "SET LOCAL lock_timeout = 0",
     `SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version,
-      (SELECT string_agg(DISTINCT b.oid::text || ' ' || b.typarray::text, ',')
+      (SELECT string_agg(DISTINCT b.oid::text || ' ' || b.typarray::text || ' ' ||
+          (CASE WHEN b.typtype = 'd' THEN b.typbasetype ELSE b.oid END)::text, ',')
         FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type b ON b.oid = a.typelem
         WHERE a.typcategory = 'A') AS arrays`,
     "COMMIT",
   ].join(";\n");
 }
+
+/**
+ * The first OID of a database's own objects (`FirstNormalObjectId`): types below it are
+ * PostgreSQL's, whose array types every session installs when it opens.
+ */
+const FIRST_USER_OID = 16384;
+
+const TYPE_OID = /^\d+$/;
+
+/**
+ * An element type, its array type, and the type whose parser and serializer its elements
+ * take: the element type's own, or a domain's base type (which is what PostgreSQL reports
+ * for a column of the domain itself).
+ */
+type ArrayTypePair = readonly [element: number, array: number, parseAs: number];
+
+/** The pairs of the setup's `element array parseAs,…` list. */
+function arrayTypePairs(list: string): ArrayTypePair[] {
+  return list === "" ? [] : list.split(",").map((pair) => {
+    const [element, array, parseAs] = pair.split(" ").map(Number);
+    return [element, array, parseAs] as const;
+  });
+}
+
+/**
+ * What a session binds a value as when its type has no serializer (postgres.js would bind
+ * `String(value)`, which joins an array with commas): an array as an array literal, of an
+ * array type made after the session opened, whose elements are then bound as text.
+ */
+const UNKNOWN_TYPE_SERIALIZERS: object = new Proxy({}, {
+  has: (_, key) => typeof key === "string" && TYPE_OID.test(key),
+  get: (_, key) =>
+    typeof key === "string" && TYPE_OID.test(key)
+      ? (value: unknown) => Array.isArray(value) ? serializeArray(value, undefined) : String(value)
+      : undefined,
+});
 
 interface TypeOptions {
   parsers: Record<number, ((text: string) => unknown) & { array?: boolean }>;
@@ -481,15 +579,13 @@ interface TypeOptions {
 }
 
 /**
- * Teaches one session's postgres.js instance the server's array types (`element array`
- * pairs separated by commas): parsers that turn NULL elements into `null`, and serializers
+ * Teaches one session's postgres.js instance array types: parsers that turn NULL elements into `null`, and serializers
  * for arrays bound as parameters.
  */
-function installArrayTypes(options: TypeOptions, arrays: string): void {
-  for (const pair of arrays === "" ? [] : arrays.split(",")) {
-    const [element, array] = pair.split(" ").map(Number);
-    const parse = options.parsers[element];
-    const serialize = options.serializers[element];
+function installArrayTypes(options: TypeOptions, pairs: readonly ArrayTypePair[]): void {
+  for (const [element, array, parseAs] of pairs) {
+    const parse = options.parsers[parseAs];
+    const serialize = options.serializers[parseAs];
     const delimiter = array === BOX_ARRAY ? ";" : ",";
     const parser = (text: string) => parseArrayBody(text, parse, delimiter);
     parser.array = true;
@@ -688,7 +784,7 @@ class PostgresRunningQuery implements RunningQuery {
     params: readonly unknown[],
   ) {
     this.#query = query;
-    this.result = query.then(toDriverResult, (error) => {
+    this.result = query.then((result) => connection.typed(result as PgResult), (error) => {
       throw connection.toQueryError(error, sql, params);
     });
   }
@@ -740,10 +836,46 @@ class PostgresRunningQuery implements RunningQuery {
 }
 
 /** Copies rows into a plain array (a loop: slice() on postgres.js's Array subclass is slow). */
-function toDriverResult(result: postgres.RowList<Row[]> | postgres.RowList<Row[]>[]): DriverResult {
-  const last = (result as { command?: unknown }).command === undefined
-    ? (result as postgres.RowList<Row[]>[])[(result as unknown[]).length - 1]
-    : result as postgres.RowList<Row[]>;
+/** A postgres.js result: one statement's, or each statement's of a multi-statement text. */
+type PgResult = PgStatementResult | PgStatementResult[];
+
+/** One statement's rows, as postgres.js hands them over. */
+type PgStatementResult = postgres.RowList<Row[]> & {
+  /** The result's columns (`null` for a command without rows). */
+  columns: ReadonlyArray<{ name: string; type: number }> | null;
+};
+
+/** The result of a text's last statement: what the driver returns. */
+function lastResult(result: PgResult): PgStatementResult {
+  return (result as { command?: unknown }).command === undefined
+    ? (result as PgStatementResult[])[(result as unknown[]).length - 1]
+    : result as PgStatementResult;
+}
+
+/**
+ * `result` with the text postgres.js left in the columns whose type now has an array parser
+ * parsed (postgres.js hands an array parser the text after its opening brace). A name that
+ * several columns share holds the last one's value.
+ */
+function reparsed(
+  result: DriverResult,
+  columns: ReadonlyArray<{ name: string; type: number }>,
+  parsers: TypeOptions["parsers"],
+): DriverResult {
+  columns.forEach((column, index) => {
+    const parse = parsers[column.type];
+    if (parse?.array !== true) return;
+    if (columns.findLastIndex((other) => other.name === column.name) !== index) return;
+    for (const row of result.rows) {
+      const value = row[column.name];
+      if (typeof value === "string") row[column.name] = parse(value.slice(1));
+    }
+  });
+  return result;
+}
+
+function toDriverResult(result: PgResult): DriverResult {
+  const last = lastResult(result);
   const length = last.length;
   // postgres.js keeps its row counter after a query that failed while streaming rows, so
   // the next query's rows start at that index (porsager/postgres#1119, #1181).
