@@ -17,7 +17,7 @@ import {
 } from "./pool/pool.ts";
 import { Queries, type Reporter, type Runner } from "./queries.ts";
 import type { ListenOptions, NotificationHandler, Subscription } from "./listen.ts";
-import { cursorBatches, type CursorSession, type StreamOptions } from "./stream.ts";
+import { cursorBatches, type CursorSession, portalBatches, type StreamOptions } from "./stream.ts";
 import { assertIdentifier, quoteIdentifier } from "./template.ts";
 import { Connection, LeaseRunner, runTransaction, type Transaction } from "./transaction.ts";
 
@@ -423,6 +423,14 @@ class PoolRunner implements Runner {
     report: Reporter,
   ): AsyncGenerator<Row[]> {
     const lease = await requirePool(this.#holder).lease();
+    if (lease.cursor !== undefined) {
+      try {
+        yield* portalBatches(lease.cursor, sql, params, options, report);
+      } finally {
+        lease.release();
+      }
+      return;
+    }
     const session: CursorSession = {
       run: (text, values, runOptions) =>
         report(text, values, () => lease.query(text, values, runOptions)),

@@ -331,11 +331,12 @@ export abstract class Queries {
   }
 
   /**
-   * Streams the rows of a query from a server-side cursor, `batchSize` rows per round trip,
-   * in constant memory. Outside a transaction it holds one connection, in a transaction of
-   * its own, until the loop ends; leaving the loop early (`break`, `throw`) or aborting
-   * `signal` closes the cursor and frees the connection. In a transaction (`tx.stream`) the
-   * cursor lives in that transaction.
+   * Streams the rows of a query, `batchSize` rows per round trip, in constant memory.
+   * Outside a transaction it holds one connection until the loop ends, reading a portal of
+   * the extended protocol (a cursor in a transaction of its own through a transaction pooler
+   * or on PGlite); leaving the loop early (`break`, `throw`) or aborting `signal` closes it
+   * and frees the connection. In a transaction (`tx.stream`) or on an acquired connection
+   * it is a server-side cursor on that connection, so other statements can run between rows.
    *
    * @param sql The query.
    * @param params Values for `$1…$n`.

@@ -1,23 +1,26 @@
 /**
- * Rows as a stream: a server-side cursor (`DECLARE … NO SCROLL CURSOR`) fetched in batches,
- * so memory stays constant however many rows the query returns. Outside a transaction the
- * cursor lives in a `BEGIN … COMMIT` of its own on one connection; leaving the loop early
- * (`break`, `throw`) or aborting the signal closes the cursor and ends that transaction.
+ * Rows as a stream, fetched in batches, so memory stays constant however many rows the query
+ * returns. Outside a transaction the statement runs on a connection of its own as a portal
+ * of the extended protocol (where the driver has them; else a cursor in a `BEGIN … COMMIT`
+ * of its own); in a transaction or on an acquired connection, whose caller may run other
+ * statements between rows, as a server-side cursor (`DECLARE … NO SCROLL CURSOR`). Leaving
+ * the loop early (`break`, `throw`) or aborting the signal closes the portal or cursor.
  * Works the same on both drivers and through PgBouncer in transaction mode.
  *
  * @module
  */
 
 import type { DriverResult, Row } from "./drivers/driver.ts";
-import type { QueryOptions } from "./pool/types.ts";
+import type { Lease, QueryOptions } from "./pool/types.ts";
+import type { Reporter } from "./queries.ts";
 
 /** Options of `stream()`. */
 export interface StreamOptions {
   /**
    * Rows fetched per round trip: more means fewer round trips and more memory per batch.
-   * 5000 streams 1,000,000 small rows at 0.7 of `fetchAll()`'s rate (what a `DECLARE` /
-   * `FETCH` cursor costs; more rows per batch do not change it) with a few MB per batch
-   * (bench/stream_bench.ts); lower it for wide rows.
+   * 5000 streams 1,000,000 small rows at about `fetchAll()`'s rate through a portal (0.7 of
+   * it through a `DECLARE` / `FETCH` cursor, whatever the batch size) with a few MB per
+   * batch (bench/stream_bench.ts); lower it for wide rows.
    * @default {5000}
    */
   batchSize?: number;
@@ -40,6 +43,59 @@ export interface CursorSession {
   broken?: boolean;
 }
 
+/** The batch size of `options`, checked. */
+function batchSizeOf(options: StreamOptions | undefined): number {
+  const batchSize = options?.batchSize ?? DEFAULT_BATCH_SIZE;
+  if (!Number.isSafeInteger(batchSize) || batchSize < 1) {
+    throw new RangeError(
+      `Cannot stream rows: 'batchSize' must be a positive integer; got ${String(batchSize)}`,
+    );
+  }
+  return batchSize;
+}
+
+/**
+ * Yields the rows of `sql` in batches of up to `batchSize` from a portal of the extended
+ * protocol on a session held alone (`Lease.cursor`): one statement, no transaction and no
+ * cursor to declare, which streams at `fetchAll`'s pace where `DECLARE`/`FETCH` runs at
+ * 0.7 of it. `report` sees it as one statement, its rows counted, once the rows end.
+ *
+ * @throws {RangeError} When `batchSize` is not a positive integer.
+ */
+export async function* portalBatches(
+  cursor: NonNullable<Lease["cursor"]>,
+  sql: string,
+  params: readonly unknown[],
+  options: StreamOptions | undefined,
+  report: Reporter,
+): AsyncGenerator<Row[]> {
+  const batchSize = batchSizeOf(options);
+  const signal = options?.signal;
+  signal?.throwIfAborted();
+  let rowCount = 0;
+  let end!: (failure?: { error: unknown }) => void;
+  const ended = new Promise<DriverResult>((resolve, reject) => {
+    end = (failure) =>
+      failure === undefined ? resolve({ rows: [], command: "SELECT", rowCount }) : reject(
+        failure.error,
+      );
+  });
+  const reported = report(sql, params, () => ended);
+  let failure: { error: unknown } | undefined;
+  try {
+    for await (const rows of cursor(sql, params, batchSize, signal)) {
+      rowCount += rows.length;
+      yield rows;
+    }
+  } catch (error) {
+    failure = { error };
+    throw error;
+  } finally {
+    end(failure);
+    await reported.catch(() => {});
+  }
+}
+
 /**
  * Yields the rows of `sql` from a cursor on `session` in batches of up to `batchSize` (never
  * an empty one); {@link BatchRows} hands them out one at a time.
@@ -52,12 +108,7 @@ export async function* cursorBatches(
   params: readonly unknown[],
   options: StreamOptions | undefined,
 ): AsyncGenerator<Row[]> {
-  const batchSize = options?.batchSize ?? DEFAULT_BATCH_SIZE;
-  if (!Number.isSafeInteger(batchSize) || batchSize < 1) {
-    throw new RangeError(
-      `Cannot stream rows: 'batchSize' must be a positive integer; got ${String(batchSize)}`,
-    );
-  }
+  const batchSize = batchSizeOf(options);
   const signal = options?.signal;
   signal?.throwIfAborted();
   const run = (text: string, values: readonly unknown[] = []) =>

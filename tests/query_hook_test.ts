@@ -123,7 +123,7 @@ Deno.test("onQuery and replicas are checked when the pool is made", () => {
 });
 
 serverTest(
-  "onQuery sees each statement of a stream and a COPY out as one statement, values kept out",
+  "onQuery sees a stream (in a transaction: its cursor's statements) and a COPY out, values kept out",
   async () => {
     await withHook(async (db, events) => {
       await db.execute("CREATE TABLE {{tables.users}} (id int, password text)");
@@ -139,22 +139,38 @@ serverTest(
         )
       ) ids.push(row.id);
       assert.deepEqual(ids, [2, 3, 4, 5]);
+      // On a connection of its own the stream is one statement, read through a portal.
       assert.deepEqual(
         events.map((e) => [e.sql, e.rowCount, e.error]),
+        [[`SELECT id FROM "${schema}".users WHERE id > $1 ORDER BY id`, 4, undefined]],
+      );
+      assert.deepEqual(events[0].params, [1]);
+
+      // In a transaction it is a cursor, whose statements are seen one by one.
+      events.length = 0;
+      const inTransaction: unknown[] = [];
+      await db.transaction(async (tx) => {
+        for await (
+          const row of tx.stream<{ id: number }>(
+            "SELECT id FROM {{tables.users}} WHERE id > $1 ORDER BY id",
+            [1],
+            { batchSize: 3 },
+          )
+        ) inTransaction.push(row.id);
+      });
+      assert.deepEqual(inTransaction, [2, 3, 4, 5]);
+      assert.deepEqual(
+        events.filter((e) => e.sql.includes("pgdbm_cursor")).map((e) => [e.sql, e.rowCount]),
         [
-          ["BEGIN", 0, undefined],
           [
             `DECLARE pgdbm_cursor_1 NO SCROLL CURSOR FOR SELECT id FROM "${schema}".users WHERE id > $1 ORDER BY id`,
             0,
-            undefined,
           ],
-          ["FETCH FORWARD 3 FROM pgdbm_cursor_1", 3, undefined],
-          ["FETCH FORWARD 3 FROM pgdbm_cursor_1", 1, undefined],
-          ["CLOSE pgdbm_cursor_1", 0, undefined],
-          ["COMMIT", 0, undefined],
+          ["FETCH FORWARD 3 FROM pgdbm_cursor_1", 3],
+          ["FETCH FORWARD 3 FROM pgdbm_cursor_1", 1],
+          ["CLOSE pgdbm_cursor_1", 0],
         ],
       );
-      assert.deepEqual(events[1].params, [1]);
 
       events.length = 0;
       const chunks: Uint8Array[] = [];

@@ -221,6 +221,48 @@ serverTest("an aborted stream closes its cursor on the connection it used", asyn
   }, { minConnections: 1, maxConnections: 1 });
 });
 
+serverTest(
+  "streams stopped at any point (break, abort while the server works, error) leave the next statements alone",
+  async () => {
+    // One connection: a cancel request that outlived its stream, or a portal or transaction
+    // left open, would fail or hold the statements that follow on it. 45 rounds, stopping at
+    // varied points; the aborts come from a timer, mostly while the server is busy making a
+    // batch (pg_sleep every 500 rows), so they are sent to the server as cancel requests.
+    await withManager(async (db, pool) => {
+      const sql = "SELECT g, CASE WHEN g % 500 = 0 THEN pg_sleep(0.005)::text END AS slow " +
+        "FROM generate_series(1, 5000) g";
+      for (let round = 0; round < 45; round++) {
+        const stopAt = 1 + (round * 397) % 4000;
+        const how = round % 3;
+        const controller = new AbortController();
+        const timer = how === 1
+          ? setTimeout(() => controller.abort(new Error("stop")), 1 + round % 7)
+          : undefined;
+        let seen = 0;
+        try {
+          for await (
+            const _ of db.stream(sql, [], { batchSize: 250, signal: controller.signal })
+          ) {
+            if (++seen < stopAt || how === 1) continue;
+            if (how === 0) break;
+            throw new Error("the caller's own error");
+          }
+          assert.ok(how === 0 || (how === 1 && seen === 5000), `round ${round}: ${seen} rows`);
+        } catch (error) {
+          const expected = how === 1 ? /stop/ : /the caller's own error/;
+          assert.match(String(error), expected, `round ${round}`);
+        } finally {
+          clearTimeout(timer);
+        }
+        idle(pool);
+        assert.equal(await db.fetchValue<number>("SELECT $1::int", [round]), round);
+        // Outside any transaction, a statement's transaction starts with it.
+        assert.equal(await db.fetchValue("SELECT now() = statement_timestamp()"), true);
+      }
+    }, { minConnections: 1, maxConnections: 1 });
+  },
+);
+
 serverTest("a stream in a transaction runs on the transaction's connection", async () => {
   await withManager(async (db) => {
     await db.transaction(async (tx) => {

@@ -107,6 +107,22 @@ export interface DriverConnection {
    * end before the first chunk (PGlite hands over the whole output at once).
    */
   copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number>;
+  /**
+   * Runs one statement and yields its rows `batchSize` at a time (never an empty batch)
+   * from a portal of the extended protocol: the statement runs once, each batch is one
+   * Execute, and no transaction is needed. Nothing else can run on the session until the
+   * rows end, so only a caller that holds the session alone, and sends nothing in between,
+   * may use it. A server error is thrown from the iterator as a {@link QueryError}. Leaving
+   * early (`return()`) closes the portal; aborting `signal` cancels the statement and throws
+   * `signal.reason`. Drivers without it (the embedded one, and the network one with
+   * `prepare: false`, for transaction poolers) leave it undefined: callers declare a cursor.
+   */
+  readonly cursor?: (
+    sql: string,
+    params: readonly unknown[],
+    batchSize: number,
+    signal?: AbortSignal,
+  ) => AsyncGenerator<Row[]>;
   /** Calls `listener` once when the session ends, for whatever reason. */
   onClose(listener: () => void): void;
   /**

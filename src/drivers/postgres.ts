@@ -143,6 +143,7 @@ class PostgresConnection implements DriverConnection {
   #closed = false;
   #listeners: Array<() => void> = [];
   #notified: NotificationListener[] = [];
+  readonly cursor?: DriverConnection["cursor"];
   /**
    * Types of this database's own (OIDs from {@link FIRST_USER_OID}) whose array types the
    * session has installed, or found it has none: the setup's, then each one a result showed.
@@ -165,6 +166,10 @@ class PostgresConnection implements DriverConnection {
       onnotify,
     } as postgres.Options<Record<string, never>>);
     Object.setPrototypeOf(this.#types.serializers, UNKNOWN_TYPE_SERIALIZERS);
+    // Through a transaction pooler (`prepare: false`) a portal left open between batches
+    // would hold a server connection on terms the pooler does not expect: callers declare a
+    // cursor there.
+    if (this.#prepare) this.cursor = (...args) => this.#cursor(...args);
   }
 
   /** The parsers and serializers of this session's postgres.js instance. */
@@ -413,6 +418,60 @@ class PostgresConnection implements DriverConnection {
     const inTime = await Promise.race([drained.then(() => true), late]);
     clearTimeout(timer);
     if (!inTime) await this.terminate();
+  }
+
+  /**
+   * postgres.js's own cursor: Bind, then Execute with a row limit and a Flush per batch;
+   * the next Execute goes once the batch is handed over. Leaving early makes postgres.js
+   * send Close and Sync when the portal next suspends. A cancel request goes only while the
+   * server works on a batch, and is delivered before the session takes anything else.
+   */
+  async *#cursor(
+    sql: string,
+    params: readonly unknown[],
+    batchSize: number,
+    signal?: AbortSignal,
+  ): AsyncGenerator<Row[]> {
+    if (this.#closed) await closedQuery(sql, params).result;
+    signal?.throwIfAborted();
+    const query = this.#sql.unsafe(sql, this.#bindable(params), { prepare: true });
+    const batches = query.cursor(batchSize)[Symbol.asyncIterator]();
+    const send = takeCanceller(query);
+    let working = false;
+    let cancelled: Promise<void> | undefined;
+    const onAbort = () => {
+      if (working && send !== undefined) cancelled ??= send();
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+    let ended = false;
+    try {
+      while (true) {
+        let next: IteratorResult<unknown>;
+        working = true;
+        try {
+          next = await batches.next();
+        } catch (error) {
+          // The statement failed (or was cancelled): postgres.js has ended it.
+          ended = true;
+          if (signal?.aborted) throw signal.reason;
+          throw this.toQueryError(error, sql, params);
+        } finally {
+          working = false;
+        }
+        if (next.done === true) {
+          ended = true;
+          return;
+        }
+        // The portal waits for its next Execute: leaving here closes it.
+        signal?.throwIfAborted();
+        const { rows } = toDriverResult(next.value as PgResult);
+        if (rows.length > 0) yield rows;
+      }
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      await cancelled;
+      if (!ended) await batches.return?.();
+    }
   }
 
   onClose(listener: () => void): void {

@@ -14,6 +14,7 @@ import type {
   DriverConnection,
   DriverResult,
   NotificationListener,
+  Row,
 } from "../drivers/driver.ts";
 import { createDriver } from "../drivers/mod.ts";
 import { PoolError } from "../errors.ts";
@@ -499,6 +500,23 @@ export class ConnectionPool implements Pool {
     }
   }
 
+  /** Yields a statement's rows in batches from a portal on a leased slot. */
+  async *cursor(
+    slot: Slot,
+    sql: string,
+    params: readonly unknown[],
+    batchSize: number,
+    signal: AbortSignal | undefined,
+  ): AsyncGenerator<Row[]> {
+    const entry = copyEntry(sql);
+    slot.running.add(entry);
+    try {
+      yield* slot.conn.cursor!(sql, params, batchSize, signal);
+    } finally {
+      this.#settle(slot, entry);
+    }
+  }
+
   /** Yields the output of a `COPY … TO STDOUT` on a leased slot. */
   async *copyOut(
     slot: Slot,
@@ -891,10 +909,17 @@ class SlotLease implements Lease {
   readonly #pool: ConnectionPool;
   readonly #slot: Slot;
   #released = false;
+  readonly cursor?: Lease["cursor"];
 
   constructor(pool: ConnectionPool, slot: Slot) {
     this.#pool = pool;
     this.#slot = slot;
+    if (slot.conn.cursor !== undefined) {
+      this.cursor = (sql, params, batchSize, signal) => {
+        if (this.#released) throw releasedError();
+        return pool.cursor(slot, sql, params, batchSize, signal);
+      };
+    }
   }
 
   get config(): ResolvedConfig {
@@ -937,8 +962,8 @@ function releasedError(): PoolError {
 }
 
 /**
- * A COPY's entry among a leased slot's statements in flight: no driver statement to cancel
- * (the COPY ends with its stream) and no deadline of the pool's tick.
+ * A COPY's or a portal's entry among a leased slot's statements in flight: no driver
+ * statement to cancel (it ends with its stream) and no deadline of the pool's tick.
  */
 function copyEntry(sql: string): InFlight {
   return {

@@ -6,7 +6,7 @@
  */
 
 import type { ResolvedConfig } from "../config.ts";
-import type { DriverResult } from "../drivers/driver.ts";
+import type { DriverResult, Row } from "../drivers/driver.ts";
 
 /** A statement's result as the pool hands it on. */
 export interface QueryResult extends DriverResult {
@@ -100,6 +100,16 @@ export interface Lease {
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
   /** Streams COPY text to the leased connection; aborting `signal` stops the COPY. */
   copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number>;
+  /**
+   * Yields a statement's rows in batches from a portal on the leased connection, when its
+   * driver has portals (see `DriverConnection.cursor`); nothing else may run on it meanwhile.
+   */
+  readonly cursor?: (
+    sql: string,
+    params: readonly unknown[],
+    batchSize: number,
+    signal?: AbortSignal,
+  ) => AsyncGenerator<Row[]>;
   /** Yields the output of a `COPY … TO STDOUT` on the leased connection; returns its row count. */
   copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number>;
   /** Returns the connection; `discard` closes it instead (its state is unknown). */
