@@ -6,7 +6,7 @@
  */
 
 import type { ResolvedConfig } from "../config.ts";
-import type { DriverResult, Row } from "../drivers/driver.ts";
+import type { DriverConnection, DriverResult } from "../drivers/driver.ts";
 
 /** A statement's result as the pool hands it on. */
 export interface QueryResult extends DriverResult {
@@ -104,12 +104,7 @@ export interface Lease {
    * Yields a statement's rows in batches from a portal on the leased connection, when its
    * driver has portals (see `DriverConnection.cursor`); nothing else may run on it meanwhile.
    */
-  readonly cursor?: (
-    sql: string,
-    params: readonly unknown[],
-    batchSize: number,
-    signal?: AbortSignal,
-  ) => AsyncGenerator<Row[]>;
+  readonly cursor?: DriverConnection["cursor"];
   /** Yields the output of a `COPY … TO STDOUT` on the leased connection; returns its row count. */
   copyOut(sql: string, signal?: AbortSignal): AsyncGenerator<Uint8Array, number>;
   /** Returns the connection; `discard` closes it instead (its state is unknown). */
