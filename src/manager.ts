@@ -15,9 +15,15 @@ import {
   type PoolStats,
   type QueryOptions,
 } from "./pool/pool.ts";
-import { Queries, type Reporter, type Runner } from "./queries.ts";
+import { Queries, type Runner } from "./queries.ts";
 import type { ListenOptions, NotificationHandler, Subscription } from "./listen.ts";
-import { cursorBatches, type CursorSession, portalBatches, type StreamOptions } from "./stream.ts";
+import {
+  cursorBatches,
+  type CursorSession,
+  portalBatches,
+  type Reporter,
+  type StreamOptions,
+} from "./stream.ts";
 import { assertIdentifier, quoteIdentifier } from "./template.ts";
 import { Connection, LeaseRunner, runTransaction, type Transaction } from "./transaction.ts";
 

@@ -22,7 +22,7 @@ import type { ResolvedConfig } from "./config.ts";
 import type { DriverResult, Row } from "./drivers/driver.ts";
 import { QueryError, SchemaError, ValidationError } from "./errors.ts";
 import type { QueryOptions } from "./pool/pool.ts";
-import { BatchRows, type StreamOptions } from "./stream.ts";
+import { BatchRows, type Reporter, type StreamOptions } from "./stream.ts";
 import type { InferOutput, StandardSchemaV1 } from "./standard_schema.ts";
 import { assertIdentifier, expandTemplate, quoteIdentifier } from "./template.ts";
 import { assertChannel } from "./listen.ts";
@@ -88,16 +88,6 @@ export interface Runner {
   /** Yields the output of a `COPY … TO STDOUT` on one connection; returns its row count. */
   copyOut(sql: string, signal: AbortSignal | undefined): AsyncGenerator<Uint8Array, number>;
 }
-
-/**
- * Sends one statement with `run`, reporting it to the `onQuery` hook and OpenTelemetry like
- * every other statement (for the statements a stream sends: DECLARE, FETCH, CLOSE). Internal.
- */
-export type Reporter = (
-  sql: string,
-  params: readonly unknown[],
-  run: () => Promise<DriverResult>,
-) => Promise<DriverResult>;
 
 const TRAILING = /[\s;]+$/;
 

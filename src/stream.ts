@@ -12,7 +12,17 @@
 
 import type { DriverResult, Row } from "./drivers/driver.ts";
 import type { Lease, QueryOptions } from "./pool/types.ts";
-import type { Reporter } from "./queries.ts";
+
+/**
+ * Sends one statement with `run`, reporting it to the `onQuery` hook and OpenTelemetry like
+ * every other statement (the statements a stream sends: its portal's one, or a cursor's
+ * DECLARE, FETCH and CLOSE). Internal.
+ */
+export type Reporter = (
+  sql: string,
+  params: readonly unknown[],
+  run: () => Promise<DriverResult>,
+) => Promise<DriverResult>;
 
 /** Options of `stream()`. */
 export interface StreamOptions {

@@ -12,8 +12,8 @@ import { PoolError } from "./errors.ts";
 import { mayBeginTransaction } from "./_sql.ts";
 import { chunkSizes, plainInsert, TARGET_CHECK_SQL } from "./_batch_values.ts";
 import type { Lease, QueryOptions } from "./pool/pool.ts";
-import { abortedCommitError, Queries, type Reporter, type Runner } from "./queries.ts";
-import { cursorBatches, type CursorSession, type StreamOptions } from "./stream.ts";
+import { abortedCommitError, Queries, type Runner } from "./queries.ts";
+import { cursorBatches, type CursorSession, type Reporter, type StreamOptions } from "./stream.ts";
 
 /** Runs SQL on one leased connection until it is closed (the callback returned). */
 export class LeaseRunner implements Runner {
