@@ -1,7 +1,8 @@
 /**
  * PostgreSQL array literals: parsing, NULL elements included (postgres.js turns an unquoted
- * `NULL` element into the string `"NULL"` or into `NaN`; this parser returns `null`), and
- * writing arrays bound as parameters.
+ * `NULL` element into the string `"NULL"` or into `NaN`; this parser returns `null`),
+ * writing arrays bound as parameters, and what both drivers share to learn the array types of
+ * the database's own types (an enum's, a domain's) made after they started.
  *
  * @module
  */
@@ -127,3 +128,46 @@ export function serializeArray(
 function isNull(text: string): boolean {
   return text.toUpperCase() === "NULL";
 }
+
+/**
+ * The first OID of a database's own objects (`FirstNormalObjectId`): types below it are
+ * PostgreSQL's, whose array types a driver knows from the start.
+ */
+export const FIRST_USER_OID = 16384;
+
+/**
+ * The statement that looks up array types: one row per array type with its `element` type,
+ * the `array` type, and `parseAs`, the type whose parser and serializer its elements take (the
+ * element type's own, or a domain's base type, which is what PostgreSQL reports for a column
+ * of the domain itself). Only numbers go into the text, so it runs on the simple protocol.
+ *
+ * @param types The types to look up, element or array types, or `undefined` for the array
+ *   types of every type of the database's own (from {@link FIRST_USER_OID}).
+ * @returns The statement.
+ */
+export function arrayTypesSql(types: readonly number[] | undefined): string {
+  const list = types?.map(Number).join(", ");
+  const where = list === undefined
+    ? `e.oid >= ${FIRST_USER_OID}`
+    : `(a.oid IN (${list}) OR e.oid IN (${list}))`;
+  return `SELECT e.oid::int AS element, a.oid::int AS array,
+      (CASE WHEN e.typtype = 'd' THEN e.typbasetype ELSE e.oid END)::int AS "parseAs"
+    FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type e ON e.oid = a.typelem
+    WHERE a.typcategory = 'A' AND ${where}`;
+}
+
+const TYPE_OID = /^\d+$/;
+
+/**
+ * The fallback of a session's serializers, keyed by type OID, for a type that has none (a
+ * driver would bind `String(value)`, which joins an array with commas): an array as an array
+ * literal, of an array type made after the session opened, whose elements are then bound as
+ * text; any other value as `String(value)`.
+ */
+export const UNKNOWN_TYPE_SERIALIZERS: object = new Proxy({}, {
+  has: (_, key) => typeof key === "string" && TYPE_OID.test(key),
+  get: (_, key) =>
+    typeof key === "string" && TYPE_OID.test(key)
+      ? (value: unknown) => Array.isArray(value) ? serializeArray(value, undefined) : String(value)
+      : undefined,
+});

@@ -7,7 +7,8 @@
  * Values come back as the network driver gives them (postgres.js defaults): `int8` and
  * `numeric` as strings, `int2`/`int4`/`float4`/`float8`/`oid` as numbers, `json`/`jsonb`
  * parsed, `date`/`timestamp`/`timestamptz` as `Date`, `bytea` as a plain `Uint8Array`, and
- * arrays as arrays with NULL elements as `null`.
+ * arrays as arrays with NULL elements as `null`, also of the database's own types (an enum's,
+ * a domain's, whose elements read as the domain's base type) made after the engine started.
  *
  * @module
  */
@@ -31,6 +32,13 @@ import type {
 } from "./driver.ts";
 import { QueryError } from "../errors.ts";
 import { isCopyFromStdin } from "../_sql.ts";
+import {
+  arrayTypesSql,
+  FIRST_USER_OID,
+  parseArrayBody,
+  serializeArray,
+  UNKNOWN_TYPE_SERIALIZERS,
+} from "./_pg_array.ts";
 
 /** Options of {@link createPgliteDriver}. */
 export interface PgliteDriverOptions {
@@ -96,11 +104,17 @@ const COPY_FROM_STDIN = /\bFROM\s+STDIN\b/i;
 
 /**
  * PGlite that reports the command tag of every statement it completes, and the data of a
- * `COPY … TO STDOUT`.
+ * `COPY … TO STDOUT`, and knows the array types of the database's own types.
  */
 class TaggedPGlite extends PGlite {
   onTag?: (tag: string) => void;
   onCopyData?: (chunk: Uint8Array) => void;
+  /**
+   * Types of the database's own (OIDs from {@link FIRST_USER_OID}) whose array types the
+   * engine has installed, or found it has none: those there when it started, then each one a
+   * result showed.
+   */
+  readonly knownTypes = new Set<number>();
 
   override async execProtocolStream(
     message: Uint8Array,
@@ -253,7 +267,10 @@ class PgliteDriver implements Driver {
     let pg: TaggedPGlite | undefined;
     try {
       pg = new TaggedPGlite({ dataDir, parsers: PARSERS });
+      Object.setPrototypeOf(pg.serializers, UNKNOWN_TYPE_SERIALIZERS);
       await pg.waitReady;
+      const { rows } = await pg.query<ArrayType>(arrayTypesSql(undefined));
+      installArrayTypes(pg, rows);
       return pg;
     } catch (error) {
       await pg?.close().catch(() => {});
@@ -468,22 +485,92 @@ class CopyChunks {
   }
 }
 
-/** Runs one statement: extended protocol with params, simple protocol without. */
+/**
+ * Runs one statement: extended protocol with params, simple protocol without. A result that
+ * shows types the engine does not know yet has them learned ({@link learnTypes}).
+ */
 async function runStatement(
   pg: TaggedPGlite,
   sql: string,
   params: readonly unknown[],
 ): Promise<DriverResult> {
   const tags: string[] = [];
+  let last: Results<Row> | undefined;
   pg.onTag = (tag) => tags.push(tag);
   try {
     const results: Results<Row>[] = params.length > 0
       ? [await pg.query<Row>(sql, params as unknown[])]
       : await pg.exec(sql);
-    return toDriverResult(results[results.length - 1], tags[tags.length - 1]);
+    last = results[results.length - 1];
   } finally {
     pg.onTag = undefined;
   }
+  if (last !== undefined) {
+    let unknown: number[] | undefined;
+    for (const { dataTypeID } of last.fields) {
+      if (dataTypeID >= FIRST_USER_OID && !pg.knownTypes.has(dataTypeID)) {
+        (unknown ??= []).push(dataTypeID);
+      }
+    }
+    if (unknown !== undefined) await learnTypes(pg, unknown, last);
+  }
+  return toDriverResult(last, tags[tags.length - 1]);
+}
+
+/** An array type as {@link arrayTypesSql} gives it. */
+interface ArrayType {
+  element: number;
+  array: number;
+  parseAs: number;
+}
+
+/**
+ * Installs parsers and serializers for array types (PGlite has them only for the types there
+ * when it started, and for a domain's array it parses the elements as text): NULL elements
+ * read as `null`, elements parsed and bound as their `parseAs` type. Notes the element and
+ * array types as known.
+ */
+function installArrayTypes(pg: TaggedPGlite, types: readonly ArrayType[]): void {
+  for (const { element, array, parseAs } of types) {
+    const parse = pg.parsers[parseAs];
+    const serialize = pg.serializers[parseAs];
+    pg.parsers[array] = (text) => parseArrayBody(text.slice(1), parse);
+    pg.serializers[array] = (value) => serializeArray(value, serialize);
+    pg.knownTypes.add(element);
+    pg.knownTypes.add(array);
+  }
+}
+
+/**
+ * Looks the array types of `types` up once (types made after the engine started: an enum, a
+ * domain, a table's row type), installs them, and parses the values of `result` PGlite left
+ * as text, as a result after them would read. When the look-up fails, the values stay text.
+ */
+async function learnTypes(
+  pg: TaggedPGlite,
+  types: readonly number[],
+  result: Results<Row>,
+): Promise<void> {
+  for (const type of types) pg.knownTypes.add(type);
+  let found: Results<ArrayType>;
+  try {
+    found = await pg.query<ArrayType>(arrayTypesSql(types));
+  } catch {
+    for (const type of types) pg.knownTypes.delete(type);
+    return;
+  }
+  installArrayTypes(pg, found.rows);
+  const { fields, rows } = result;
+  fields.forEach(({ name, dataTypeID }, index) => {
+    if (!found.rows.some(({ array }) => array === dataTypeID)) return;
+    // A name several columns share holds the last one's value.
+    if (fields.findLastIndex((other) => other.name === name) !== index) return;
+    const parse = pg.parsers[dataTypeID];
+    for (const row of rows) {
+      const value = row[name];
+      if (typeof value === "string") row[name] = parse(value);
+    }
+  });
 }
 
 /** Builds the result of the last statement, its command from the full command tag. */

@@ -23,7 +23,13 @@ import type {
   StatementOptions,
 } from "./driver.ts";
 import { QueryError, type ServerErrorFields } from "../errors.ts";
-import { parseArrayBody, serializeArray } from "./_pg_array.ts";
+import {
+  arrayTypesSql,
+  FIRST_USER_OID,
+  parseArrayBody,
+  serializeArray,
+  UNKNOWN_TYPE_SERIALIZERS,
+} from "./_pg_array.ts";
 import { byteaFromHex, byteaToHex } from "./_bytea.ts";
 
 type Sql = ReturnType<typeof postgres>;
@@ -253,13 +259,9 @@ class PostgresConnection implements DriverConnection {
     try {
       // Only numbers go into the text: a simple-protocol statement, which a pooler in
       // transaction mode lets share the session.
-      const list = types.join(", ");
-      const found = await this.#sql.unsafe(
-        `SELECT e.oid::int AS element, a.oid::int AS array,
-            (CASE WHEN e.typtype = 'd' THEN e.typbasetype ELSE e.oid END)::int AS "parseAs"
-          FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type e ON e.oid = a.typelem
-          WHERE a.typcategory = 'A' AND (a.oid IN (${list}) OR e.oid IN (${list}))`,
-      ) as unknown as Array<{ element: number; array: number; parseAs: number }>;
+      const found = await this.#sql.unsafe(arrayTypesSql(types)) as unknown as Array<
+        { element: number; array: number; parseAs: number }
+      >;
       this.#install(found.map((row) => [row.element, row.array, row.parseAs]));
     } catch (error) {
       for (const type of types) this.#knownTypes.delete(type);
@@ -596,14 +598,6 @@ function setupSql(timeoutMs: number): string {
 }
 
 /**
- * The first OID of a database's own objects (`FirstNormalObjectId`): types below it are
- * PostgreSQL's, whose array types every session installs when it opens.
- */
-const FIRST_USER_OID = 16384;
-
-const TYPE_OID = /^\d+$/;
-
-/**
  * An element type, its array type, and the type whose parser and serializer its elements
  * take: the element type's own, or a domain's base type (which is what PostgreSQL reports
  * for a column of the domain itself).
@@ -617,19 +611,6 @@ function arrayTypePairs(list: string): ArrayTypePair[] {
     return [element, array, parseAs] as const;
   });
 }
-
-/**
- * What a session binds a value as when its type has no serializer (postgres.js would bind
- * `String(value)`, which joins an array with commas): an array as an array literal, of an
- * array type made after the session opened, whose elements are then bound as text.
- */
-const UNKNOWN_TYPE_SERIALIZERS: object = new Proxy({}, {
-  has: (_, key) => typeof key === "string" && TYPE_OID.test(key),
-  get: (_, key) =>
-    typeof key === "string" && TYPE_OID.test(key)
-      ? (value: unknown) => Array.isArray(value) ? serializeArray(value, undefined) : String(value)
-      : undefined,
-});
 
 interface TypeOptions {
   parsers: Record<number, ((text: string) => unknown) & { array?: boolean }>;

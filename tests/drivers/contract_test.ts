@@ -423,6 +423,61 @@ const CASES: Case[] = [
   },
 
   {
+    name: "query() binds and reads arrays of an enum and a domain created in the session",
+    async run(conn, target) {
+      // The types are newer than the session (and than PGlite's engine): the driver learns
+      // them from the results that show them. A domain's elements read as its base type.
+      const mood = target.table("mood");
+      const score = target.table("score");
+      const t = target.table("feelings");
+      await exec(
+        conn,
+        `CREATE TYPE ${mood} AS ENUM ('happy', 'sad', 'it''s, "odd"', 'NULL', 'back\\slash', '{x}'); ` +
+          `CREATE DOMAIN ${score} AS int CHECK (VALUE >= 0); ` +
+          `CREATE TABLE ${t} (id int, moods ${mood}[], scores ${score}[])`,
+      );
+      const moods = ["happy", null, 'it\'s, "odd"', "NULL", "back\\slash", "{x}"];
+      const scores = [3, null, 0];
+      // Bound before any result showed the types.
+      await exec(conn, `INSERT INTO ${t} VALUES (1, $1, $2)`, [moods, scores]);
+      await exec(conn, `INSERT INTO ${t} VALUES (2, $1, $2)`, [[], [[1, 2], [3, null]]], true);
+      await exec(conn, `INSERT INTO ${t} VALUES (3, NULL, NULL)`);
+      for (const prepare of [false, true]) {
+        const where = `prepare ${prepare}`;
+        const { rows } = await exec(
+          conn,
+          `SELECT id, moods, scores FROM ${t} WHERE id > $1 ORDER BY id`,
+          [0],
+          prepare,
+        );
+        assert.deepEqual(rows, [
+          { id: 1, moods, scores },
+          { id: 2, moods: [], scores: [[1, 2], [3, null]] },
+          { id: 3, moods: null, scores: null },
+        ], where);
+        const { rows: [row] } = await exec(
+          conn,
+          `SELECT $1::${mood}[] AS m, $2::${score}[] AS s, $3::${score} AS one, ` +
+            `array_to_json($1::${mood}[])::text AS json`,
+          [moods, [7, null], 5],
+          prepare,
+        );
+        assert.deepEqual(
+          row,
+          { m: moods, s: [7, null], one: 5, json: JSON.stringify(moods) },
+          where,
+        );
+      }
+      // The simple protocol, and several statements of which the last shows the types.
+      const { rows: simple } = await exec(
+        conn,
+        `SELECT 1; SELECT ARRAY['sad', NULL, 'NULL']::${mood}[] AS m, ARRAY[4, NULL]::${score}[] AS s`,
+      );
+      assert.deepEqual(simple, [{ m: ["sad", null, "NULL"], s: [4, null] }]);
+    },
+  },
+
+  {
     name: "query() rejects with QueryError and the server's SQLSTATE; the session goes on",
     async run(conn, target) {
       const t = target.table("errors");

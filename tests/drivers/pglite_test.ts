@@ -358,3 +358,37 @@ Deno.test("createPgliteDriver() behaves like the network driver behind the seam"
     await driver.close();
   }
 });
+
+Deno.test("createPgliteDriver({ dataDir }) reads arrays of the types an earlier run made", async () => {
+  const dataDir = await Deno.makeTempDir({ prefix: "pgdbm-pglite-types-" });
+  try {
+    const first = createPgliteDriver({ dataDir, serverSettings: {} });
+    try {
+      const conn = await first.connect();
+      await run(
+        conn,
+        "CREATE TYPE mood AS ENUM ('happy', 'sad'); CREATE DOMAIN score AS int; " +
+          "CREATE TABLE feelings (moods mood[], scores score[]); " +
+          "INSERT INTO feelings VALUES ('{sad,NULL}', '{1,NULL,2}')",
+      );
+      await conn.close();
+    } finally {
+      await first.close();
+    }
+    // PGlite learns the stored array types when it starts, a domain's with text elements.
+    const second = createPgliteDriver({ dataDir, serverSettings: {} });
+    try {
+      const conn = await second.connect();
+      const expected = [{ moods: ["sad", null], scores: [1, null, 2] }];
+      assert.deepEqual((await run(conn, "SELECT moods, scores FROM feelings")).rows, expected);
+      await run(conn, "DELETE FROM feelings");
+      await run(conn, "INSERT INTO feelings VALUES ($1, $2)", [["sad", null], [1, null, 2]]);
+      assert.deepEqual((await run(conn, "SELECT moods, scores FROM feelings")).rows, expected);
+      await conn.close();
+    } finally {
+      await second.close();
+    }
+  } finally {
+    await Deno.remove(dataDir, { recursive: true });
+  }
+});

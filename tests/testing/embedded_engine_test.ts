@@ -104,6 +104,56 @@ Deno.test("Embedded test databases share one engine per process, each in a schem
   }
 });
 
+/** A module whose migration makes an enum with `labels` and a domain over int. */
+function moodsModule(labels: readonly string[]) {
+  const list = labels.map((label) => `'${label.replaceAll("'", "''")}'`).join(", ");
+  return {
+    moduleName: "moods",
+    schema: "moods",
+    migrations: {
+      "001_moods.sql": `CREATE TYPE {{tables.mood}} AS ENUM (${list});
+        CREATE DOMAIN {{tables.score}} AS int CHECK (VALUE >= 0);
+        CREATE TABLE {{tables.feelings}} (id int, moods {{tables.mood}}[], scores {{tables.score}}[]);`,
+    },
+  };
+}
+
+Deno.test("Embedded test databases bind and read arrays of the enums and domains they make", async () => {
+  // The engine is shared: each test database's types are made after it started, and two
+  // schemas' types of the same name are different types.
+  await using a = await createTestDatabase({
+    embedded: true,
+    migrations: moodsModule(["happy", 'it\'s, "odd"', "NULL"]),
+  });
+  const aMoods = ["happy", null, 'it\'s, "odd"', "NULL"];
+  await a.db.execute("INSERT INTO {{tables.feelings}} VALUES (1, $1, $2)", [aMoods, [3, null]]);
+  assert.deepEqual(
+    await a.db.fetchOne("SELECT moods, scores FROM {{tables.feelings}}"),
+    { moods: aMoods, scores: [3, null] },
+  );
+  await using b = await createTestDatabase({
+    embedded: true,
+    migrations: moodsModule(["calm", "back\\slash", "{x}"]),
+  });
+  assert.equal(a.pool, b.pool, "one engine");
+  const bMoods = ["{x}", "back\\slash", null, "calm"];
+  await b.db.execute("INSERT INTO {{tables.feelings}} VALUES (1, $1, $2)", [bMoods, [[1], [2]]]);
+  assert.deepEqual(
+    await b.db.fetchOne("SELECT moods, scores FROM {{tables.feelings}}"),
+    { moods: bMoods, scores: [[1], [2]] },
+  );
+  assert.deepEqual(
+    await a.db.fetchValue("SELECT $1::{{tables.mood}}[]", [["NULL", "happy"]]),
+    ["NULL", "happy"],
+  );
+  await b.db.execute("CREATE TYPE {{tables.later}} AS ENUM ('x', 'y')");
+  assert.deepEqual(await b.db.fetchValue("SELECT '{y,x,NULL}'::{{tables.later}}[]"), [
+    "y",
+    "x",
+    null,
+  ]);
+});
+
 Deno.test("withTestDatabase() on PGlite drops its schema when the body throws", async () => {
   let name = "";
   let pool: Pool | undefined;
