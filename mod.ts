@@ -78,12 +78,12 @@ export {
   createUrlSource,
   writeMigrationManifest,
 } from "./src/migrate/source.ts";
+export type { UrlSourceOptions } from "./src/migrate/source.ts";
 export type {
   MigrationFile,
   MigrationSource,
   MigrationSourceOptions,
-  UrlSourceOptions,
-} from "./src/migrate/source.ts";
+} from "./src/migrate/types.ts";
 export {
   ConfigurationError,
   ConnectionError,

@@ -20,7 +20,8 @@ import {
   Migrator,
   type MigratorOptions,
 } from "./migrator.ts";
-import { type MigrationSource, resolveMigrationSource } from "./source.ts";
+import { resolveMigrationSource } from "./source.ts";
+import type { MigrationSource } from "./types.ts";
 import { upToDateSchemas } from "./_fleet_history.ts";
 import { DEFAULT_HISTORY_TABLE } from "./_history.ts";
 import type { Pool } from "../pool/pool.ts";

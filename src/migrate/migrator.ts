@@ -97,12 +97,7 @@ import { DEFAULT_HISTORY_TABLE, History, type Plan } from "./_history.ts";
 import type { LockScope, MigrationLock } from "./_lock.ts";
 import { SessionLock } from "./_session_lock.ts";
 import { TransactionLock } from "./_transaction_lock.ts";
-import {
-  createMigrationFile,
-  type MigrationFile,
-  type MigrationSource,
-  resolveMigrationSource,
-} from "./source.ts";
+import { createMigrationFile, resolveMigrationSource } from "./source.ts";
 import type {
   AppliedMigration,
   AppliedMigrationResult,
@@ -110,8 +105,10 @@ import type {
   CreateMigrationOptions,
   Migration,
   MigrationEvent,
+  MigrationFile,
   MigrationLockMode,
   MigrationResult,
+  MigrationSource,
   MigrationStatus,
   MigratorOptions,
 } from "./types.ts";

@@ -31,6 +31,7 @@
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ConfigurationError, MigrationError } from "../errors.ts";
+import type { MigrationFile, MigrationSource, MigrationSourceOptions } from "./types.ts";
 import {
   isMigrationFilename,
   isSafeMigrationFilename,
@@ -41,37 +42,6 @@ import {
 /** The name of the manifest file of a migrations folder served by URL. */
 export const MIGRATION_MANIFEST = "migrations.json";
 
-/** One migration file as a source returns it. */
-export interface MigrationFile {
-  /** The file name, such as `001_create_users.sql`. */
-  readonly filename: string;
-  /** The file's text. */
-  readonly content: string;
-}
-
-/**
- * A place migration files are read from. {@link Migrator} reads it afresh on every call,
- * so edits between calls are seen.
- */
-export interface MigrationSource {
-  /** Where the files are (a path, a URL, or `"<in-memory>"`), for messages. */
-  readonly location: string;
-  /**
-   * Reads every migration file (`*.sql`, not hidden, directly in the source), in no
-   * particular order.
-   *
-   * @throws {MigrationError} When the source cannot be read.
-   */
-  read(): Promise<MigrationFile[]>;
-  /**
-   * Writes a new migration file into the source and returns its path; only sources on a
-   * local disk have it.
-   *
-   * @throws {MigrationError} When the name is unsafe or the file exists.
-   */
-  write?(filename: string, content: string): Promise<string>;
-}
-
 /** Options of {@link createUrlSource}. */
 export interface UrlSourceOptions {
   /**
@@ -79,16 +49,6 @@ export interface UrlSourceOptions {
    * @default {globalThis.fetch}
    */
   fetch?: typeof fetch;
-}
-
-/** Options naming one source, as {@link Migrator} takes them. */
-export interface MigrationSourceOptions {
-  /** A directory path, or a `file:`/`https:` URL (string or `URL`) of a folder. */
-  migrationsPath?: string | URL;
-  /** File name → SQL, in memory. */
-  migrations?: Record<string, string>;
-  /** A source of your own. */
-  source?: MigrationSource;
 }
 
 const DECODER = new TextDecoder("utf-8", { ignoreBOM: true, fatal: true });

@@ -15,7 +15,8 @@
 import { ConfigurationError, TimeoutError } from "../errors.ts";
 import { DatabaseManager } from "../manager.ts";
 import { Migrator } from "../migrate/migrator.ts";
-import { type MigrationSource, resolveMigrationSource } from "../migrate/source.ts";
+import { resolveMigrationSource } from "../migrate/source.ts";
+import type { MigrationSource } from "../migrate/types.ts";
 import { assertIdentifier, quoteIdentifier } from "../template.ts";
 import { sha256Hex } from "../_hash.ts";
 import { pollUntilTaken } from "../_backoff.ts";

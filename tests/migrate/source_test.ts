@@ -7,10 +7,10 @@ import {
   createRecordSource,
   createUrlSource,
   MIGRATION_MANIFEST,
-  type MigrationFile,
   resolveMigrationSource,
   writeMigrationManifest,
 } from "../../src/migrate/source.ts";
+import type { MigrationFile } from "../../src/migrate/types.ts";
 
 const FIXTURES = new URL("../fixtures/migrations/", import.meta.url);
 const fixture = (name: string): string => fileURLToPath(new URL(`${name}/`, FIXTURES));
