@@ -824,9 +824,10 @@ class PostgresRunningQuery implements RunningQuery {
     params: readonly unknown[],
   ) {
     this.#query = query;
-    this.result = query.then((result) => connection.typed(result as PgResult), (error) => {
-      throw connection.toQueryError(error, sql, params);
-    });
+    // Handed to its session now (as then() would), so that a close() right after still
+    // finishes it.
+    query.execute();
+    this.result = settled(query, connection, sql, params);
   }
 
   /**
@@ -875,7 +876,28 @@ class PostgresRunningQuery implements RunningQuery {
   }
 }
 
-/** Copies rows into a plain array (a loop: slice() on postgres.js's Array subclass is slow). */
+/**
+ * A statement's result, or its error as a {@link QueryError}. Awaited, not given callbacks
+ * with `then()`: with `then()` V8's young-generation collections kept about 4 MB of dead
+ * objects alive each (promoted, collected only by full collections), with `await` 0.15 MB,
+ * as with raw postgres.js. Measured with 64 callers looping on point reads straight on the
+ * driver (`--trace-gc-nvp`, field new_space_survived); why is not known.
+ */
+async function settled(
+  query: PgQuery,
+  connection: PostgresConnection,
+  sql: string,
+  params: readonly unknown[],
+): Promise<DriverResult> {
+  let result: PgResult;
+  try {
+    result = await query as unknown as PgResult;
+  } catch (error) {
+    throw connection.toQueryError(error, sql, params);
+  }
+  return connection.typed(result);
+}
+
 /** A postgres.js result: one statement's, or each statement's of a multi-statement text. */
 type PgResult = PgStatementResult | PgStatementResult[];
 
@@ -914,6 +936,7 @@ function reparsed(
   return result;
 }
 
+/** A text's last rows as a plain array (a loop: slice() on postgres.js's Array subclass is slow). */
 function toDriverResult(result: PgResult): DriverResult {
   const last = lastResult(result);
   const length = last.length;
