@@ -263,6 +263,25 @@ serverTest(
   },
 );
 
+serverTest(
+  "streams of many texts leave no prepared statement behind on the connection",
+  async () => {
+    await withManager(async (db) => {
+      const prepared = () =>
+        db.fetchValue<number>("SELECT count(*)::int FROM pg_prepared_statements");
+      const before = await prepared();
+      for (let i = 1; i <= 5; i++) {
+        let n = 0;
+        for await (const _ of db.stream(`SELECT g FROM generate_series(1, ${i}) g`)) n++;
+        assert.equal(n, i);
+        for await (const _ of db.stream("SELECT g FROM generate_series(1, $1::int) g", [i])) n++;
+        assert.equal(n, 2 * i);
+      }
+      assert.equal(await prepared(), before);
+    }, { minConnections: 1, maxConnections: 1 });
+  },
+);
+
 serverTest("a stream in a transaction runs on the transaction's connection", async () => {
   await withManager(async (db) => {
     await db.transaction(async (tx) => {

@@ -436,7 +436,8 @@ class PostgresConnection implements DriverConnection {
   ): AsyncGenerator<Row[]> {
     if (this.#closed) await closedQuery(sql, params).result;
     signal?.throwIfAborted();
-    const query = this.#sql.unsafe(sql, this.#bindable(params), { prepare: true });
+    // Unnamed: a named statement per streamed text would stay on the session until it ends.
+    const query = this.#sql.unsafe(sql, this.#bindable(params), { prepare: false });
     const batches = query.cursor(batchSize)[Symbol.asyncIterator]();
     const send = takeCanceller(query);
     let working = false;
