@@ -157,6 +157,16 @@ export async function* cursorBatches(
 }
 
 /**
+ * Ends the batches of rows dropped half-way, neither read to the end nor `return()`ed, once
+ * the garbage collector takes them: their portal or cursor is closed and their connection
+ * goes back to the pool (at a moment the collector chooses, so code should still end its
+ * loops).
+ */
+const dropped = new FinalizationRegistry<AsyncGenerator<Row[]>>((batches) => {
+  batches.return(undefined).catch(() => {});
+});
+
+/**
  * The rows of a cursor's batches, one per `next()`. An async generator yielding each row
  * costs several promise turns per row (and one more per `yield*` layer): this hands out a
  * fetched batch's rows as resolved promises (about 40 ns a row), and
@@ -176,6 +186,7 @@ export class BatchRows<T = Row> implements AsyncIterableIterator<T> {
   constructor(batches: AsyncGenerator<Row[]>, signal: AbortSignal | undefined) {
     this.#batches = batches;
     this.#signal = signal;
+    dropped.register(this, batches, this);
   }
 
   /** This iterator. */
@@ -194,6 +205,7 @@ export class BatchRows<T = Row> implements AsyncIterableIterator<T> {
   /** Ends the rows early: closes the cursor and frees its connection. */
   async return(): Promise<IteratorResult<T>> {
     this.#batch = [];
+    dropped.unregister(this);
     await this.#batches.return(undefined);
     return { value: undefined, done: true };
   }
@@ -202,11 +214,21 @@ export class BatchRows<T = Row> implements AsyncIterableIterator<T> {
     this.#batch = [];
     this.#index = 0;
     if (this.#signal?.aborted === true) {
+      dropped.unregister(this);
       await this.#batches.return(undefined);
       throw this.#signal.reason;
     }
-    const next = await this.#batches.next();
-    if (next.done === true) return { value: undefined, done: true };
+    let next: IteratorResult<Row[]>;
+    try {
+      next = await this.#batches.next();
+    } catch (error) {
+      dropped.unregister(this);
+      throw error;
+    }
+    if (next.done === true) {
+      dropped.unregister(this);
+      return { value: undefined, done: true };
+    }
     this.#batch = next.value;
     this.#index = 1;
     return { value: next.value[0] as T, done: false };

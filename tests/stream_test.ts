@@ -4,7 +4,8 @@
  */
 import assert from "node:assert/strict";
 import { createSharedPool, DatabaseManager, type Pool, QueryError } from "../mod.ts";
-import { serverTest, withManager } from "./_support/server.ts";
+import { fileURLToPath } from "node:url";
+import { serverTest, TEST_URL, withManager } from "./_support/server.ts";
 
 async function seed(db: DatabaseManager, n: number): Promise<void> {
   await db.execute("CREATE TABLE {{tables.numbers}} (n int PRIMARY KEY)");
@@ -281,6 +282,19 @@ serverTest(
     }, { minConnections: 1, maxConnections: 1 });
   },
 );
+
+serverTest("a stream dropped half-way frees its connection once it is garbage", async () => {
+  const script = fileURLToPath(new URL("./fixtures/abandoned_stream.ts", import.meta.url));
+  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--v8-flags=--expose-gc", script, TEST_URL],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const decoder = new TextDecoder();
+  assert.equal(code, 0, decoder.decode(stderr));
+  const lines = decoder.decode(stdout).trim().split("\n");
+  assert.deepEqual(JSON.parse(lines.at(-1)!), { freed: true, used: 0, afterwards: 42 });
+});
 
 serverTest("a stream in a transaction runs on the transaction's connection", async () => {
   await withManager(async (db) => {
