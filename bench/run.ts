@@ -208,6 +208,14 @@ async function truncate(table: string): Promise<void> {
   await db.execute(`TRUNCATE ${table}`);
 }
 
+/** A candidate that times `fn` writing into an emptied `bench_rows` (the emptying untimed). */
+function intoEmptyRows(fn: () => Promise<unknown>): Candidate {
+  return async () => {
+    await truncate("bench_rows");
+    return await timed(fn);
+  };
+}
+
 async function startProcess(args: string[]): Promise<number> {
   const start = performance.now();
   const result = await new Deno.Command(Deno.execPath(), {
@@ -396,46 +404,28 @@ function workloads(peers: Awaited<ReturnType<typeof externalPeers>>): Workload[]
     {
       name: "`executeMany` of 10,000 rows",
       warmup: true,
-      pgdbm: async () => {
-        await truncate("bench_rows");
-        return await timed(() => db.executeMany(INSERT, tenThousand));
-      },
+      pgdbm: intoEmptyRows(() => db.executeMany(INSERT, tenThousand)),
       peers: {
-        "postgres.js": async () => {
-          await truncate("bench_rows");
-          return await timed(() =>
-            pgjs1.begin((tx) =>
-              Promise.all(tenThousand.map((r) => tx.unsafe(INSERT, r, { prepare: true })))
-            )
-          );
-        },
-        "node-postgres (pipeline)": async () => {
-          await truncate("bench_rows");
-          return await timed(async () => {
-            await pgPipelined.query("BEGIN");
-            await Promise.all(tenThousand.map((r) => pgPipelined.query(named(INSERT, r))));
-            await pgPipelined.query("COMMIT");
-          });
-        },
+        "postgres.js": intoEmptyRows(() =>
+          pgjs1.begin((tx) =>
+            Promise.all(tenThousand.map((r) => tx.unsafe(INSERT, r, { prepare: true })))
+          )
+        ),
+        "node-postgres (pipeline)": intoEmptyRows(async () => {
+          await pgPipelined.query("BEGIN");
+          await Promise.all(tenThousand.map((r) => pgPipelined.query(named(INSERT, r))));
+          await pgPipelined.query("COMMIT");
+        }),
         ...asyncpg("executemany"),
       },
     },
     {
       name: "the same through an `unnest` INSERT",
       warmup: true,
-      pgdbm: async () => {
-        await truncate("bench_rows");
-        return await timed(() => db.execute(UNNEST, columns));
-      },
+      pgdbm: intoEmptyRows(() => db.execute(UNNEST, columns)),
       peers: {
-        "postgres.js": async () => {
-          await truncate("bench_rows");
-          return await timed(() => pgjs10.unsafe(UNNEST, columns, { prepare: true }));
-        },
-        "node-postgres": async () => {
-          await truncate("bench_rows");
-          return await timed(() => pgPool.query(named(UNNEST, columns)));
-        },
+        "postgres.js": intoEmptyRows(() => pgjs10.unsafe(UNNEST, columns, { prepare: true })),
+        "node-postgres": intoEmptyRows(() => pgPool.query(named(UNNEST, columns))),
         ...asyncpg("unnest"),
       },
     },
