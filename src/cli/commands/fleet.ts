@@ -373,20 +373,32 @@ function summary(result: FleetResult, dryRun: boolean): string {
 const RESUME = "Resume with the same command: schemas already up to date are skipped (one " +
   "query each) and the others are migrated from where they stopped.";
 
+type FleetPool = Awaited<ReturnType<typeof openPool>>;
+
 /**
- * The pool a fleet runs on: a connection per schema in progress and one to list the schemas,
- * with prepared statements unless the module's lock is meant for a transaction pooler.
+ * Runs `run` with the pool a fleet runs on and the schemas `selection` names, then ends the
+ * progress display and closes the pool. The pool has a connection per schema in progress
+ * and one to list the schemas, with prepared statements unless the module's lock is meant
+ * for a transaction pooler.
  */
-function openFleetPool(
+async function onFleet<T>(
   context: CliContext,
   target: ResolvedUrl,
   module: CliModule,
+  selection: Selection,
   concurrency: number,
-): ReturnType<typeof openPool> {
-  return openPool(context, target.url, {
+  run: (pool: FleetPool, schemas: string[]) => Promise<T>,
+): Promise<T> {
+  const pool = await openPool(context, target.url, {
     prepare: module.lock !== "transaction",
     maxConnections: concurrency + 1,
   });
+  try {
+    return await run(pool, await resolveSchemas(context, new DatabaseManager({ pool }), selection));
+  } finally {
+    context.out.endProgress();
+    await pool.close();
+  }
 }
 
 /**
@@ -402,10 +414,7 @@ export async function applyFleet(
 ): Promise<number> {
   const dryRun = hasFlag(input, "dry-run");
   const concurrency = concurrencyOf(input);
-  const pool = await openFleetPool(context, target, module, concurrency);
-  let result: FleetResult;
-  try {
-    const schemas = await resolveSchemas(context, new DatabaseManager({ pool }), selection);
+  const result = await onFleet(context, target, module, selection, concurrency, (pool, schemas) => {
     context.out.print(`Database: ${maskUrl(target.url)} (${target.source})`);
     context.out.print(
       `Module '${module.name}' in ${plural(schemas.length, "schema")} (${selection.label}), ` +
@@ -414,7 +423,7 @@ export async function applyFleet(
     if (schemas.length === 0) context.out.error(`Warning: no schema: ${selection.label}.`);
     const bar = new ProgressBar(context, schemas.length, "schemas");
     bar.update(0, 0);
-    result = await migrateSchemas(pool, schemas, {
+    return migrateSchemas(pool, schemas, {
       migrationsPath: module.migrationsPath,
       moduleName: module.name,
       migrationsTable: module.migrationsTable,
@@ -425,10 +434,7 @@ export async function applyFleet(
       cancelRunning: true,
       onProgress: (p) => bar.update(p.done, p.failed, p.schema),
     });
-  } finally {
-    context.out.endProgress();
-    await pool.close();
-  }
+  });
   printFleet(context, result, dryRun);
   const document = {
     command: "migrate apply",
@@ -524,22 +530,16 @@ export async function statusFleet(
   selection: Selection,
 ): Promise<number> {
   const concurrency = concurrencyOf(input);
-  const pool = await openFleetPool(context, target, module, concurrency);
-  let report: FleetStatusReport;
-  try {
-    const schemas = await resolveSchemas(context, new DatabaseManager({ pool }), selection);
+  const report = await onFleet(context, target, module, selection, concurrency, (pool, schemas) => {
     const bar = new ProgressBar(context, schemas.length, "schemas checked");
-    report = await checkSchemas(pool, schemas, {
+    return checkSchemas(pool, schemas, {
       migrationsPath: module.migrationsPath,
       moduleName: module.name,
       migrationsTable: module.migrationsTable,
       concurrency,
       onProgress: (p) => bar.update(p.done, undefined, p.schema),
     });
-  } finally {
-    context.out.endProgress();
-    await pool.close();
-  }
+  });
   const check = hasFlag(input, "check");
   const clean = report.schemas.every((s) => s.state === "up_to_date");
   const document = {
