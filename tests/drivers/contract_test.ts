@@ -16,7 +16,7 @@ import { resolveConfig } from "../../src/config.ts";
 import type { Driver, DriverConnection, DriverResult } from "../../src/drivers/driver.ts";
 import { QueryError } from "../../src/errors.ts";
 import { createPgliteDriver } from "../../src/drivers/pglite.ts";
-import { createPostgresDriver } from "../../src/drivers/postgres.ts";
+import { createWireDriver } from "../../src/drivers/wire.ts";
 import { serverTest, TEST_URL, uniqueName } from "../_support/server.ts";
 import { settlesWithin } from "../_support/settle.ts";
 
@@ -142,7 +142,7 @@ const CASES: Case[] = [
       if (target.kind === "network") {
         const url = new URL(TEST_URL);
         url.pathname = `/${uniqueName("no_such_db")}`;
-        const elsewhere = createPostgresDriver(resolveConfig({ connectionString: url.href }));
+        const elsewhere = createWireDriver(resolveConfig({ connectionString: url.href }));
         try {
           const error = await rejection(elsewhere.connect());
           assert.equal(error.sqlstate, "3D000");
@@ -1083,7 +1083,7 @@ async function runContract(t: Deno.TestContext, kind: Kind, driver: Driver): Pro
 
 serverTest("driver contract: the network driver (postgres.js)", async (t) => {
   const config = resolveConfig({ connectionString: TEST_URL, serverSettings: SERVER_SETTINGS });
-  await runContract(t, "network", createPostgresDriver(config));
+  await runContract(t, "network", createWireDriver(config));
 });
 
 Deno.test("driver contract: the embedded driver (PGlite)", async (t) => {
