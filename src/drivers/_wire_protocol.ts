@@ -239,39 +239,90 @@ export class MessageReader {
   }
 }
 
-/** The fields of an ErrorResponse or NoticeResponse, by their one-letter codes. */
-export interface ServerMessage {
-  /** `M`: the primary message. */
-  message: string;
+/**
+ * An ErrorResponse as the server sent it, every field under its protocol name (`where`, the
+ * context line; `routine`, `file`, `line`): the cause of a {@link QueryError}.
+ */
+export class PostgresError extends Error {
+  override readonly name = "PostgresError";
+  /** `C`: the SQLSTATE. */
+  readonly code?: string;
   /** `V` (or `S`): the severity, not localized where the server sends it. */
-  severity: string;
-  /** Every field as PostgreSQL named it, for {@link ServerErrorFields}. */
-  fields: ServerErrorFields;
+  readonly severity: string;
+  /** `D`. */
+  readonly detail?: string;
+  /** `H`. */
+  readonly hint?: string;
+  /** `P`: 1-based character position in the statement. */
+  readonly position?: string;
+  /** `p`. */
+  readonly internal_position?: string;
+  /** `q`. */
+  readonly internal_query?: string;
+  /** `W`: the context, such as the PL/pgSQL line or the COPY row. */
+  readonly where?: string;
+  /** `s`. */
+  readonly schema_name?: string;
+  /** `t`. */
+  readonly table_name?: string;
+  /** `c`. */
+  readonly column_name?: string;
+  /** `d`. */
+  readonly data_type_name?: string;
+  /** `n`. */
+  readonly constraint_name?: string;
+  /** `F`. */
+  readonly file?: string;
+  /** `L`. */
+  readonly line?: string;
   /** `R`: the server routine that reported it. */
-  routine?: string;
+  readonly routine?: string;
+
+  /** Makes the error from the fields by their one-letter codes. */
+  constructor(byCode: Readonly<Record<string, string>>) {
+    super(byCode.M ?? "");
+    this.code = byCode.C;
+    this.severity = byCode.V ?? byCode.S ?? "";
+    this.detail = byCode.D;
+    this.hint = byCode.H;
+    this.position = byCode.P;
+    this.internal_position = byCode.p;
+    this.internal_query = byCode.q;
+    this.where = byCode.W;
+    this.schema_name = byCode.s;
+    this.table_name = byCode.t;
+    this.column_name = byCode.c;
+    this.data_type_name = byCode.d;
+    this.constraint_name = byCode.n;
+    this.file = byCode.F;
+    this.line = byCode.L;
+    this.routine = byCode.R;
+    for (const key of Object.keys(this) as Array<keyof this>) {
+      if (this[key] === undefined) delete this[key];
+    }
+  }
+
+  /** The fields pgdbm's {@link QueryError} keeps. */
+  get fields(): ServerErrorFields {
+    return {
+      sqlstate: this.code,
+      severity: this.severity,
+      detail: this.detail,
+      hint: this.hint,
+      position: this.position === undefined ? undefined : Number(this.position),
+      schemaName: this.schema_name,
+      table: this.table_name,
+      column: this.column_name,
+      constraint: this.constraint_name,
+    };
+  }
 }
 
 /** Reads an ErrorResponse or NoticeResponse body. */
-export function serverMessage(reader: MessageReader): ServerMessage {
+export function serverMessage(reader: MessageReader): PostgresError {
   const byCode: Record<string, string> = {};
   for (let code = reader.byte(); code !== 0; code = reader.byte()) {
     byCode[String.fromCharCode(code)] = reader.cstring();
   }
-  const position = byCode.P;
-  return {
-    message: byCode.M ?? "",
-    severity: byCode.V ?? byCode.S ?? "",
-    routine: byCode.R,
-    fields: {
-      sqlstate: byCode.C,
-      severity: byCode.V ?? byCode.S,
-      detail: byCode.D,
-      hint: byCode.H,
-      position: position === undefined ? undefined : Number(position),
-      schemaName: byCode.s,
-      table: byCode.t,
-      column: byCode.c,
-      constraint: byCode.n,
-    },
-  };
+  return new PostgresError(byCode);
 }

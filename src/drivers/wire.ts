@@ -31,6 +31,7 @@ import {
   cancelRequest,
   MessageReader,
   MessageWriter,
+  PostgresError,
   serverMessage,
   sslRequest,
   startupMessage,
@@ -83,6 +84,8 @@ const enum Frontend {
 
 /** How long a cancelled COPY or stream may take to end before its session is ended instead. */
 const STOP_MS = 2000;
+/** How much longer than `connectTimeoutMs` the client waits for a new session's setup. */
+const SETUP_GRACE_MS = 5000;
 /** How long `close()` waits for the statements already sent before it ends the session. */
 const CLOSE_MS = 5000;
 /** How long a cancel request may take to be delivered. */
@@ -237,22 +240,19 @@ abstract class Exchange {
   abstract fail(error: QueryError): void;
 
   /** A QueryError of this exchange's statement from the server's ErrorResponse. */
-  serverError(reader: MessageReader): QueryError & { routine?: string } {
-    const { message, fields, routine } = serverMessage(reader);
-    const error: QueryError & { routine?: string } = new QueryError(
-      message,
-      this.sql,
-      this.params,
-      fields,
-    );
-    if (routine !== undefined) Object.defineProperty(error, "routine", { value: routine });
-    return error;
+  serverError(reader: MessageReader): QueryError {
+    return queryErrorOf(serverMessage(reader), this.sql, this.params);
   }
 
   /** A QueryError for a failure on the client's side. */
   clientError(message: string, cause?: unknown): QueryError {
     return new QueryError(message, this.sql, this.params, {}, { cause });
   }
+}
+
+/** The QueryError of a statement the server failed, with the server's error as its cause. */
+function queryErrorOf(error: PostgresError, sql: string, params: readonly unknown[]): QueryError {
+  return new QueryError(error.message, sql, params, error.fields, { cause: error });
 }
 
 /** Reads a RowDescription into columns with their parsers. */
@@ -398,7 +398,7 @@ class Statement extends Exchange implements RunningQuery {
   #rowCount = 0;
   /** The rows and count of the last statement that returned rows (simple protocol). */
   #lastRows?: { rows: Row[]; count: number };
-  #error?: QueryError & { routine?: string };
+  #error?: QueryError;
   /** Every statement's rows, for the session's own setup. */
   readonly #all?: Row[];
 
@@ -539,7 +539,7 @@ class Statement extends Exchange implements RunningQuery {
     if (error !== undefined) {
       if (
         !this.#retried && this.#prepare && this.params.length > 0 &&
-        error.routine !== undefined && STALE_STATEMENT_ROUTINES.has(error.routine) &&
+        STALE_STATEMENT_ROUTINES.has((error.cause as PostgresError | undefined)?.routine ?? "") &&
         this.#description?.name
       ) {
         // A named statement that went stale (its table changed): prepared again, once.
@@ -965,11 +965,9 @@ class Startup extends Exchange {
           this.session.destroy();
         });
         return;
-      case Backend.ErrorResponse: {
-        const { message, fields } = serverMessage(reader);
-        this.#reject(new QueryError(message, "", [], fields));
+      case Backend.ErrorResponse:
+        this.#reject(queryErrorOf(serverMessage(reader), "", []));
         return;
-      }
       case Backend.BackendKeyData:
         this.session.setKey(reader.int32(), reader.int32());
         return;
@@ -1079,7 +1077,7 @@ class WireConnection implements DriverConnection {
   #socketClosed = false;
   readonly #socketEnded: Promise<void>;
   /** The FATAL error the server sent before it ended the session. */
-  #fatal?: QueryError;
+  #fatal?: PostgresError;
   #closing?: Promise<void>;
   #listeners: Array<() => void> = [];
   #notified: NotificationListener[] = [];
@@ -1113,42 +1111,40 @@ class WireConnection implements DriverConnection {
    * statements (its pid, the server's array types), all within `connectTimeoutMs`.
    */
   static async open(endpoint: Endpoint): Promise<WireConnection> {
+    const ms = endpoint.connectTimeoutMs;
+    const plain = plainSocket(endpoint);
     let socket: Socket | undefined;
     let connection: WireConnection | undefined;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        reject(
-          new QueryError(
-            `the server did not answer within connectTimeoutMs (${endpoint.connectTimeoutMs} ms)`,
-            "",
-            [],
-          ),
-        );
-      }, endpoint.connectTimeoutMs);
-    });
-    timeout.catch(() => {});
+    const connecting = deadline(ms, `the server did not answer within connectTimeoutMs (${ms} ms)`);
+    // The setup statements are bounded by the server (`SET LOCAL statement_timeout`); this
+    // only ends the wait for a server that stopped answering altogether.
+    const settingUp = deadline(
+      ms + SETUP_GRACE_MS,
+      `the server did not answer the connection's setup within connectTimeoutMs (${ms} ms)`,
+    );
     try {
-      socket = await Promise.race([openSocket(endpoint), timeout]);
+      socket = await Promise.race([secured(plain, endpoint), connecting.promise]);
       connection = new WireConnection(endpoint, socket);
       const startup = new Startup(connection, endpoint);
       connection.#send(startup);
-      await Promise.race([startup.done, timeout]);
+      await Promise.race([startup.done, connecting.promise]);
       const all: Row[] = [];
-      const setup = new Statement(connection, setupSql(endpoint.connectTimeoutMs), [], false, all);
+      const setup = new Statement(connection, setupSql(ms), [], false, all);
       connection.#send(setup);
-      await Promise.race([setup.result, timeout]);
+      await Promise.race([setup.result, settingUp.promise]);
       const row = all[0];
       connection.#pid = row.pid as number;
       connection.#serverVersion = row.version as string;
       connection.#install(arrayTypePairs(String(row.arrays ?? "")));
       return connection;
     } catch (error) {
-      if (connection !== undefined) connection.destroy();
-      else socket?.destroy();
-      throw setupError(error, endpoint.connectTimeoutMs);
+      connection?.destroy();
+      socket?.destroy();
+      plain.destroy();
+      throw setupError(error, ms);
     } finally {
-      clearTimeout(timer);
+      connecting.clear();
+      settingUp.clear();
     }
   }
 
@@ -1547,9 +1543,18 @@ class WireConnection implements DriverConnection {
       return Promise.resolve();
     }
     if (this.#inflight[0] === exchange) return this.#sendCancel();
+    // Settles once the request is delivered, or once the statement ended before its turn.
     return new Promise<void>((resolve) => {
-      exchange.onHead = () => this.#sendCancel().then(resolve);
-      settledExchange(exchange).then(resolve);
+      let sent = false;
+      exchange.onHead = () => {
+        sent = true;
+        this.#sendCancel().then(resolve);
+      };
+      settledExchange(exchange).then(() => {
+        if (sent) return;
+        exchange.onHead = undefined;
+        resolve();
+      });
     });
   }
 
@@ -1645,20 +1650,12 @@ class WireConnection implements DriverConnection {
       }
     }
     const exchange = this.#inflight[0];
-    if (type === Backend.ErrorResponse && exchange === undefined) {
-      // An error outside any exchange: the server ends the session (a FATAL).
-      const { message, fields } = serverMessage(reader);
-      this.#fatal = new QueryError(message, "", [], fields);
-      return;
-    }
     if (type === Backend.ErrorResponse) {
       const at = reader.at;
-      const { severity } = serverMessage(reader);
+      const error = serverMessage(reader);
       reader.at = at;
-      if (severity === "FATAL" || severity === "PANIC") {
-        this.#fatal = exchange!.serverError(reader);
-        reader.at = at;
-      }
+      // The server ends the session after a FATAL: what is in flight fails with it.
+      if (error.severity === "FATAL" || error.severity === "PANIC") this.#fatal = error;
     }
     if (exchange === undefined) return;
     try {
@@ -1684,7 +1681,7 @@ class WireConnection implements DriverConnection {
       exchange.fail(
         this.#fatal === undefined
           ? new QueryError(LOST_MESSAGE, exchange.sql, exchange.params, { sqlstate: "08006" })
-          : new QueryError(this.#fatal.message, exchange.sql, exchange.params, this.#fatal),
+          : queryErrorOf(this.#fatal, exchange.sql, exchange.params),
       );
     }
   }
@@ -1710,9 +1707,21 @@ function settledExchange(exchange: Exchange): Promise<void> {
   return Promise.resolve();
 }
 
-/** Opens the socket, and TLS on it when configured. */
-async function openSocket(endpoint: Endpoint): Promise<Socket> {
-  const socket = plainSocket(endpoint);
+/**
+ * A promise that rejects with a QueryError saying `message` after `ms` (and never settles
+ * otherwise); `clear` stops its timer.
+ */
+function deadline(ms: number, message: string): { promise: Promise<never>; clear(): void } {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const promise = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new QueryError(message, "", [])), ms);
+  });
+  promise.catch(() => {});
+  return { promise, clear: () => clearTimeout(timer) };
+}
+
+/** Waits for the socket to connect, and puts TLS on it when configured. */
+async function secured(socket: Socket, endpoint: Endpoint): Promise<Socket> {
   try {
     await new Promise<void>((resolve, reject) => {
       socket.once("connect", resolve);
@@ -1794,7 +1803,7 @@ function setupError(error: unknown, setupTimeoutMs: number): QueryError {
     );
   }
   if (error.sql === "") return error;
-  return new QueryError(error.message, "", [], error, { cause: error });
+  return new QueryError(error.message, "", [], error, { cause: error.cause ?? error });
 }
 
 /**
