@@ -389,7 +389,8 @@ class Statement extends Exchange implements RunningQuery {
   #key = "";
   /** The named statement found stale, closed before it is prepared again. */
   #stale?: string;
-  #retried = false;
+  /** The error of the first try, when the statement was prepared again. */
+  #firstError?: QueryError;
   #columns: Column[] | null = null;
   /** The columns of the last statement that returned rows. */
   #shown: Column[] | null = null;
@@ -538,20 +539,21 @@ class Statement extends Exchange implements RunningQuery {
     const error = this.#error;
     if (error !== undefined) {
       if (
-        !this.#retried && this.#prepare && this.params.length > 0 &&
+        this.#firstError === undefined && this.#prepare && this.params.length > 0 &&
         STALE_STATEMENT_ROUTINES.has((error.cause as PostgresError | undefined)?.routine ?? "") &&
         this.#description?.name
       ) {
         // A named statement that went stale (its table changed): prepared again, once.
         this.session.statements.delete(this.#key);
-        this.#retried = true;
+        this.#firstError = error;
         this.#stale = this.#description.name;
         this.#reset();
         this.session.retry(this);
         return;
       }
       this.settled = true;
-      this.#reject(error);
+      // A retry that failed too (in a transaction the first error aborted) reports the first.
+      this.#reject(this.#firstError ?? error);
       return;
     }
     this.settled = true;
@@ -1071,6 +1073,8 @@ class WireConnection implements DriverConnection {
   #pending = new Uint8Array(0);
   #pendingLength = 0;
   #pid = 0;
+  /** The process id of the cancel key. */
+  #keyPid = 0;
   #secret = 0;
   #serverVersion = "";
   #closed = false;
@@ -1160,9 +1164,12 @@ class WireConnection implements DriverConnection {
     return this.#closed;
   }
 
-  /** Notes the session's cancel key. */
+  /**
+   * Notes the session's cancel key. Its process id is the server's, or a pooler's stand-in
+   * (PgBouncer's): the pid the session reports is the server backend's own.
+   */
   setKey(pid: number, secret: number): void {
-    this.#pid = pid;
+    this.#keyPid = pid;
     this.#secret = secret;
   }
 
@@ -1561,7 +1568,7 @@ class WireConnection implements DriverConnection {
   /** Sends a CancelRequest for this session; settles once delivered (or it failed). */
   #sendCancel(): Promise<void> {
     if (this.#socketClosed) return Promise.resolve();
-    const request = cancelRequest(this.#pid, this.#secret);
+    const request = cancelRequest(this.#keyPid, this.#secret);
     return new Promise<void>((resolve) => {
       const socket = new Socket();
       const timer = setTimeout(() => socket.destroy(), CANCEL_MS);
