@@ -1,7 +1,7 @@
 /**
  * The wire driver's type mapping, by type OID, in PostgreSQL's text format: how a column's
  * text becomes a JavaScript value, and how a parameter becomes text for the type the server
- * declared for it. The mapping is the one pgdbm has always had (postgres.js's): `int2`,
+ * declared for it. The mapping is the one pgdbm has always had (postgres.js's defaults, its first driver): `int2`,
  * `int4`, `oid`, `float4` and `float8` as numbers; `int8` and `numeric` as strings (no
  * precision lost); `bool`; `json`/`jsonb` parsed; `date`, `timestamp` and `timestamptz` as
  * `Date`; `bytea` as `Uint8Array`; arrays of all of these; anything else as its text.

@@ -1,5 +1,5 @@
 /**
- * The one place that chooses a driver: the network driver (postgres.js) for a server, the
+ * The one place that chooses a driver: the network driver (pgdbm's own protocol client) for a server, the
  * embedded one (PGlite, loaded only when used) for a `pglite:` target. Nothing above the
  * seam imports a driver.
  *
