@@ -12,6 +12,7 @@
  * @module
  */
 
+import { Buffer } from "node:buffer";
 import { Socket } from "node:net";
 import { checkServerIdentity, connect as connectTls, type PeerCertificate } from "node:tls";
 import type { ResolvedConfig, ResolvedSsl } from "../config.ts";
@@ -997,7 +998,7 @@ class Startup extends Exchange {
           writer.begin(Frontend.Password).cstring(password!).end()
         );
       case 5: { // MD5
-        const salt = reader.bytes.slice(reader.at, reader.at + 4);
+        const salt = Uint8Array.from(reader.bytes.subarray(reader.at, reader.at + 4));
         const answer = md5Password(this.#endpoint.user, password!, salt);
         return this.session.writeNow((writer) =>
           writer.begin(Frontend.Password).cstring(answer).end()
@@ -1070,7 +1071,7 @@ class WireConnection implements DriverConnection {
   #blocked?: Exchange;
   #flushScheduled = false;
   /** Bytes of an incomplete message, kept between reads. */
-  #pending = new Uint8Array(0);
+  #pending: Buffer = Buffer.alloc(0);
   #pendingLength = 0;
   #pid = 0;
   /** The process id of the cancel key. */
@@ -1101,7 +1102,7 @@ class WireConnection implements DriverConnection {
     this.#endpoint = endpoint;
     this.#socket = socket;
     this.#socketEnded = new Promise<void>((resolve) => socket.once("close", () => resolve()));
-    socket.on("data", (chunk: Uint8Array) => this.#onData(chunk));
+    socket.on("data", (chunk: Buffer) => this.#onData(chunk));
     socket.on("error", () => {});
     socket.once("close", () => this.#onSocketClose());
     // Through a transaction pooler (`prepare: false`) a portal left open between batches
@@ -1585,8 +1586,8 @@ class WireConnection implements DriverConnection {
 
   // -- reading ---------------------------------------------------------------------------
 
-  #onData(chunk: Uint8Array): void {
-    let bytes: Uint8Array;
+  #onData(chunk: Buffer): void {
+    let bytes: Buffer;
     let end: number;
     if (this.#pendingLength === 0) {
       bytes = chunk;
@@ -1594,7 +1595,7 @@ class WireConnection implements DriverConnection {
     } else {
       const needed = this.#pendingLength + chunk.length;
       if (needed > this.#pending.length) {
-        const grown = new Uint8Array(Math.max(needed, this.#pending.length * 2));
+        const grown = Buffer.allocUnsafe(Math.max(needed, this.#pending.length * 2));
         grown.set(this.#pending.subarray(0, this.#pendingLength));
         this.#pending = grown;
       }
@@ -1619,7 +1620,7 @@ class WireConnection implements DriverConnection {
       this.#pending.copyWithin(0, at, end);
       this.#pendingLength = left;
     } else {
-      if (left > this.#pending.length) this.#pending = new Uint8Array(Math.max(left, 64 * 1024));
+      if (left > this.#pending.length) this.#pending = Buffer.allocUnsafe(Math.max(left, 64 * 1024));
       this.#pending.set(bytes.subarray(at, end));
       this.#pendingLength = left;
     }
