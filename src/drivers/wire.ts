@@ -13,8 +13,6 @@
  */
 
 import { Buffer } from "node:buffer";
-import { Socket } from "node:net";
-import { checkServerIdentity, connect as connectTls, type PeerCertificate } from "node:tls";
 import type { ResolvedConfig, ResolvedSsl } from "../config.ts";
 import type {
   Driver,
@@ -39,6 +37,7 @@ import {
   textAt,
 } from "./_wire_protocol.ts";
 import { type ArrayTypePair, type TextParser, TypeMap } from "./_wire_types.ts";
+import { openTransport, sendCancelRequest, type Transport } from "./_wire_transport.ts";
 
 /** Backend message types, as their bytes. */
 const enum Backend {
@@ -89,10 +88,6 @@ const STOP_MS = 2000;
 const SETUP_GRACE_MS = 5000;
 /** How long `close()` waits for the statements already sent before it ends the session. */
 const CLOSE_MS = 5000;
-/** How long a cancel request may take to be delivered. */
-const CANCEL_MS = 5000;
-/** TCP keepalive probes start after this much idle time. */
-const KEEPALIVE_MS = 60_000;
 /** COPY-out bytes held for a reader that is behind before the socket pauses. */
 const COPY_OUT_HIGH_WATER = 1024 * 1024;
 /** Server routines whose error means a named statement went stale: it is prepared again once. */
@@ -159,37 +154,6 @@ function endpointOf(config: ResolvedConfig): Endpoint {
   // Non-enumerable, as in the resolved configuration: never printed with the endpoint.
   Object.defineProperty(endpoint, "password", { value: config.password, enumerable: false });
   return endpoint;
-}
-
-/** A socket to the endpoint, connecting; Nagle's algorithm off for TCP. */
-function plainSocket(endpoint: Endpoint): Socket {
-  const socket = new Socket();
-  if (endpoint.path !== undefined) {
-    socket.connect(endpoint.path);
-  } else {
-    socket.setNoDelay(true);
-    socket.setKeepAlive(true, KEEPALIVE_MS);
-    socket.connect(endpoint.port, endpoint.host);
-  }
-  return socket;
-}
-
-/**
- * TLS options for one libpq-style mode. `verify-full` checks the certificate against the
- * configured host itself: the TLS layer skips the name check when the host is an IP
- * address (it sends no server name then), which would make verify-full verify-ca.
- */
-function tlsOptions(ssl: ResolvedSsl, host: string): Record<string, unknown> {
-  const options: Record<string, unknown> = { rejectUnauthorized: ssl.mode !== "require" };
-  if (ssl.ca !== undefined) options.ca = ssl.ca;
-  if (ssl.cert !== undefined) options.cert = ssl.cert;
-  if (ssl.key !== undefined) options.key = ssl.key;
-  if (ssl.keyPassword !== undefined) options.passphrase = ssl.keyPassword;
-  if (!/^[\d.:]+$/.test(host)) options.servername = host;
-  options.checkServerIdentity = ssl.mode === "verify-full"
-    ? (_name: string, cert: PeerCertificate) => checkServerIdentity(host, cert)
-    : () => undefined;
-  return options;
 }
 
 /** One column of a result: its name and its parser (`undefined`: the text as it is). */
@@ -1060,7 +1024,7 @@ class Startup extends Exchange {
 /** One session: a socket, the statements in flight on it in order, and the ones waiting. */
 class WireConnection implements DriverConnection {
   readonly #endpoint: Endpoint;
-  readonly #socket: Socket;
+  #transport?: Transport;
   readonly #writer = new MessageWriter();
   readonly #reader = new MessageReader();
   /** Written, waiting for their answers, in order: the first is answered now. */
@@ -1080,7 +1044,8 @@ class WireConnection implements DriverConnection {
   #serverVersion = "";
   #closed = false;
   #socketClosed = false;
-  readonly #socketEnded: Promise<void>;
+  #socketEnd!: () => void;
+  readonly #socketEnded = new Promise<void>((resolve) => this.#socketEnd = resolve);
   /** The FATAL error the server sent before it ended the session. */
   #fatal?: PostgresError;
   #closing?: Promise<void>;
@@ -1098,13 +1063,8 @@ class WireConnection implements DriverConnection {
   readonly #knownTypes = new Set<number>();
   readonly cursor?: DriverConnection["cursor"];
 
-  private constructor(endpoint: Endpoint, socket: Socket) {
+  private constructor(endpoint: Endpoint) {
     this.#endpoint = endpoint;
-    this.#socket = socket;
-    this.#socketEnded = new Promise<void>((resolve) => socket.once("close", () => resolve()));
-    socket.on("data", (chunk: Buffer) => this.#onData(chunk));
-    socket.on("error", () => {});
-    socket.once("close", () => this.#onSocketClose());
     // Through a transaction pooler (`prepare: false`) a portal left open between batches
     // would hold a server connection on terms the pooler does not expect: callers declare a
     // cursor there.
@@ -1117,9 +1077,12 @@ class WireConnection implements DriverConnection {
    */
   static async open(endpoint: Endpoint): Promise<WireConnection> {
     const ms = endpoint.connectTimeoutMs;
-    const plain = plainSocket(endpoint);
-    let socket: Socket | undefined;
-    let connection: WireConnection | undefined;
+    const connection = new WireConnection(endpoint);
+    let opening: Promise<Transport> | undefined;
+    const events = {
+      data: (chunk: Buffer) => connection.#onData(chunk),
+      close: () => connection.#onSocketClose(),
+    };
     const connecting = deadline(ms, `the server did not answer within connectTimeoutMs (${ms} ms)`);
     // The setup statements are bounded by the server (`SET LOCAL statement_timeout`); this
     // only ends the wait for a server that stopped answering altogether.
@@ -1128,8 +1091,8 @@ class WireConnection implements DriverConnection {
       `the server did not answer the connection's setup within connectTimeoutMs (${ms} ms)`,
     );
     try {
-      socket = await Promise.race([secured(plain, endpoint), connecting.promise]);
-      connection = new WireConnection(endpoint, socket);
+      opening = openTransport(endpoint, endpoint.ssl, sslRequest(), events);
+      connection.#transport = await Promise.race([opening, connecting.promise]);
       const startup = new Startup(connection, endpoint);
       connection.#send(startup);
       await Promise.race([startup.done, connecting.promise]);
@@ -1143,9 +1106,9 @@ class WireConnection implements DriverConnection {
       connection.#install(arrayTypePairs(String(row.arrays ?? "")));
       return connection;
     } catch (error) {
-      connection?.destroy();
-      socket?.destroy();
-      plain.destroy();
+      connection.destroy();
+      // A transport that opens after the deadline is closed at once.
+      if (connection.#transport === undefined) opening?.then((late) => late.destroy(), () => {});
       throw setupError(error, ms);
     } finally {
       connecting.clear();
@@ -1308,19 +1271,11 @@ class WireConnection implements DriverConnection {
   /** Writes one chunk as CopyData; false when the socket asks the writer to wait. */
   #writeCopyData(text: string): boolean {
     if (this.#socketClosed) return true;
-    return this.#socket.write(this.#writer.begin(Frontend.CopyData).string(text).end().take());
+    return this.#transport!.write(this.#writer.begin(Frontend.CopyData).string(text).end().take());
   }
 
   #drained(): Promise<void> {
-    return new Promise<void>((resolve) => {
-      const done = () => {
-        this.#socket.off("drain", done);
-        this.#socket.off("close", done);
-        resolve();
-      };
-      this.#socket.once("drain", done);
-      this.#socket.once("close", done);
-    });
+    return this.#transport!.drained();
   }
 
   /**
@@ -1432,12 +1387,13 @@ class WireConnection implements DriverConnection {
       clearTimeout(timer);
       if (!this.#socketClosed) {
         this.#writer.begin(Frontend.Terminate).end();
-        this.#socket.end(this.#writer.take());
+        this.#transport!.write(this.#writer.take());
+        this.#transport!.end();
       }
       const gone = new Promise<void>((resolve) => timer = setTimeout(resolve, CLOSE_MS));
       await Promise.race([this.#socketEnded, gone]);
       clearTimeout(timer);
-      this.#socket.destroy();
+      this.destroy();
     }
     await this.#socketEnded;
   }
@@ -1458,21 +1414,22 @@ class WireConnection implements DriverConnection {
 
   /** Ends the socket now: what is in flight rejects. */
   destroy(): void {
-    this.#socket.destroy();
+    if (this.#transport === undefined) this.#onSocketClose();
+    else this.#transport.destroy();
   }
 
   /** Pauses reading (a COPY out's reader is behind). */
   pause(): void {
     if (this.#paused) return;
     this.#paused = true;
-    this.#socket.pause();
+    this.#transport!.pause();
   }
 
   /** Resumes reading. */
   resume(): void {
     if (!this.#paused) return;
     this.#paused = false;
-    this.#socket.resume();
+    this.#transport!.resume();
   }
 
   // -- writing ---------------------------------------------------------------------------
@@ -1496,7 +1453,7 @@ class WireConnection implements DriverConnection {
       this.#inflight.push(exchange);
       if (exchange.holdsWrites) this.#blocked = exchange;
     }
-    if (!writer.empty && !this.#socketClosed) this.#socket.write(writer.take());
+    if (!writer.empty && !this.#socketClosed) this.#transport!.write(writer.take());
   }
 
   /**
@@ -1524,7 +1481,7 @@ class WireConnection implements DriverConnection {
   /** Writes messages of the exchange the session runs now. */
   writeNow(write: (writer: MessageWriter) => void): void {
     write(this.#writer);
-    if (!this.#socketClosed) this.#socket.write(this.#writer.take());
+    if (!this.#socketClosed) this.#transport!.write(this.#writer.take());
     else this.#writer.take();
   }
 
@@ -1569,19 +1526,7 @@ class WireConnection implements DriverConnection {
   /** Sends a CancelRequest for this session; settles once delivered (or it failed). */
   #sendCancel(): Promise<void> {
     if (this.#socketClosed) return Promise.resolve();
-    const request = cancelRequest(this.#keyPid, this.#secret);
-    return new Promise<void>((resolve) => {
-      const socket = new Socket();
-      const timer = setTimeout(() => socket.destroy(), CANCEL_MS);
-      socket.on("error", () => {});
-      socket.once("close", () => {
-        clearTimeout(timer);
-        resolve();
-      });
-      socket.once("connect", () => socket.write(request));
-      if (this.#endpoint.path !== undefined) socket.connect(this.#endpoint.path);
-      else socket.connect(this.#endpoint.port, this.#endpoint.host);
-    });
+    return sendCancelRequest(this.#endpoint, cancelRequest(this.#keyPid, this.#secret));
   }
 
   // -- reading ---------------------------------------------------------------------------
@@ -1620,7 +1565,9 @@ class WireConnection implements DriverConnection {
       this.#pending.copyWithin(0, at, end);
       this.#pendingLength = left;
     } else {
-      if (left > this.#pending.length) this.#pending = Buffer.allocUnsafe(Math.max(left, 64 * 1024));
+      if (left > this.#pending.length) {
+        this.#pending = Buffer.allocUnsafe(Math.max(left, 64 * 1024));
+      }
       this.#pending.set(bytes.subarray(at, end));
       this.#pendingLength = left;
     }
@@ -1680,7 +1627,9 @@ class WireConnection implements DriverConnection {
   }
 
   #onSocketClose(): void {
+    if (this.#socketClosed) return;
     this.#socketClosed = true;
+    this.#socketEnd();
     this.#markClosed();
     const exchanges = [...this.#inflight, ...this.#outbox];
     this.#inflight.length = 0;
@@ -1726,37 +1675,6 @@ function deadline(ms: number, message: string): { promise: Promise<never>; clear
   });
   promise.catch(() => {});
   return { promise, clear: () => clearTimeout(timer) };
-}
-
-/** Waits for the socket to connect, and puts TLS on it when configured. */
-async function secured(socket: Socket, endpoint: Endpoint): Promise<Socket> {
-  try {
-    await new Promise<void>((resolve, reject) => {
-      socket.once("connect", resolve);
-      socket.once("error", reject);
-    });
-    if (endpoint.ssl === undefined) return socket;
-    socket.write(sslRequest());
-    const answer = await new Promise<number>((resolve, reject) => {
-      socket.once("data", (data: Uint8Array) => resolve(data[0]));
-      socket.once("error", reject);
-      socket.once("close", () => reject(new Error("the server closed the connection")));
-    });
-    if (answer !== 0x53) {
-      throw new Error(
-        "the server does not offer TLS: it answered the SSLRequest with no",
-      );
-    }
-    const secure = connectTls({ socket, ...tlsOptions(endpoint.ssl, endpoint.host) } as never);
-    await new Promise<void>((resolve, reject) => {
-      secure.once("secureConnect", resolve);
-      secure.once("error", reject);
-    });
-    return secure as unknown as Socket;
-  } catch (error) {
-    socket.destroy();
-    throw error;
-  }
 }
 
 /** What {@link abortion} rejects with when its signal aborts. */
