@@ -963,7 +963,7 @@ class Startup extends Exchange {
         );
       case 5: { // MD5
         const salt = Uint8Array.from(reader.bytes.subarray(reader.at, reader.at + 4));
-        const answer = md5Password(this.#endpoint.user, password!, salt);
+        const answer = await md5Password(this.#endpoint.user, password!, salt);
         return this.session.writeNow((writer) =>
           writer.begin(Frontend.Password).cstring(answer).end()
         );
