@@ -88,6 +88,8 @@ const STOP_MS = 2000;
 const SETUP_GRACE_MS = 5000;
 /** How long `close()` waits for the statements already sent before it ends the session. */
 const CLOSE_MS = 5000;
+/** The first size of the buffer a COPY out joins rows into, for one chunk to its reader. */
+const COPY_OUT_CHUNK = 64 * 1024;
 /** COPY-out bytes held for a reader that is behind before the socket pauses. */
 const COPY_OUT_HIGH_WATER = 1024 * 1024;
 /** Server routines whose error means a named statement went stale: it is prepared again once. */
@@ -634,7 +636,8 @@ class CopyIn extends Exchange {
 
 /** COPY … TO STDOUT: CopyData chunks queued for the reader, the socket paused while it is behind. */
 class CopyOut extends Exchange {
-  #chunks: Uint8Array[] = [];
+  /** The rows received since the reader last took them, joined as they arrive. */
+  #buffer = new Uint8Array(COPY_OUT_CHUNK);
   #buffered = 0;
   #count = 0;
   #error?: QueryError;
@@ -649,14 +652,20 @@ class CopyOut extends Exchange {
 
   message(type: number, reader: MessageReader): void {
     switch (type) {
-      case Backend.CopyData:
+      case Backend.CopyData: {
         if (this.#discard) return;
-        const data = reader.rest();
-        this.#chunks.push(data);
-        this.#buffered += data.length;
+        const length = reader.end - reader.at;
+        if (this.#buffered + length > this.#buffer.length) {
+          const grown = new Uint8Array(Math.max(this.#buffer.length * 2, this.#buffered + length));
+          grown.set(this.#buffer.subarray(0, this.#buffered));
+          this.#buffer = grown;
+        }
+        this.#buffer.set(reader.bytes.subarray(reader.at, reader.end), this.#buffered);
+        this.#buffered += length;
         if (this.#buffered > COPY_OUT_HIGH_WATER) this.session.pause();
-        this.#wake();
+        if (this.#waiters.length > 0) this.#wake();
         return;
+      }
       case Backend.CommandComplete:
         this.#count = commandTag(reader).count;
         return;
@@ -694,23 +703,15 @@ class CopyOut extends Exchange {
 
   /** The next chunk of everything queued, or `null` at the end; throws the statement's error. */
   async next(): Promise<Uint8Array | null> {
-    while (this.#chunks.length === 0 && !this.#over) await this.#change();
-    if (this.#chunks.length === 0) {
+    while (this.#buffered === 0 && !this.#over) await this.#change();
+    if (this.#buffered === 0) {
       if (this.#error !== undefined) throw this.#error;
       return null;
     }
-    const chunks = this.#chunks;
-    const length = this.#buffered;
-    this.#chunks = [];
+    const chunk = this.#buffer.subarray(0, this.#buffered);
+    this.#buffer = new Uint8Array(COPY_OUT_CHUNK);
     this.#buffered = 0;
     this.session.resume();
-    if (chunks.length === 1) return chunks[0];
-    const chunk = new Uint8Array(length);
-    let at = 0;
-    for (const part of chunks) {
-      chunk.set(part, at);
-      at += part.length;
-    }
     return chunk;
   }
 
@@ -726,7 +727,6 @@ class CopyOut extends Exchange {
   /** Drops what arrives from now on (the reader left) and resumes the socket. */
   discard(): void {
     this.#discard = true;
-    this.#chunks = [];
     this.#buffered = 0;
     this.session.resume();
   }
@@ -740,16 +740,24 @@ class CopyOut extends Exchange {
 /**
  * A portal read in batches: Parse and Describe, then Bind and Execute with a row limit and a
  * Flush per batch; Sync once the rows end or the reader leaves (after Close of the portal).
+ * One batch is fetched ahead: the server makes the next batch while the reader goes through
+ * the one it has, so at most two batches are held.
  */
 class Portal extends Exchange {
   readonly #batchSize: number;
   #columns: Column[] | null = null;
   #parameterTypes: number[] = [];
+  /** The rows of the batch the server is sending. */
   #rows: Row[] = [];
+  /** A complete batch the reader has not asked for yet. */
+  #ready?: Row[];
   #error?: QueryError;
-  /** A batch is complete (PortalSuspended), or the rows ended (CommandComplete). */
+  /** The reader, waiting for a batch. */
   #batch?: Settle<Row[] | null>;
+  /** Sync was sent (the rows ended, the statement failed, or the portal was closed). */
   #complete = false;
+  /** The reader left while a batch was coming: the portal closes once it is suspended. */
+  #closing = false;
   #over = false;
   #overWaiters: Array<() => void> = [];
   /** True while the server works on a batch (a cancel request can stop it). */
@@ -801,10 +809,22 @@ class Portal extends Exchange {
         });
         return;
       }
-      case Backend.PortalSuspended:
+      case Backend.PortalSuspended: {
         this.working = false;
-        this.#hand(this.#rows);
+        const rows = this.#rows;
+        this.#rows = [];
+        if (this.#closing) {
+          this.#close();
+        } else if (this.#batch !== undefined) {
+          const batch = this.#batch;
+          this.#batch = undefined;
+          batch.resolve(rows);
+          this.#fetchAhead();
+        } else {
+          this.#ready = rows;
+        }
         return;
+      }
       case Backend.CommandComplete:
         this.working = false;
         this.#complete = true;
@@ -827,12 +847,19 @@ class Portal extends Exchange {
     writer.begin(Frontend.Flush).end();
   }
 
-  #hand(rows: Row[] | null): void {
-    const batch = this.#batch;
-    if (batch === undefined) return;
-    this.#batch = undefined;
-    this.#rows = [];
-    batch.resolve(rows);
+  /** Asks for the next batch, unless the rows ended or the reader left. */
+  #fetchAhead(): void {
+    if (this.#complete || this.#closing || this.working) return;
+    this.session.writeNow((writer) => this.#execute(writer));
+  }
+
+  /** Closes the suspended portal and ends the exchange. */
+  #close(): void {
+    this.#complete = true;
+    this.session.writeNow((writer) => {
+      writer.begin(Frontend.Close).bytes(PORTAL).cstring("").end();
+      writer.begin(Frontend.Sync).end();
+    });
   }
 
   ready(): void {
@@ -859,32 +886,35 @@ class Portal extends Exchange {
     for (const wake of this.#overWaiters.splice(0)) wake();
   }
 
-  /**
-   * The next batch (the first once described, later ones after another Execute), or `null`
-   * once the rows ended; throws the statement's error.
-   */
-  next(first: boolean): Promise<Row[] | null> {
+  /** The next batch, or `null` once the rows ended; throws the statement's error. */
+  next(): Promise<Row[] | null> {
+    const ready = this.#ready;
+    if (ready !== undefined) {
+      this.#ready = undefined;
+      this.#fetchAhead();
+      return Promise.resolve(ready);
+    }
     if (this.#over) {
       if (this.#error !== undefined) return Promise.reject(this.#error);
       const rows = this.#rows;
       this.#rows = [];
       return Promise.resolve(rows.length > 0 ? rows : null);
     }
-    const promise = new Promise<Row[] | null>((resolve, reject) => {
+    // A batch is on its way: one is always asked for while the reader has none.
+    return new Promise<Row[] | null>((resolve, reject) => {
       this.#batch = { resolve, reject };
     });
-    if (!first && !this.#complete) this.session.writeNow((writer) => this.#execute(writer));
-    return promise;
   }
 
-  /** Closes the portal (the reader left early) and waits for the session to be ready. */
+  /**
+   * Closes the portal (the reader left early), once the batch on its way has arrived, and
+   * waits for the session to be ready.
+   */
   async close(): Promise<void> {
-    if (!this.#over && !this.#complete && !this.working) {
-      this.#complete = true;
-      this.session.writeNow((writer) => {
-        writer.begin(Frontend.Close).bytes(PORTAL).cstring("").end();
-        writer.begin(Frontend.Sync).end();
-      });
+    this.#ready = undefined;
+    if (!this.#over && !this.#complete) {
+      if (this.working) this.#closing = true;
+      else this.#close();
     }
     await this.ended();
   }
@@ -1348,8 +1378,8 @@ class WireConnection implements DriverConnection {
     };
     signal?.addEventListener("abort", onAbort, { once: true });
     try {
-      for (let first = true;; first = false) {
-        const rows = await portal.next(first).catch((error) => {
+      while (true) {
+        const rows = await portal.next().catch((error) => {
           if (signal?.aborted) throw signal.reason;
           throw error;
         });
@@ -1359,9 +1389,11 @@ class WireConnection implements DriverConnection {
       }
     } finally {
       signal?.removeEventListener("abort", onAbort);
+      // A cancel request that reached the server between batches changes nothing: the
+      // portal is closed either way.
+      const closed = portal.close();
       await cancelled;
-      if (cancelled === undefined) await portal.close();
-      else await portal.ended();
+      await closed;
     }
   }
 
