@@ -30,7 +30,7 @@ import {
   cancelRequest,
   MessageReader,
   MessageWriter,
-  PostgresError,
+  type PostgresError,
   serverMessage,
   sslRequest,
   startupMessage,
