@@ -18,7 +18,7 @@ const PARAMETER_COUNT_MESSAGE =
   /could not determine data type of parameter|^bind message supplies|^there is no parameter/;
 
 /**
- * Refuses an `undefined` parameter before anything is sent: postgres.js refuses it while
+ * Refuses an `undefined` parameter before anything is sent: the network driver refuses it while
  * PGlite sends NULL, and a missing property (`user.nmae`) stored as NULL is a bug more often
  * than an intent.
  *

@@ -263,8 +263,7 @@ function keepText(text: string): string {
 
 /**
  * A copy of a driver's error with every text masked and no object kept but its own
- * masked `cause`: the driver's error may hold the parameters (postgres.js keeps them in a
- * hidden `parameters` property, PGlite in `params`).
+ * masked `cause`: the driver's error may hold the parameters (PGlite keeps them in `params`).
  */
 function maskCause(cause: unknown, mask: (text: string) => string, depth: number): unknown {
   if (typeof cause === "string") return mask(cause);

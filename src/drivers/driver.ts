@@ -1,6 +1,6 @@
 /**
  * The narrow seam between pgdbm and the wire: "a connection that runs SQL". Two
- * implementations sit behind it: {@link ./postgres.ts} (postgres.js over TCP, Unix
+ * implementations sit behind it: {@link ./wire.ts} (pgdbm's own protocol client over TCP, Unix
  * socket or TLS) and {@link ./pglite.ts} (PGlite in process); {@link ./mod.ts} is the one
  * place that chooses. Above the seam nothing knows which one it has: what differs is stated
  * as {@link DriverCapabilities}. No driver type leaks into the public API.
@@ -77,11 +77,11 @@ export interface DriverConnection {
   readonly closed: boolean;
   /**
    * Runs one statement. With `params` it uses the extended protocol, as a named prepared
-   * statement when `options.prepare` (default: the driver's setting) is true; without params it uses the simple protocol, which
-   * accepts several statements separated by `;`: the result has the last statement's
-   * `command`, and the rows and `rowCount` of the last statement that returned rows on the
-   * network driver (postgres.js keeps no count for a later statement without rows), of the
-   * last statement on the embedded one. Statements sent before earlier ones finish are
+   * statement when `options.prepare` (default: the driver's setting) is true; without params
+   * it uses the simple protocol, which accepts several statements separated by `;`: the
+   * result has the last statement's `command`, and the rows and `rowCount` of the last
+   * statement that returned rows on the network driver (as postgres.js, its first driver,
+   * did), of the last statement on the embedded one. Statements sent before earlier ones finish are
    * pipelined on the session.
    */
   query(sql: string, params: readonly unknown[], options?: StatementOptions): RunningQuery;

@@ -1,5 +1,5 @@
 /**
- * The one place that chooses a driver: the network driver (postgres.js) for a server, the
+ * The one place that chooses a driver: the network driver (pgdbm's own protocol client) for a server, the
  * embedded one (PGlite, loaded only when used) for a `pglite:` target. Nothing above the
  * seam imports a driver.
  *
@@ -8,7 +8,7 @@
 
 import type { ResolvedConfig } from "../config.ts";
 import type { Driver } from "./driver.ts";
-import { createPostgresDriver } from "./postgres.ts";
+import { createWireDriver } from "./wire.ts";
 
 /**
  * Creates the driver for a resolved configuration.
@@ -17,7 +17,7 @@ import { createPostgresDriver } from "./postgres.ts";
  * @returns The driver, not yet connected.
  */
 export async function createDriver(config: ResolvedConfig): Promise<Driver> {
-  if (config.kind !== "embedded") return createPostgresDriver(config);
+  if (config.kind !== "embedded") return createWireDriver(config);
   const { createPgliteDriver } = await import("./pglite.ts");
   return createPgliteDriver({
     dataDir: config.embeddedDataDir,

@@ -4,7 +4,7 @@
  * serves one session at a time; statements run one after another in a FIFO queue, so the
  * pool above can send several at once as it does on the network.
  *
- * Values come back as the network driver gives them (postgres.js defaults): `int8` and
+ * Values come back as the network driver gives them (the mapping pgdbm always had): `int8` and
  * `numeric` as strings, `int2`/`int4`/`float4`/`float8`/`oid` as numbers, `json`/`jsonb`
  * parsed, `date`/`timestamp`/`timestamptz` as `Date`, `bytea` as a plain `Uint8Array`, and
  * arrays as arrays with NULL elements as `null`, also of the database's own types (an enum's,
@@ -91,7 +91,7 @@ export function createPgliteDriver(options: PgliteDriverOptions): Driver {
   return new PgliteDriver(options);
 }
 
-/** PGlite's parsers, changed where postgres.js returns something else. */
+/** PGlite's parsers, changed where the network driver returns something else. */
 const PARSERS: ParserOptions = {
   20: (text) => text,
   1082: (text) => new Date(text),

@@ -130,10 +130,9 @@ function statementFailed(error: unknown): error is QueryError {
 
 /**
  * Whether opening a TLS connection failed because the server does not speak TLS: it
- * answers postgres.js's SSLRequest with "no", postgres.js starts TLS anyway (for every
- * sslmode but `prefer`), and the server hangs up on the handshake.
+ * answered the driver's SSLRequest with "no".
  */
 function tlsRefused(error: unknown, config: ResolvedConfig): boolean {
   return config.ssl !== undefined && error instanceof Error &&
-    /before secure TLS connection was established/.test(error.message);
+    /does not offer TLS/.test(error.message);
 }

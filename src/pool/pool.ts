@@ -239,7 +239,7 @@ export class ConnectionPool implements Pool {
   /**
    * Runs one autocommit statement on a shared connection, pipelined with others. With
    * `prepare: false` (PgBouncer in transaction mode) a statement with parameters gets a
-   * connection with nothing else in flight: postgres.js sends it as Parse/Describe/Flush
+   * connection with nothing else in flight: the driver sends it as Parse/Describe/Flush
    * before its Sync, and PgBouncer up to 1.20 hands the server connection to another client
    * once the Sync of an earlier statement is answered, which loses the answer.
    */

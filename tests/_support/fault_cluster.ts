@@ -1,8 +1,8 @@
 /**
  * A throwaway PostgreSQL cluster the fault tests may hurt: terminate its backends, restart
  * it (`pg_ctl restart -m fast`), freeze it (SIGSTOP of the postmaster and every backend)
- * and thaw it. A fresh `initdb` (trust auth) that listens on 127.0.0.1 and a free port,
- * with its Unix socket in its own temporary folder. Built for speed, not safety
+ * and thaw it. A fresh `initdb` (trust auth, unless `hba` lines say otherwise) that listens
+ * on 127.0.0.1 and a free port, with its Unix socket in its own temporary folder. Built for speed, not safety
  * (`fsync=off`; a fast shutdown still writes every committed transaction). `stop()` thaws,
  * stops and deletes it, even after a failure; so does SIGINT or SIGTERM of the test run. Needs the Debian PostgreSQL binaries and
  * root (the server runs as the `postgres` user), like tests/_support/replica_cluster.ts, whose
@@ -21,6 +21,8 @@ export interface FaultCluster {
   readonly port: number;
   /** `postgres://postgres@127.0.0.1:<port>/postgres`. */
   readonly url: string;
+  /** The folder of the server's Unix socket (`<socketDir>/.s.PGSQL.<port>`). */
+  readonly socketDir: string;
   /**
    * Runs SQL through `psql` over the Unix socket, as `postgres`; returns the unaligned,
    * tuples-only output. `psql` is killed (and this rejects) after `timeoutMs`.
@@ -51,6 +53,12 @@ export interface FaultClusterOptions {
   maxConnections?: number;
   /** More `postgresql.conf` lines. */
   settings?: readonly string[];
+  /**
+   * More `pg_hba.conf` lines, put before the default ones (trust for every local socket
+   * and 127.0.0.1 connection), so they win where they match (the first matching line
+   * applies). Keep `psql()` working: leave `local … postgres` connections alone.
+   */
+  hba?: readonly string[];
 }
 
 /**
@@ -113,7 +121,7 @@ function signalProcess(pid: number, signal: Deno.Signal): boolean {
 /**
  * Starts a cluster; call `stop()` in `finally`.
  *
- * @param options `max_connections` and extra settings.
+ * @param options `max_connections`, extra settings and extra `pg_hba.conf` lines.
  * @returns The running cluster.
  * @throws {Error} When it does not start (what was made is removed).
  */
@@ -208,7 +216,8 @@ export async function startFaultCluster(options: FaultClusterOptions = {}): Prom
     });
     await Deno.writeTextFile(
       `${data}/pg_hba.conf`,
-      "local all all trust\nhost all all 127.0.0.1/32 trust\n",
+      [...(options.hba ?? []), "local all all trust", "host all all 127.0.0.1/32 trust"]
+        .join("\n") + "\n",
     );
     await pgCtl(["start"]);
     running = true;
@@ -220,6 +229,7 @@ export async function startFaultCluster(options: FaultClusterOptions = {}): Prom
   return {
     port,
     url: `postgres://postgres@127.0.0.1:${port}/postgres`,
+    socketDir: dir,
     async psql(sql, timeoutMs = 10_000) {
       const out = await run(`${bin}/psql`, [
         "-X",

@@ -1,0 +1,343 @@
+/**
+ * The wire driver's byte streams: TCP and Unix sockets on Deno's own sockets, read into one
+ * reused buffer; TLS through `node:tls`, loaded only for a connection that asks for it (its
+ * `sslmode=require` and `verify-ca` need checks Deno's own TLS cannot turn off, and
+ * `node:net` alone takes about 20 ms to load).
+ *
+ * @module
+ */
+
+import { Buffer } from "node:buffer";
+import type { ResolvedSsl } from "../config.ts";
+
+/** Where a session connects. */
+export interface Address {
+  host: string;
+  port: number;
+  /** A Unix socket path, when `host` is a folder. */
+  path?: string;
+}
+
+/** What a transport reports. */
+export interface TransportEvents {
+  /** Bytes from the server: a view valid only during the call. */
+  data(chunk: Buffer): void;
+  /** The stream ended, for whatever reason (once). */
+  close(): void;
+}
+
+/** A connected byte stream to the server. */
+export interface Transport {
+  /** Queues bytes; false once enough wait that the writer should await {@link drained}. */
+  write(bytes: Uint8Array): boolean;
+  /** Settles once everything queued was written (or the stream ended). */
+  drained(): Promise<void>;
+  /** Stops reading until {@link resume}. */
+  pause(): void;
+  resume(): void;
+  /** Writes what is queued, then ends the stream. */
+  end(): void;
+  /** Ends the stream now. */
+  destroy(): void;
+}
+
+/** Bytes read at most per read. */
+const READ_SIZE = 64 * 1024;
+/** Queued bytes above which `write()` asks the writer to wait. */
+const HIGH_WATER = 256 * 1024;
+/** TCP keepalive probes start after this much idle time. */
+const KEEPALIVE_MS = 60_000;
+/** An SSLRequest's answer that accepts TLS. */
+const TLS_ACCEPTED = 0x53;
+
+/**
+ * Connects to `address`, with TLS after `sslRequest` when `ssl` is set. Rejects with the
+ * socket's error, or when the server does not offer TLS.
+ */
+export async function openTransport(
+  address: Address,
+  ssl: ResolvedSsl | undefined,
+  sslRequest: Uint8Array,
+  events: TransportEvents,
+): Promise<Transport> {
+  if (ssl !== undefined) return await openTls(address, ssl, sslRequest, events);
+  const conn = await connect(address);
+  return new DenoTransport(conn, events);
+}
+
+async function connect(address: Address): Promise<Deno.Conn> {
+  if (address.path !== undefined) {
+    return await Deno.connect({ transport: "unix", path: address.path });
+  }
+  const conn = await Deno.connect({ hostname: address.host, port: address.port });
+  conn.setNoDelay(true);
+  conn.setKeepAlive(true);
+  return conn;
+}
+
+/**
+ * Sends a CancelRequest on a connection of its own, over plain TCP or the Unix socket as the
+ * server expects it; settles once the server has read it and hung up (or it failed).
+ */
+export async function sendCancelRequest(address: Address, request: Uint8Array): Promise<void> {
+  let conn: Deno.Conn | undefined;
+  try {
+    conn = await connect(address);
+    let written = 0;
+    while (written < request.length) written += await conn.write(request.subarray(written));
+    // The server hangs up once it has passed the request on.
+    while (await conn.read(new Uint8Array(16)) !== null) { /* nothing is sent */ }
+  } catch {
+    // Refused or reset: there is nothing more to do about a cancel.
+  } finally {
+    try {
+      conn?.close();
+    } catch {
+      // Already closed.
+    }
+  }
+}
+
+/** A Deno TCP or Unix socket. */
+class DenoTransport implements Transport {
+  readonly #conn: Deno.Conn;
+  readonly #events: TransportEvents;
+  #queue: Uint8Array[] = [];
+  #queued = 0;
+  #writing = false;
+  #ending = false;
+  #closed = false;
+  #paused = false;
+  #resumed?: () => void;
+  #drainWaiters: Array<() => void> = [];
+
+  constructor(conn: Deno.Conn, events: TransportEvents) {
+    this.#conn = conn;
+    this.#events = events;
+    this.#read();
+  }
+
+  async #read(): Promise<void> {
+    const bytes = new Uint8Array(READ_SIZE);
+    const view = Buffer.from(bytes.buffer, 0, READ_SIZE);
+    try {
+      while (!this.#closed) {
+        if (this.#paused) await new Promise<void>((resolve) => this.#resumed = resolve);
+        const n = await this.#conn.read(bytes);
+        if (n === null) break;
+        this.#events.data(view.subarray(0, n));
+      }
+    } catch {
+      // Reset, or closed by destroy(): the stream is over either way.
+    }
+    this.#close();
+  }
+
+  write(bytes: Uint8Array): boolean {
+    if (this.#closed) return true;
+    this.#queue.push(bytes);
+    this.#queued += bytes.length;
+    if (!this.#writing) this.#pump();
+    return this.#queued < HIGH_WATER;
+  }
+
+  async #pump(): Promise<void> {
+    this.#writing = true;
+    try {
+      while (this.#queue.length > 0 && !this.#closed) {
+        const queue = this.#queue;
+        this.#queue = [];
+        const chunk = queue.length === 1 ? queue[0] : joined(queue);
+        let written = 0;
+        while (written < chunk.length) written += await this.#conn.write(chunk.subarray(written));
+        this.#queued -= chunk.length;
+      }
+    } catch {
+      this.destroy();
+    } finally {
+      this.#writing = false;
+    }
+    for (const wake of this.#drainWaiters.splice(0)) wake();
+    if (this.#ending) this.destroy();
+  }
+
+  drained(): Promise<void> {
+    if (!this.#writing || this.#closed) return Promise.resolve();
+    return new Promise<void>((resolve) => this.#drainWaiters.push(resolve));
+  }
+
+  pause(): void {
+    this.#paused = true;
+  }
+
+  resume(): void {
+    this.#paused = false;
+    const resumed = this.#resumed;
+    this.#resumed = undefined;
+    resumed?.();
+  }
+
+  end(): void {
+    this.#ending = true;
+    if (!this.#writing) this.destroy();
+  }
+
+  destroy(): void {
+    if (this.#closed) return;
+    try {
+      this.#conn.close();
+    } catch {
+      // Already closed by the peer.
+    }
+    this.#close();
+  }
+
+  #close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.resume();
+    for (const wake of this.#drainWaiters.splice(0)) wake();
+    this.#events.close();
+  }
+}
+
+function joined(chunks: readonly Uint8Array[]): Uint8Array {
+  let length = 0;
+  for (const chunk of chunks) length += chunk.length;
+  const out = new Uint8Array(length);
+  let at = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, at);
+    at += chunk.length;
+  }
+  return out;
+}
+
+/**
+ * TLS options for one libpq-style mode. `verify-full` checks the certificate against the
+ * configured host itself: the TLS layer skips the name check when the host is an IP
+ * address (it sends no server name then), which would make verify-full verify-ca.
+ */
+function tlsOptions(
+  ssl: ResolvedSsl,
+  host: string,
+  checkServerIdentity: (host: string, cert: never) => Error | undefined,
+): Record<string, unknown> {
+  const options: Record<string, unknown> = { rejectUnauthorized: ssl.mode !== "require" };
+  if (ssl.ca !== undefined) options.ca = ssl.ca;
+  if (ssl.cert !== undefined) options.cert = ssl.cert;
+  if (ssl.key !== undefined) options.key = ssl.key;
+  if (ssl.keyPassword !== undefined) options.passphrase = ssl.keyPassword;
+  if (!/^[\d.:]+$/.test(host)) options.servername = host;
+  options.checkServerIdentity = ssl.mode === "verify-full"
+    ? (_name: string, cert: never) => checkServerIdentity(host, cert)
+    : () => undefined;
+  return options;
+}
+
+/** A `node:net` socket with TLS started on it after the SSLRequest. */
+async function openTls(
+  address: Address,
+  ssl: ResolvedSsl,
+  sslRequest: Uint8Array,
+  events: TransportEvents,
+): Promise<Transport> {
+  const [{ Socket }, tls] = await Promise.all([import("node:net"), import("node:tls")]);
+  const socket = new Socket();
+  try {
+    await new Promise<void>((resolve, reject) => {
+      socket.once("connect", resolve);
+      socket.once("error", reject);
+      if (address.path !== undefined) {
+        socket.connect(address.path);
+      } else {
+        socket.setNoDelay(true);
+        socket.setKeepAlive(true, KEEPALIVE_MS);
+        socket.connect(address.port, address.host);
+      }
+    });
+    socket.write(sslRequest);
+    const answer = await new Promise<number>((resolve, reject) => {
+      socket.once("data", (data: Uint8Array) => resolve(data[0]));
+      socket.once("error", reject);
+      socket.once("close", () => reject(new Error("the server closed the connection")));
+    });
+    if (answer !== TLS_ACCEPTED) {
+      throw new Error("the server does not offer TLS: it answered the SSLRequest with no");
+    }
+    const options = tlsOptions(ssl, address.host, tls.checkServerIdentity as never);
+    const secure = tls.connect({ socket, ...options } as never);
+    await new Promise<void>((resolve, reject) => {
+      secure.once("secureConnect", resolve);
+      secure.once("error", reject);
+    });
+    return new NodeTransport(secure, events);
+  } catch (error) {
+    socket.destroy();
+    throw error;
+  }
+}
+
+/** The part of a `node:net` or `node:tls` socket a transport uses. */
+interface NodeSocket {
+  on(event: "data", listener: (chunk: Buffer) => void): unknown;
+  on(event: "error", listener: () => void): unknown;
+  once(event: "close" | "drain", listener: () => void): unknown;
+  off(event: "close" | "drain", listener: () => void): unknown;
+  write(bytes: Uint8Array): boolean;
+  pause(): unknown;
+  resume(): unknown;
+  end(): unknown;
+  destroy(): unknown;
+  readonly writableNeedDrain: boolean;
+}
+
+/** A `node:tls` socket. */
+class NodeTransport implements Transport {
+  readonly #socket: NodeSocket;
+  #closed = false;
+
+  constructor(socket: NodeSocket, events: TransportEvents) {
+    this.#socket = socket;
+    socket.on("data", (chunk: Buffer) => events.data(chunk));
+    socket.on("error", () => {});
+    socket.once("close", () => {
+      this.#closed = true;
+      events.close();
+    });
+  }
+
+  write(bytes: Uint8Array): boolean {
+    if (this.#closed) return true;
+    return this.#socket.write(bytes);
+  }
+
+  drained(): Promise<void> {
+    if (this.#closed || !this.#socket.writableNeedDrain) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const done = () => {
+        this.#socket.off("drain", done);
+        this.#socket.off("close", done);
+        resolve();
+      };
+      this.#socket.once("drain", done);
+      this.#socket.once("close", done);
+    });
+  }
+
+  pause(): void {
+    this.#socket.pause();
+  }
+
+  resume(): void {
+    this.#socket.resume();
+  }
+
+  end(): void {
+    this.#socket.end();
+  }
+
+  destroy(): void {
+    this.#socket.destroy();
+  }
+}
