@@ -558,6 +558,96 @@ const CASES: Case[] = [
   },
 
   {
+    name: "a prepared statement whose table changed runs again with the new columns, in autocommit",
+    skip: (target) =>
+      target.kind === "embedded" ? "PGlite keeps no named statements (documented)" : undefined,
+    async run(conn, target) {
+      const t = target.table("altered");
+      await exec(conn, `CREATE TABLE ${t} (id int, v text)`);
+      await exec(conn, `INSERT INTO ${t} VALUES (1, 'a')`);
+      const sql = `SELECT * FROM ${t} WHERE id = $1`;
+      assert.deepEqual((await exec(conn, sql, [1], true)).rows, [{ id: 1, v: "a" }]);
+      await exec(conn, `ALTER TABLE ${t} ADD COLUMN w int DEFAULT 7`);
+      // The server refuses the kept statement (its result type changed): it is prepared again.
+      assert.deepEqual((await exec(conn, sql, [1], true)).rows, [{ id: 1, v: "a", w: 7 }]);
+      await exec(conn, `ALTER TABLE ${t} DROP COLUMN v`);
+      // In a transaction the refusal aborts it, so the error is the caller's.
+      await exec(conn, "BEGIN");
+      const error = await rejection(conn.query(sql, [1], { prepare: true }).result);
+      await exec(conn, "ROLLBACK");
+      assert.equal(error.sqlstate, "0A000");
+    },
+  },
+
+  {
+    name:
+      "pipelined statements of every kind, some failing or cancelled, each get their own answer",
+    async run(conn) {
+      // New texts (described before they bind), kept ones, parameterless and failing
+      // statements and cancels, all in flight at once: every answer must be its caller's.
+      for (let round = 0; round < 40; round++) {
+        const calls = Array.from({ length: 30 }, (_, i) => {
+          const n = round * 100 + i;
+          switch (i % 6) {
+            case 0:
+              return { n, running: conn.query(`SELECT $1::int AS n /* r${round} */`, [n]) };
+            case 1:
+              return { n, running: conn.query("SELECT $1::int AS n", [n], { prepare: true }) };
+            case 2:
+              return { n, running: conn.query(`SELECT ${n} AS n`, []) };
+            case 3:
+              return { n, running: conn.query("SELECT $1::int / 0 AS n", [n]), fails: "22012" };
+            case 4:
+              return { n, running: conn.query("SELECT $1::int AS n", [n], { prepare: false }) };
+            default:
+              return {
+                n,
+                running: conn.query(`SELECT $1::int AS n /* c${i} */`, [n]),
+                cancel: true,
+              };
+          }
+        });
+        const cancels = calls.filter((c) => c.cancel).map((c) => c.running.cancel());
+        const outcomes = await Promise.all(calls.map((c) => outcome(c.running.result)));
+        await Promise.all(cancels);
+        outcomes.forEach((got, i) => {
+          const call = calls[i];
+          const own = selected([{ n: call.n }]);
+          const fine = call.fails !== undefined
+            ? JSON.stringify(got) === JSON.stringify({ sqlstate: call.fails })
+            : JSON.stringify(got) === JSON.stringify(own) ||
+              (call.cancel === true &&
+                JSON.stringify(got) === JSON.stringify({ sqlstate: "57014" }));
+          assert.ok(fine, `round ${round}, call ${i}: ${JSON.stringify(got)}`);
+        });
+      }
+      assert.deepEqual((await exec(conn, "SELECT 1 AS n")).rows, [{ n: 1 }]);
+    },
+  },
+
+  {
+    name: "values of several megabytes and multibyte text read back exactly, in any chunking",
+    async run(conn) {
+      const big = "é😀x".repeat(700_000);
+      const { rows } = await exec(
+        conn,
+        "SELECT $1::text AS v, length($1::text) AS n, repeat('ab', 1000000) AS r",
+        [big],
+        true,
+      );
+      assert.equal(rows[0].n, [...big].length);
+      assert.equal(rows[0].v, big);
+      assert.equal(rows[0].r, "ab".repeat(1_000_000));
+      const many = await exec(
+        conn,
+        "SELECT g, repeat('ü', g % 300) AS s FROM generate_series(1, 20000) g",
+      );
+      assert.equal(many.rows.length, 20000);
+      for (const row of many.rows) assert.equal(row.s, "ü".repeat((row.g as number) % 300));
+    },
+  },
+
+  {
     name: "cancel() in the same tick withdraws a statement queued behind a running one (57014)",
     async run(conn) {
       const slow = conn.query("SELECT 'slow' AS x FROM pg_sleep(0.3)", [], { prepare: false });
