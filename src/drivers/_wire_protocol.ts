@@ -11,6 +11,49 @@ import type { ServerErrorFields } from "../errors.ts";
 
 const encoder = new TextEncoder();
 
+/** Backend message types, as their bytes. */
+export enum Backend {
+  Authentication = 0x52, // R
+  BackendKeyData = 0x4b, // K
+  BindComplete = 0x32, // 2
+  CloseComplete = 0x33, // 3
+  CommandComplete = 0x43, // C
+  CopyData = 0x64, // d
+  CopyDone = 0x63, // c
+  CopyInResponse = 0x47, // G
+  CopyOutResponse = 0x48, // H
+  CopyBothResponse = 0x57, // W
+  DataRow = 0x44, // D
+  EmptyQueryResponse = 0x49, // I
+  ErrorResponse = 0x45, // E
+  NoData = 0x6e, // n
+  NoticeResponse = 0x4e, // N
+  NotificationResponse = 0x41, // A
+  ParameterDescription = 0x74, // t
+  ParameterStatus = 0x53, // S
+  ParseComplete = 0x31, // 1
+  PortalSuspended = 0x73, // s
+  ReadyForQuery = 0x5a, // Z
+  RowDescription = 0x54, // T
+}
+
+/** Frontend message types, as their bytes. */
+export enum Frontend {
+  Bind = 0x42, // B
+  Close = 0x43, // C
+  CopyData = 0x64, // d
+  CopyDone = 0x63, // c
+  CopyFail = 0x66, // f
+  Describe = 0x44, // D
+  Execute = 0x45, // E
+  Flush = 0x48, // H
+  Parse = 0x50, // P
+  Password = 0x70, // p
+  Query = 0x51, // Q
+  Sync = 0x53, // S
+  Terminate = 0x58, // X
+}
+
 /** Strings up to this many characters are written by a loop while they are ASCII, sparing an encoder call. */
 const SHORT_TEXT = 64;
 
