@@ -103,6 +103,7 @@ export function serializeArray(
   delimiter = ",",
 ): string {
   if (!Array.isArray(value)) return value as string;
+  if (serialize === undefined && allBare(value)) return `{${value.join(delimiter)}}`;
   let literal = "{";
   for (let i = 0; i < value.length; i++) {
     if (i > 0) literal += delimiter;
@@ -123,6 +124,23 @@ export function serializeArray(
     }
   }
   return literal + "}";
+}
+
+/**
+ * Whether every element is a number, or a string `array_in` reads back unchanged without
+ * quotes: then the literal is the elements joined, which the engine builds in one piece (a
+ * 10,000-element array: about a third of the client's time for an `unnest` INSERT).
+ */
+function allBare(value: readonly unknown[]): boolean {
+  for (let i = 0; i < value.length; i++) {
+    const element = value[i];
+    if (typeof element === "number") continue;
+    if (
+      typeof element !== "string" || element === "" || NEEDS_QUOTES.test(element) ||
+      (element.length === 4 && isNull(element))
+    ) return false;
+  }
+  return true;
 }
 
 function isNull(text: string): boolean {

@@ -100,7 +100,9 @@ export class TypeMap {
   install(pairs: readonly ArrayTypePair[]): void {
     for (const [_element, array, parseAs] of pairs) {
       const parse = this.#parsers.get(parseAs);
-      const serialize = this.#serializers.get(parseAs);
+      const own = this.#serializers.get(parseAs);
+      // `String()` writes numbers as `fromNumber` does, and lets serializeArray join them.
+      const serialize = own === fromNumber ? undefined : own;
       const delimiter = array === BOX_ARRAY ? ";" : ",";
       this.#arrays.add(array);
       this.#parsers.set(array, (text) => parseArrayBody(text.slice(1), parse, delimiter));
