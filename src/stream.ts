@@ -30,8 +30,8 @@ export interface StreamOptions {
    * Rows fetched per round trip: more means fewer round trips and more memory per batch.
    * 2000 streams 1,000,000 small rows at about `fetchAll()`'s rate through a portal (0.7 of
    * it through a `DECLARE` / `FETCH` cursor, whatever the batch size) while the process
-   * grows by about 26 MB; 5000 is no faster and grows it by 65 MB, since V8 keeps more
-   * young objects alive (bench/stream_bench.ts). Lower it for wide rows.
+   * grows by about 25 MB; larger batches are no faster and V8 keeps more young objects alive
+   * (bench/stream_bench.ts). Lower it for wide rows.
    * @default {2000}
    */
   batchSize?: number;

@@ -663,11 +663,15 @@ export class CopyOut extends Exchange {
   }
 }
 
+/** Batches asked for beyond the one the reader goes through. */
+const BATCHES_AHEAD = 2;
+
 /**
  * A portal read in batches: Parse and Describe, then Bind and Execute with a row limit and a
  * Flush per batch; Sync once the rows end or the reader leaves (after Close of the portal).
- * One batch is fetched ahead: the server makes the next batch while the reader goes through
- * the one it has, so at most two batches are held.
+ * Batches are asked for ahead of the reader: while it goes through one, the server has the
+ * Execute of the next queued behind the one it is answering, so it never waits for a round
+ * trip. At most {@link BATCHES_AHEAD} batches wait beside the reader's.
  */
 export class Portal extends Exchange {
   readonly #batchSize: number;
@@ -675,19 +679,21 @@ export class Portal extends Exchange {
   #parameterTypes: number[] = [];
   /** The rows of the batch the server is sending. */
   #rows: Row[] = [];
-  /** A complete batch the reader has not asked for yet. */
-  #ready?: Row[];
+  /** Complete batches the reader has not asked for yet. */
+  #ready: Row[][] = [];
+  /** Executes sent and not answered yet. */
+  #outstanding = 0;
   #error?: QueryError;
   /** The reader, waiting for a batch. */
   #batch?: Settle<Row[] | null>;
   /** Sync was sent (the rows ended, the statement failed, or the portal was closed). */
   #complete = false;
-  /** The reader left while a batch was coming: the portal closes once it is suspended. */
+  /** The reader left while batches were coming: the portal closes once they have. */
   #closing = false;
   #over = false;
   #overWaiters: Array<() => void> = [];
-  /** True while the server works on a batch (a cancel request can stop it). */
-  working = false;
+  /** True while the portal is being described, or until it is bound. */
+  #describing = true;
 
   constructor(
     session: ExchangeSession,
@@ -699,12 +705,16 @@ export class Portal extends Exchange {
     this.#batchSize = batchSize;
   }
 
+  /** True while the server works for the portal (a cancel request can stop it). */
+  get working(): boolean {
+    return this.#describing || this.#outstanding > 0;
+  }
+
   write(writer: MessageWriter): void {
     writeParse(writer, "", this.sql, declaredTypes(this.params));
     writer.begin(Frontend.Describe).bytes(STATEMENT).cstring("").end();
     writer.begin(Frontend.Flush).end();
     this.holdsWrites = true;
-    this.working = true;
   }
 
   message(type: number, reader: MessageReader): void {
@@ -718,74 +728,96 @@ export class Portal extends Exchange {
         return;
       }
       case Backend.RowDescription:
-      case Backend.NoData: {
+      case Backend.NoData:
         if (type === Backend.RowDescription) {
           this.#columns = readColumns(reader, this.session.types);
         }
-        let values: Array<string | null>;
-        try {
-          values = bindValues(this.session.types, this.params, this.#parameterTypes);
-        } catch (error) {
-          this.#error = this.clientError(
-            `Cannot stream the rows: ${error instanceof Error ? error.message : String(error)}`,
-            error,
-          );
-          this.#complete = true;
-          this.session.writeNow((writer) => writer.begin(Frontend.Sync).end());
-          return;
-        }
-        this.session.writeNow((writer) => {
-          writeBind(writer, "", values);
-          this.#execute(writer);
-        });
+        this.#bind();
         return;
-      }
-      case Backend.PortalSuspended: {
-        this.working = false;
-        const rows = this.#rows;
-        this.#rows = [];
-        if (this.#closing) {
-          this.#close();
-        } else if (this.#batch !== undefined) {
-          const batch = this.#batch;
-          this.#batch = undefined;
-          batch.resolve(rows);
-          this.#fetchAhead();
-        } else {
-          this.#ready = rows;
-        }
+      case Backend.PortalSuspended:
+        this.#outstanding--;
+        this.#suspended();
         return;
-      }
       case Backend.CommandComplete:
-        this.working = false;
-        this.#complete = true;
-        this.session.writeNow((writer) => writer.begin(Frontend.Sync).end());
+        // An Execute queued behind the last rows finds the portal done: its answer is empty.
+        this.#outstanding--;
+        this.#sync();
         return;
       case Backend.ErrorResponse:
-        this.working = false;
+        // The server skips what was queued up to the Sync.
+        this.#outstanding = 0;
+        this.#describing = false;
         this.#error ??= this.serverError(reader);
-        if (!this.#complete) {
-          this.#complete = true;
-          this.session.writeNow((writer) => writer.begin(Frontend.Sync).end());
-        }
+        this.#sync();
         return;
     }
   }
 
+  #bind(): void {
+    this.#describing = false;
+    // The reader left while the statement was described: nothing to read.
+    if (this.#closing) return this.#sync();
+    let values: Array<string | null>;
+    try {
+      values = bindValues(this.session.types, this.params, this.#parameterTypes);
+    } catch (error) {
+      this.#error = this.clientError(
+        `Cannot stream the rows: ${error instanceof Error ? error.message : String(error)}`,
+        error,
+      );
+      this.#sync();
+      return;
+    }
+    this.session.writeNow((writer) => {
+      writeBind(writer, "", values);
+      for (let i = 0; i < BATCHES_AHEAD; i++) this.#execute(writer);
+    });
+  }
+
+  /** A batch is complete: the reader's if it waits, else queued; more are asked for. */
+  #suspended(): void {
+    const rows = this.#rows;
+    this.#rows = [];
+    if (this.#closing) {
+      if (this.#outstanding === 0) this.#close();
+      return;
+    }
+    const batch = this.#batch;
+    if (batch !== undefined) {
+      this.#batch = undefined;
+      batch.resolve(rows);
+    } else {
+      this.#ready.push(rows);
+    }
+    this.#askAhead();
+  }
+
   #execute(writer: MessageWriter): void {
-    this.working = true;
+    this.#outstanding++;
     writer.begin(Frontend.Execute).cstring("").int32(this.#batchSize).end();
     writer.begin(Frontend.Flush).end();
   }
 
-  /** Asks for the next batch, unless the rows ended or the reader left. */
-  #fetchAhead(): void {
-    if (this.#complete || this.#closing || this.working) return;
-    this.session.writeNow((writer) => this.#execute(writer));
+  /** Asks for batches until {@link BATCHES_AHEAD} are queued or on their way. */
+  #askAhead(): void {
+    if (this.#complete || this.#closing) return;
+    const wanted = BATCHES_AHEAD - this.#outstanding - this.#ready.length;
+    if (wanted <= 0) return;
+    this.session.writeNow((writer) => {
+      for (let i = 0; i < wanted; i++) this.#execute(writer);
+    });
+  }
+
+  /** Ends the exchange with Sync (once). */
+  #sync(): void {
+    if (this.#complete) return;
+    this.#complete = true;
+    this.session.writeNow((writer) => writer.begin(Frontend.Sync).end());
   }
 
   /** Closes the suspended portal and ends the exchange. */
   #close(): void {
+    if (this.#complete) return;
     this.#complete = true;
     this.session.writeNow((writer) => {
       writer.begin(Frontend.Close).bytes(PORTAL).cstring("").end();
@@ -807,6 +839,8 @@ export class Portal extends Exchange {
 
   #finish(): void {
     this.#over = true;
+    this.#outstanding = 0;
+    this.#describing = false;
     const batch = this.#batch;
     this.#batch = undefined;
     if (batch !== undefined) {
@@ -819,10 +853,9 @@ export class Portal extends Exchange {
 
   /** The next batch, or `null` once the rows ended; throws the statement's error. */
   next(): Promise<Row[] | null> {
-    const ready = this.#ready;
+    const ready = this.#ready.shift();
     if (ready !== undefined) {
-      this.#ready = undefined;
-      this.#fetchAhead();
+      this.#askAhead();
       return Promise.resolve(ready);
     }
     if (this.#over) {
@@ -838,11 +871,11 @@ export class Portal extends Exchange {
   }
 
   /**
-   * Closes the portal (the reader left early), once the batch on its way has arrived, and
-   * waits for the session to be ready.
+   * Closes the portal (the reader left early), once the batches on their way have arrived,
+   * and waits for the session to be ready.
    */
   async close(): Promise<void> {
-    this.#ready = undefined;
+    this.#ready = [];
     if (!this.#over && !this.#complete) {
       if (this.working) this.#closing = true;
       else this.#close();

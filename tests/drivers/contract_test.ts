@@ -626,6 +626,33 @@ const CASES: Case[] = [
   },
 
   {
+    name: "cursor() yields every row once at any count around its batch size, and leaves early",
+    skip: (target) =>
+      target.kind === "embedded" ? "PGlite has no cursor() (documented)" : undefined,
+    async run(conn) {
+      const cursor = conn.cursor!;
+      for (const count of [0, 1, 99, 100, 101, 250, 300, 1000]) {
+        const seen: number[] = [];
+        for await (
+          const rows of cursor("SELECT g FROM generate_series(1, $1::int) g", [count], 100)
+        ) {
+          assert.ok(rows.length > 0 && rows.length <= 100, `a batch of ${rows.length}`);
+          for (const row of rows) seen.push(row.g as number);
+        }
+        assert.deepEqual(seen, Array.from({ length: count }, (_, i) => i + 1), `${count} rows`);
+      }
+      // Leaving after the first batch, while the next ones are on their way.
+      for (const count of [150, 5000]) {
+        for await (const _ of cursor("SELECT g FROM generate_series(1, $1::int) g", [count], 100)) {
+          break;
+        }
+        assert.deepEqual((await exec(conn, "SELECT $1::int AS n", [count])).rows, [{ n: count }]);
+      }
+      assert.equal(conn.closed, false);
+    },
+  },
+
+  {
     name: "values of several megabytes and multibyte text read back exactly, in any chunking",
     async run(conn) {
       const big = "é😀x".repeat(700_000);
