@@ -599,6 +599,24 @@ const PARAM_CASES: Array<
     rows: [{ a: ["1", "-2", null], b: [true, false, null] }],
   },
   {
+    name: "an invalid Date is refused on the client",
+    sql: "SELECT $1::timestamptz AS v",
+    params: [new Date(NaN)],
+    sqlstate: undefined,
+  },
+  {
+    name: "a NUL character in text is the server's error",
+    sql: "SELECT $1::text AS v",
+    params: ["a\u0000b"],
+    sqlstate: "22021",
+  },
+  {
+    name: "too few values is the server's 08P01, and the session lives on",
+    sql: "SELECT $1::int AS a, $2::int AS b",
+    params: [1],
+    sqlstate: "08P01",
+  },
+  {
     name: "undefined is refused on the client",
     sql: "SELECT $1::int AS v",
     params: [undefined],
@@ -843,6 +861,128 @@ wireTest(
         [{ n: 2, c: 10 }],
       );
       assert.deepEqual((await exec(conn, `SELECT count(*)::int AS c FROM ${a}`)).rows, [{ c: 0 }]);
+    });
+  },
+);
+
+wireTest(
+  "wire: a portal stream never yields an empty batch (exact multiples, no rows)",
+  async () => {
+    await withConn(async (conn) => {
+      const batches = async (sql: string, size: number) => {
+        const sizes: number[] = [];
+        for await (const rows of conn.cursor!(sql, [], size)) sizes.push(rows.length);
+        return sizes;
+      };
+      assert.deepEqual(await batches("SELECT i FROM generate_series(1, 30) i", 10), [10, 10, 10]);
+      assert.deepEqual(await batches("SELECT i FROM generate_series(1, 31) i", 10), [
+        10,
+        10,
+        10,
+        1,
+      ]);
+      assert.deepEqual(await batches("SELECT 1 AS i WHERE false", 10), []);
+      assert.deepEqual(await batches("SELECT i FROM generate_series(1, 3) i", 1), [1, 1, 1]);
+      assert.deepEqual((await exec(conn, "SELECT 2 AS v")).rows, [{ v: 2 }]);
+    });
+  },
+);
+
+wireTest(
+  "wire: query() of COPY TO STDOUT, of an empty string, of a NOTICE; the session goes on",
+  async () => {
+    await withConn(async (conn) => {
+      const copied = await exec(conn, "COPY (SELECT generate_series(1, 3)) TO STDOUT");
+      assert.deepEqual(copied, { rows: [], command: "COPY", rowCount: 3 });
+      assert.deepEqual(await exec(conn, ""), { rows: [], command: "", rowCount: 0 });
+      const noticed = await exec(
+        conn,
+        "DO $$ BEGIN RAISE NOTICE 'hello %', repeat('n', 10000); END $$; SELECT 5 AS v",
+      );
+      assert.deepEqual(noticed.rows, [{ v: 5 }]);
+      assert.deepEqual((await exec(conn, "SELECT $1::int AS v", [6])).rows, [{ v: 6 }]);
+    });
+  },
+);
+
+wireTest(
+  "wire: named statements dropped by DEALLOCATE ALL and DISCARD ALL are prepared again",
+  async () => {
+    await withConn(async (conn) => {
+      const sql = `SELECT $1::int * 2 AS v /* ${uniqueName("m")} */`;
+      assert.deepEqual((await exec(conn, sql, [1], true)).rows, [{ v: 2 }]);
+      await exec(conn, "DEALLOCATE ALL");
+      assert.deepEqual((await exec(conn, sql, [2], true)).rows, [{ v: 4 }]);
+      await exec(conn, "DISCARD ALL");
+      assert.deepEqual((await exec(conn, sql, [3], true)).rows, [{ v: 6 }]);
+    });
+  },
+);
+
+wireTest(
+  "wire: a session the server ends while idle (idle_session_timeout) reports closed",
+  async () => {
+    await withConn(async (conn) => {
+      const counter = closeCounter(conn);
+      await exec(conn, "SET idle_session_timeout = 200");
+      await until(() => conn.closed, 5000, "the idle session's end");
+      await assertGone(conn, counter);
+    });
+  },
+);
+
+wireTest("wire: a statement sent during a COPY in runs after it and sees its rows", async () => {
+  await withConn(async (conn) => {
+    const table = uniqueName("wire_copy_behind");
+    await exec(conn, `CREATE TEMP TABLE ${table} (n int)`);
+    const copying = conn.copyIn(
+      `COPY ${table} FROM STDIN`,
+      (async function* () {
+        for (let i = 1; i <= 5; i++) {
+          await sleep(20);
+          yield `${i}\n`;
+        }
+      })(),
+    );
+    await sleep(30);
+    const counted = conn.query(`SELECT count(*)::int AS n FROM ${table}`, []).result;
+    const countedParams = conn.query(`SELECT count(*)::int AS n FROM ${table} WHERE n > $1`, [
+      0,
+    ]).result;
+    assert.equal(await settlesWithin(copying, 5000, "the COPY"), 5);
+    assert.deepEqual((await counted).rows, [{ n: 5 }]);
+    assert.deepEqual((await countedParams).rows, [{ n: 5 }]);
+  });
+});
+
+wireTest(
+  "wire: close() while a COPY out's reader stalls settles; the reader then fails",
+  async () => {
+    await withConn(async (conn) => {
+      const counter = closeCounter(conn);
+      const copy = conn.copyOut(
+        "COPY (SELECT i, repeat('y', 100) FROM generate_series(1, 2000000) i) TO STDOUT",
+      );
+      const first = await settlesWithin(copy.next(), 5000, "the first chunk");
+      assert.equal(first.done, false);
+      await settlesWithin(conn.close(), 15_000, "close() during a stalled COPY out");
+      assert.equal(conn.closed, true);
+      assert.equal(counter.calls, 1);
+      let error: unknown;
+      try {
+        await settlesWithin(
+          (async () => {
+            while (!(await copy.next()).done) {
+              // drain what was buffered
+            }
+          })(),
+          5000,
+          "the COPY out after close()",
+        );
+      } catch (caught) {
+        error = caught;
+      }
+      assertLost(error, "the COPY out after close()");
     });
   },
 );
