@@ -78,7 +78,20 @@ export interface ExchangeSession {
   setKey(pid: number, secret: number): void;
   /** Ends the socket now. */
   destroy(): void;
+  /** Writes data messages now; false when the writer should wait until they drained. */
+  writeData(write: (writer: MessageWriter) => void): boolean;
 }
+
+/**
+ * Whether a parameterless statement may be a `COPY … FROM STDIN`, which puts the session in
+ * a mode where any statement behind it ends the session: such a statement holds the writes.
+ */
+function mayReadStdin(sql: string): boolean {
+  return STDIN.test(sql) && COPY.test(sql);
+}
+
+const STDIN = /stdin/i;
+const COPY = /copy/i;
 
 /** One column of a result: its name and its parser (`undefined`: the text as it is). */
 export interface Column {
@@ -319,6 +332,8 @@ export class Statement extends Exchange implements RunningQuery {
   write(writer: MessageWriter): void {
     if (this.params.length === 0) {
       writer.begin(Frontend.Query).cstring(this.sql).end();
+      // A COPY … FROM STDIN here gets a CopyFail: nothing may reach the server before it.
+      if (mayReadStdin(this.sql)) this.holdsWrites = true;
       return;
     }
     if (this.#stale !== undefined) {
@@ -499,7 +514,7 @@ export class CopyIn extends Exchange {
   /** Resolves once the server asked for the data (CopyInResponse), or refused the COPY. */
   readonly started: Promise<void>;
   #start!: () => void;
-  /** True once the server asked for the data. */
+  /** True once the server asked for the data, until it ended the COPY. */
   copying = false;
 
   constructor(session: ExchangeSession, sql: string) {
@@ -522,6 +537,8 @@ export class CopyIn extends Exchange {
    */
   finish(error?: unknown): void {
     if (error !== undefined) this.#error ??= error;
+    if (!this.copying) return;
+    this.copying = false;
     this.session.writeNow((writer) => {
       if (error === undefined) writer.begin(Frontend.CopyDone).end();
       else writer.begin(Frontend.CopyFail).cstring("the COPY's source stopped").end();
@@ -535,18 +552,30 @@ export class CopyIn extends Exchange {
         this.#start();
         return;
       case Backend.CommandComplete:
+        this.copying = false;
         this.#count = commandTag(reader).count;
         return;
       case Backend.ErrorResponse:
-        // The server ended the COPY (or never started it): what is still sent for it, it drops.
+        // The server ended the COPY (or never started it): nothing more is sent for it.
+        this.copying = false;
         this.#error ??= this.serverError(reader);
         this.#start();
         return;
     }
   }
 
+  /**
+   * Writes one chunk as CopyData while the server takes it (a COPY it ended takes nothing,
+   * and must not: the session's next COPY would read it); false when the writer should wait.
+   */
+  send(text: string): boolean {
+    if (!this.copying) return true;
+    return this.session.writeData((writer) => writer.begin(Frontend.CopyData).string(text).end());
+  }
+
   ready(): void {
     this.settled = true;
+    this.copying = false;
     this.#start();
     if (this.#error !== undefined) this.#reject(this.#error);
     else this.#resolve(this.#count);
@@ -555,6 +584,7 @@ export class CopyIn extends Exchange {
   fail(error: QueryError): void {
     if (this.settled) return;
     this.settled = true;
+    this.copying = false;
     this.#start();
     this.#reject(this.#error instanceof QueryError ? this.#error : error);
   }
@@ -574,10 +604,18 @@ export class CopyOut extends Exchange {
 
   write(writer: MessageWriter): void {
     writer.begin(Frontend.Query).cstring(this.sql).end();
+    if (mayReadStdin(this.sql)) this.holdsWrites = true;
   }
 
   message(type: number, reader: MessageReader): void {
     switch (type) {
+      case Backend.CopyInResponse:
+        this.session.writeNow((writer) =>
+          writer.begin(Frontend.CopyFail).cstring(
+            "copyOut() runs COPY … TO STDOUT; COPY … FROM STDIN runs through copyIn()",
+          ).end()
+        );
+        return;
       case Backend.CopyData: {
         if (this.#discard) return;
         const length = reader.end - reader.at;

@@ -672,32 +672,20 @@ wireTest("wire: a 60 MB row reads back exactly, in bounded time", async () => {
 });
 
 wireTest(
-  "wire: 200,000 pipelined SELECT $1::int on one session, each its own, in linear time",
+  "wire: 200,000 pipelined SELECT $1::int on one session, each its own",
   async () => {
     await withConn(async (conn) => {
-      /** Runs `n` pipelined statements; their time in ms. */
-      const run = async (n: number): Promise<number> => {
-        const started = performance.now();
-        const results: Array<Promise<DriverResult>> = new Array(n);
-        for (let i = 0; i < n; i++) results[i] = conn.query("SELECT $1::int AS v", [i]).result;
-        const all = await settlesWithin(Promise.all(results), 120_000, `${n} statements`);
-        const ms = performance.now() - started;
-        for (let i = 0; i < n; i++) {
-          if (all[i].rows.length !== 1 || all[i].rows[0].v !== i) {
-            assert.fail(`statement ${i} of ${n}: ${JSON.stringify(all[i])}`);
-          }
+      // Its time is bench material (it took 23-33 s while the session's queues were arrays
+      // whose shift() copies them past ~16,000 items, 1.4 s since); here, its answers.
+      const n = 200_000;
+      const results: Array<Promise<DriverResult>> = new Array(n);
+      for (let i = 0; i < n; i++) results[i] = conn.query("SELECT $1::int AS v", [i]).result;
+      const all = await settlesWithin(Promise.all(results), 120_000, `${n} statements`);
+      for (let i = 0; i < n; i++) {
+        if (all[i].rows.length !== 1 || all[i].rows[0].v !== i) {
+          assert.fail(`statement ${i} of ${n}: ${JSON.stringify(all[i])}`);
         }
-        return ms;
-      };
-      await run(2_000); // warm up
-      const small = await run(10_000);
-      const large = await run(200_000);
-      // Linear: 20 times the statements take about 20 times as long. A queue that shifts a
-      // large array for each statement (O(n) per shift) takes far longer.
-      assert.ok(
-        large < 40 * small + 3000,
-        `10,000 statements took ${Math.round(small)} ms, 200,000 took ${Math.round(large)} ms`,
-      );
+      }
       assert.deepEqual((await exec(conn, "SELECT 1 AS ok")).rows, [{ ok: 1 }]);
     });
   },
