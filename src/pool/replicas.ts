@@ -190,5 +190,8 @@ function isNodeFailure(error: unknown): boolean {
   if (error instanceof PoolError) return error.code === "POOL_CLOSED";
   if (!(error instanceof QueryError)) return false;
   const state = error.sqlstate ?? "";
+  // 08P01 is also the server's answer to a statement's bind with the wrong number of
+  // values, on a session that goes on: that is the caller's error, not the replica's.
+  if (state === "08P01") return false;
   return state.startsWith("08") || state.startsWith("57P");
 }

@@ -283,6 +283,25 @@ Deno.test({
         },
       );
 
+      await t.step(
+        "a read the server refuses as a protocol violation fails for its caller; the replica stays up",
+        async () => {
+          await withReplicaPool(cluster, { replicas: [standby0] }, async (db, pool) => {
+            assert.equal(await db.fetchValue<number>("SELECT 1 + $1::int", [1]), 2);
+            // Too few values: the server answers 08P01 and the session goes on.
+            const error = await db.fetchValue("SELECT $1::int + $2::int", [1]).catch((e) => e);
+            assert.ok(error instanceof QueryError, `expected QueryError, got ${error}`);
+            assert.equal(error.sqlstate, "08P01");
+            const [replica] = statsOf(pool).replicas;
+            assert.equal(replica.healthy, true, "the replica was marked down");
+            assert.equal(
+              await db.fetchValue<number>("SELECT inet_server_port()"),
+              portOf(standby0),
+            );
+          });
+        },
+      );
+
       await t.step("getStats() has one entry per replica, without the password", async () => {
         const withPassword = standby0.replace("postgres@", `postgres:${PASSWORD}@`);
         await withReplicaPool(cluster, { replicas: [withPassword] }, async (db, pool) => {
