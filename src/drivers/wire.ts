@@ -130,7 +130,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
   #notified: NotificationListener[] = [];
   #paused = false;
   #statementCount = 0;
-  /** The session's named statements by SQL text. */
+  /** The session's named statements by their key: declared parameter types and text. */
   readonly statements = new Map<string, Description>();
   readonly types = new TypeMap();
   /**
