@@ -665,3 +665,147 @@ serverTest(
     }
   },
 );
+
+// ---------------------------------------------------------------------------------------
+// On both transports: a COPY in whose session ends under it, close() twice, terminate()
+// during close()
+// ---------------------------------------------------------------------------------------
+
+/**
+ * A COPY in of up to 200 MB whose session is ended once 5 MB were handed over: by
+ * `terminate()`, or by the server (`pg_terminate_backend` from `admin`). The COPY rejects as
+ * lost, the caller's records are closed, nothing hangs.
+ */
+async function copyInEnded(
+  driver: Driver,
+  admin: DriverConnection,
+  how: "terminate()" | "pg_terminate_backend",
+): Promise<void> {
+  const conn = await settlesWithin(driver.connect(), 15_000, "connect()");
+  try {
+    await conn.query("CREATE TEMP TABLE sink (s text)", []).result;
+    let handed = 0;
+    let finished = false;
+    let ended: Promise<unknown> | undefined;
+    let handedAtEnd = 0;
+    const line = "z".repeat(64 * 1024 - 1) + "\n";
+    const records = async function* (): AsyncGenerator<string> {
+      try {
+        for (let i = 0; i < 3200; i++) {
+          handed += line.length;
+          if (handed > 5 << 20 && ended === undefined) {
+            handedAtEnd = handed;
+            ended = how === "terminate()"
+              ? conn.terminate()
+              : admin.query("SELECT pg_terminate_backend($1)", [conn.pid]).result;
+          }
+          yield line;
+        }
+      } finally {
+        finished = true;
+      }
+    };
+    const error = await settlesWithin(
+      rejectionOf(conn.copyIn("COPY sink FROM STDIN", records()), `copyIn under ${how}`),
+      15_000,
+      `copyIn under ${how}`,
+    );
+    assertLost(error, `copyIn under ${how}`);
+    await settlesWithin(ended!, 10_000, how);
+    assert.equal(conn.closed, true);
+    // A session that ended stops taking the caller's records (a few chunks in flight aside).
+    assert.ok(
+      handed - handedAtEnd < 32 << 20,
+      `after ${how} at ${handedAtEnd} bytes the COPY went on taking records up to ${handed}`,
+    );
+    await settlesWithin(
+      (async () => {
+        while (!finished) await sleep(10);
+      })(),
+      5_000,
+      "the records to be closed",
+    );
+  } finally {
+    await settlesWithin(conn.terminate(), 10_000, "terminate()");
+  }
+}
+
+/** close() twice at once with a statement in flight. */
+async function closeTwice(driver: Driver): Promise<void> {
+  const conn = await settlesWithin(driver.connect(), 15_000, "connect()");
+  try {
+    const running = conn.query("SELECT pg_sleep(0.3), 7 AS seven", []).result;
+    const [result] = await settlesWithin(
+      Promise.all([running, conn.close(), conn.close()]),
+      10_000,
+      "close() twice",
+    );
+    assert.deepEqual(result.rows, [{ pg_sleep: "", seven: 7 }]);
+    assert.equal(conn.closed, true);
+  } finally {
+    await conn.terminate().catch(() => {});
+  }
+}
+
+/** terminate() while close() waits for a long statement. */
+async function terminateDuringClose(driver: Driver): Promise<void> {
+  const conn = await settlesWithin(driver.connect(), 15_000, "connect()");
+  try {
+    const running = conn.query("SELECT pg_sleep(30)", []).result;
+    const outcome = rejectionOf(running, "pg_sleep(30) under terminate()");
+    await sleep(100);
+    const closing = conn.close();
+    await sleep(50);
+    const terminating = conn.terminate();
+    await settlesWithin(Promise.all([closing, terminating]), 4_000, "close() and terminate()");
+    assertLost(await settlesWithin(outcome, 1_000, "the statement in flight"), "pg_sleep(30)");
+  } finally {
+    await conn.terminate().catch(() => {});
+  }
+}
+
+serverTest("a COPY in whose session ends under it rejects as lost (TCP)", async () => {
+  const driver = serverDriver();
+  const admin = await settlesWithin(driver.connect(), 10_000, "connect()");
+  try {
+    await copyInEnded(driver, admin, "terminate()");
+    await copyInEnded(driver, admin, "pg_terminate_backend");
+  } finally {
+    await settlesWithin(admin.close(), 10_000, "close()");
+  }
+});
+
+Deno.test({
+  name: tlsUnavailable === undefined
+    ? "over TLS: a COPY in whose session ends under it, close() twice, terminate() during close()"
+    : `over TLS: session ends (skipped: ${tlsUnavailable})`,
+  ignore: tlsUnavailable !== undefined,
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn(t) {
+    const cluster = await startTlsCluster();
+    const driver = createWireDriver(
+      resolveConfig({
+        host: "127.0.0.1",
+        port: cluster.port,
+        user: "postgres",
+        database: "postgres",
+        ssl: { mode: "require" },
+      }),
+    );
+    let admin: DriverConnection | undefined;
+    try {
+      admin = await settlesWithin(driver.connect(), 15_000, "connect()");
+      await t.step("COPY in under terminate()", () => copyInEnded(driver, admin!, "terminate()"));
+      await t.step(
+        "COPY in under pg_terminate_backend",
+        () => copyInEnded(driver, admin!, "pg_terminate_backend"),
+      );
+      await t.step("close() twice at once", () => closeTwice(driver));
+      await t.step("terminate() during close()", () => terminateDuringClose(driver));
+    } finally {
+      await admin?.terminate().catch(() => {});
+      await cluster.stop();
+    }
+  },
+});
