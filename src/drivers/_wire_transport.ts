@@ -52,15 +52,18 @@ const TLS_ACCEPTED = 0x53;
 
 /**
  * Connects to `address`, with TLS after `sslRequest` when `ssl` is set. Rejects with the
- * socket's error, or when the server does not offer TLS.
+ * socket's error, or when the server does not offer TLS. Aborting `signal` while TLS is being
+ * set up closes the socket and rejects (a plain socket is handed over once connected, and its
+ * owner closes it).
  */
 export async function openTransport(
   address: Address,
   ssl: ResolvedSsl | undefined,
   sslRequest: Uint8Array,
   events: TransportEvents,
+  signal: AbortSignal,
 ): Promise<Transport> {
-  if (ssl !== undefined) return await openTls(address, ssl, sslRequest, events);
+  if (ssl !== undefined) return await openTls(address, ssl, sslRequest, events, signal);
   const conn = await connect(address);
   return new DenoTransport(conn, events);
 }
@@ -241,10 +244,19 @@ async function openTls(
   ssl: ResolvedSsl,
   sslRequest: Uint8Array,
   events: TransportEvents,
+  signal: AbortSignal,
 ): Promise<Transport> {
   const [{ Socket }, tls] = await Promise.all([import("node:net"), import("node:tls")]);
   const socket = new Socket();
+  let secure: NodeSocket | undefined;
+  // A server that stops answering mid-handshake: the deadline's abort closes the socket.
+  const onAbort = () => {
+    secure?.destroy();
+    socket.destroy(signal.reason);
+  };
+  signal.addEventListener("abort", onAbort, { once: true });
   try {
+    signal.throwIfAborted();
     await new Promise<void>((resolve, reject) => {
       socket.once("connect", resolve);
       socket.once("error", reject);
@@ -260,51 +272,84 @@ async function openTls(
     const answer = await new Promise<number>((resolve, reject) => {
       socket.once("data", (data: Uint8Array) => resolve(data[0]));
       socket.once("error", reject);
-      socket.once("close", () => reject(new Error("the server closed the connection")));
+      socket.once(
+        "close",
+        () => reject(signal.reason ?? new Error("the server closed the connection")),
+      );
     });
     if (answer !== TLS_ACCEPTED) {
       throw new Error("the server does not offer TLS: it answered the SSLRequest with no");
     }
     const options = tlsOptions(ssl, address.host, tls.checkServerIdentity as never);
-    const secure = tls.connect({ socket, ...options } as never);
+    const connecting = tls.connect({ socket, ...options } as never);
+    secure = connecting as unknown as NodeSocket;
     await new Promise<void>((resolve, reject) => {
-      secure.once("secureConnect", resolve);
-      secure.once("error", reject);
+      connecting.once("secureConnect", resolve);
+      connecting.once("error", reject);
+      connecting.once(
+        "close",
+        () => reject(signal.reason ?? new Error("the server closed the connection")),
+      );
     });
-    return new NodeTransport(secure, events);
+    signal.throwIfAborted();
+    return new NodeTransport(
+      connecting as unknown as NodeSocket,
+      socket as unknown as NodeSocket,
+      events,
+    );
   } catch (error) {
+    secure?.destroy();
     socket.destroy();
     throw error;
+  } finally {
+    signal.removeEventListener("abort", onAbort);
   }
 }
 
 /** The part of a `node:net` or `node:tls` socket a transport uses. */
 interface NodeSocket {
-  on(event: "data", listener: (chunk: Buffer) => void): unknown;
-  on(event: "error", listener: () => void): unknown;
-  once(event: "close" | "drain", listener: () => void): unknown;
+  on(event: "readable" | "error", listener: () => void): unknown;
+  once(event: "close" | "drain" | "end", listener: () => void): unknown;
   off(event: "close" | "drain", listener: () => void): unknown;
-  write(bytes: Uint8Array): boolean;
+  read(): Buffer | null;
   pause(): unknown;
   resume(): unknown;
+  write(bytes: Uint8Array): boolean;
   end(): unknown;
-  destroy(): unknown;
+  destroy(error?: unknown): unknown;
   readonly writableNeedDrain: boolean;
 }
 
-/** A `node:tls` socket. */
+/**
+ * A `node:tls` socket, read in pull mode. Pausing it pauses the TCP socket under it: Deno's
+ * TLS socket stops on its own `pause()` only the first time, and after one `resume()` it
+ * reads on, so a slow COPY-out reader's rows would pile up in memory instead of holding the
+ * server back.
+ */
 class NodeTransport implements Transport {
   readonly #socket: NodeSocket;
+  /** The TCP socket under TLS. */
+  readonly #raw: NodeSocket;
+  readonly #events: TransportEvents;
   #closed = false;
+  #paused = false;
 
-  constructor(socket: NodeSocket, events: TransportEvents) {
+  constructor(socket: NodeSocket, raw: NodeSocket, events: TransportEvents) {
     this.#socket = socket;
-    socket.on("data", (chunk: Buffer) => events.data(chunk));
+    this.#raw = raw;
+    this.#events = events;
+    socket.on("readable", () => this.#read());
     socket.on("error", () => {});
-    socket.once("close", () => {
-      this.#closed = true;
-      events.close();
-    });
+    socket.once("close", () => this.#close());
+    this.#read();
+  }
+
+  #read(): void {
+    while (!this.#paused && !this.#closed) {
+      const chunk = this.#socket.read();
+      if (chunk === null) return;
+      this.#events.data(chunk);
+    }
   }
 
   write(bytes: Uint8Array): boolean {
@@ -326,18 +371,30 @@ class NodeTransport implements Transport {
   }
 
   pause(): void {
-    this.#socket.pause();
+    this.#paused = true;
+    this.#raw.pause();
   }
 
   resume(): void {
-    this.#socket.resume();
+    if (!this.#paused) return;
+    this.#paused = false;
+    this.#raw.resume();
+    this.#read();
   }
 
   end(): void {
     this.#socket.end();
   }
 
+  /** Ends the socket, and the transport with it at once: nothing more is written. */
   destroy(): void {
     this.#socket.destroy();
+    this.#close();
+  }
+
+  #close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#events.close();
   }
 }

@@ -168,7 +168,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
       `the server did not answer the connection's setup within connectTimeoutMs (${ms} ms)`,
     );
     try {
-      opening = openTransport(endpoint, endpoint.ssl, sslRequest(), events);
+      opening = openTransport(endpoint, endpoint.ssl, sslRequest(), events, connecting.signal);
       connection.#transport = await Promise.race([opening, connecting.promise]);
       const startup = new Startup(connection, endpoint);
       connection.#send(startup);
@@ -798,15 +798,23 @@ class Queue<T> {
 
 /**
  * A promise that rejects with a QueryError saying `message` after `ms` (and never settles
- * otherwise); `clear` stops its timer.
+ * otherwise), and a signal aborted with that error then; `clear` stops its timer.
  */
-function deadline(ms: number, message: string): { promise: Promise<never>; clear(): void } {
+function deadline(
+  ms: number,
+  message: string,
+): { promise: Promise<never>; signal: AbortSignal; clear(): void } {
+  const controller = new AbortController();
   let timer: ReturnType<typeof setTimeout> | undefined;
   const promise = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new QueryError(message, "", [])), ms);
+    timer = setTimeout(() => {
+      const error = new QueryError(message, "", []);
+      controller.abort(error);
+      reject(error);
+    }, ms);
   });
   promise.catch(() => {});
-  return { promise, clear: () => clearTimeout(timer) };
+  return { promise, signal: controller.signal, clear: () => clearTimeout(timer) };
 }
 
 /** What {@link abortion} rejects with when its signal aborts. */
