@@ -171,11 +171,17 @@ class WireConnection implements DriverConnection, ExchangeSession {
       opening = openTransport(endpoint, endpoint.ssl, sslRequest(), events, connecting.signal);
       connection.#transport = await Promise.race([opening, connecting.promise]);
       const startup = new Startup(connection, endpoint);
-      connection.#send(startup);
-      await Promise.race([startup.done, connecting.promise]);
       const all: Row[] = [];
       const setup = new Statement(connection, setupSql(ms), [], false, all);
-      connection.#send(setup);
+      setup.result.catch(() => {}); // awaited below, once the startup is through
+      // Without a password there is nothing to answer before the server is ready: the setup
+      // travels with the startup message, a round trip less per connection. (A server that
+      // asks for a password anyway fails the startup, with the error that says so.)
+      const withStartup = !endpoint.password;
+      connection.#send(startup);
+      if (withStartup) connection.#send(setup);
+      await Promise.race([startup.done, connecting.promise]);
+      if (!withStartup) connection.#send(setup);
       await Promise.race([setup.result, settingUp.promise]);
       const row = all[0];
       connection.#pid = row.pid as number;
