@@ -511,10 +511,15 @@ export class CopyIn extends Exchange {
   #reject!: (error: unknown) => void;
   #count = 0;
   #error?: unknown;
-  /** Resolves once the server asked for the data (CopyInResponse), or refused the COPY. */
-  readonly started: Promise<void>;
-  #start!: () => void;
-  /** True once the server asked for the data, until it ended the COPY. */
+  /** Resolves once the COPY statement was written (or the exchange ended before). */
+  readonly sent: Promise<void>;
+  #sent!: () => void;
+  /**
+   * True from the COPY statement's writing until the server ended the COPY. The data goes
+   * right behind the statement, without waiting for the server's CopyInResponse (a round
+   * trip less per COPY): a server that refuses the COPY drops it, as the protocol has it
+   * drop copy messages outside a COPY.
+   */
   copying = false;
 
   constructor(session: ExchangeSession, sql: string) {
@@ -523,12 +528,14 @@ export class CopyIn extends Exchange {
       this.#resolve = resolve;
       this.#reject = reject;
     });
-    this.started = new Promise<void>((resolve) => this.#start = resolve);
+    this.sent = new Promise<void>((resolve) => this.#sent = resolve);
   }
 
   write(writer: MessageWriter): void {
     writer.begin(Frontend.Query).cstring(this.sql).end();
     this.holdsWrites = true;
+    this.copying = true;
+    this.#sent();
   }
 
   /**
@@ -548,8 +555,6 @@ export class CopyIn extends Exchange {
   message(type: number, reader: MessageReader): void {
     switch (type) {
       case Backend.CopyInResponse:
-        this.copying = true;
-        this.#start();
         return;
       case Backend.CommandComplete:
         this.copying = false;
@@ -559,7 +564,7 @@ export class CopyIn extends Exchange {
         // The server ended the COPY (or never started it): nothing more is sent for it.
         this.copying = false;
         this.#error ??= this.serverError(reader);
-        this.#start();
+        this.#sent();
         return;
     }
   }
@@ -576,7 +581,7 @@ export class CopyIn extends Exchange {
   ready(): void {
     this.settled = true;
     this.copying = false;
-    this.#start();
+    this.#sent();
     if (this.#error !== undefined) this.#reject(this.#error);
     else this.#resolve(this.#count);
   }
@@ -585,7 +590,7 @@ export class CopyIn extends Exchange {
     if (this.settled) return;
     this.settled = true;
     this.copying = false;
-    this.#start();
+    this.#sent();
     this.#reject(this.#error instanceof QueryError ? this.#error : error);
   }
 }

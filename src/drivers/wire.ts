@@ -314,7 +314,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
     };
     const over = copy.done.then((): typeof OVER => OVER, (): typeof OVER => OVER);
     try {
-      await Promise.race([copy.started, aborted.promise]);
+      await Promise.race([copy.sent, aborted.promise]);
       if (!copy.copying) return await copy.done;
       source = chunks[Symbol.asyncIterator]();
       while (true) {

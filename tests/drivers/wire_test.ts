@@ -854,6 +854,36 @@ wireTest(
 );
 
 wireTest(
+  "wire: the data written behind a COPY the server refuses is dropped; the next COPY gets its own",
+  async () => {
+    await withConn(async (conn) => {
+      const b = uniqueName("wire_copy_ok");
+      await exec(conn, `CREATE TEMP TABLE ${b} (n int)`);
+      // The data goes right behind the COPY statement, before the server's answer: a COPY
+      // the server refuses (no such table, no such column) must not leak it anywhere.
+      for (
+        const refused of [`COPY ${uniqueName("missing")} FROM STDIN`, `COPY ${b} (nope) FROM STDIN`]
+      ) {
+        const error = await conn.copyIn(refused, eagerSource(["7\n", "8\n".repeat(50_000)])).then(
+          (count) => assert.fail(`the refused COPY copied ${count} rows`),
+          (error: unknown) => error,
+        );
+        assert.ok(error instanceof QueryError, String(error));
+        assert.ok(["42P01", "42703"].includes(error.sqlstate ?? ""), error.sqlstate);
+        assert.equal(await conn.copyIn(`COPY ${b} FROM STDIN`, eagerSource(["2\n", "3\n"])), 2);
+      }
+      assert.deepEqual((await exec(conn, `SELECT n FROM ${b} ORDER BY n`)).rows, [
+        { n: 2 },
+        { n: 2 },
+        { n: 3 },
+        { n: 3 },
+      ]);
+      assert.deepEqual((await exec(conn, "SELECT 1 AS ok")).rows, [{ ok: 1 }]);
+    });
+  },
+);
+
+wireTest(
   "wire: a portal stream never yields an empty batch (exact multiples, no rows)",
   async () => {
     await withConn(async (conn) => {
