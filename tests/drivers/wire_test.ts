@@ -378,6 +378,23 @@ wireTest("wire: terminated while statements wait to be described: all reject as 
   });
 });
 
+/**
+ * Reads an iterator to its end within 5 s, calling `onStep` with each value; returns what it
+ * threw, or `undefined` when it ended.
+ */
+async function readToEnd<T>(
+  iterator: AsyncIterator<T>,
+  what: string,
+  onStep: (value: T) => void,
+): Promise<unknown> {
+  const reading = (async () => {
+    for (let step = await iterator.next(); !step.done; step = await iterator.next()) {
+      onStep(step.value);
+    }
+  })();
+  return await settlesWithin(reading, 5000, what).then(() => undefined, (error: unknown) => error);
+}
+
 wireTest("wire: terminated during a COPY in: copyIn() rejects as lost", async () => {
   await withConn(async (conn, driver) => {
     const table = uniqueName("wire_copy_kill");
@@ -411,23 +428,8 @@ wireTest(
       const first = await settlesWithin(copy.next(), 5000, "the first chunk");
       assert.equal(first.done, false);
       await terminateBackend(driver, conn.pid);
-      let error: unknown;
       let chunks = 0;
-      try {
-        await settlesWithin(
-          (async () => {
-            while (true) {
-              const step = await copy.next();
-              if (step.done) return;
-              chunks++;
-            }
-          })(),
-          5000,
-          "the COPY out of a terminated session",
-        );
-      } catch (caught) {
-        error = caught;
-      }
+      const error = await readToEnd(copy, "the COPY out of a terminated session", () => chunks++);
       assertLost(error, `copyOut() after ${chunks} more chunks`);
       await assertGone(conn, counter);
     });
@@ -447,23 +449,10 @@ wireTest(
       const first = await settlesWithin(stream.next(), 5000, "the first batch");
       assert.equal(first.done, false);
       await terminateBackend(driver, conn.pid);
-      let error: unknown;
       let last = 0;
-      try {
-        await settlesWithin(
-          (async () => {
-            while (true) {
-              const step = await stream.next();
-              if (step.done) return;
-              last = step.value.at(-1)!.i as number;
-            }
-          })(),
-          5000,
-          "the stream of a terminated session",
-        );
-      } catch (caught) {
-        error = caught;
-      }
+      const error = await readToEnd(stream, "the stream of a terminated session", (rows) => {
+        last = rows.at(-1)!.i as number;
+      });
       assertLost(error, `the stream (last row ${last})`);
       await assertGone(conn, counter);
     });
