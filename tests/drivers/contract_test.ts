@@ -19,6 +19,7 @@ import { createPgliteDriver } from "../../src/drivers/pglite.ts";
 import { createWireDriver } from "../../src/drivers/wire.ts";
 import { serverTest, TEST_URL, uniqueName } from "../_support/server.ts";
 import { settlesWithin } from "../_support/settle.ts";
+import { concat } from "../_support/bytes.ts";
 
 type Kind = "network" | "embedded";
 
@@ -82,16 +83,6 @@ function selected(rows: unknown[]): Outcome {
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(chunks.reduce((n, chunk) => n + chunk.length, 0));
-  let at = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, at);
-    at += chunk.length;
-  }
-  return out;
-}
 
 /** The whole output of a COPY out, as text. */
 async function collect(chunks: AsyncIterable<Uint8Array>): Promise<string> {

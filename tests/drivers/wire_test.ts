@@ -16,6 +16,7 @@ import { QueryError } from "../../src/errors.ts";
 import { createWireDriver } from "../../src/drivers/wire.ts";
 import { SERVER_AVAILABLE, TEST_URL, uniqueName } from "../_support/server.ts";
 import { settlesWithin } from "../_support/settle.ts";
+import { concat } from "../_support/bytes.ts";
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -239,16 +240,6 @@ wireTest("wire: a NOTIFY during a COPY out is delivered; the output is intact", 
     assert.deepEqual(received, [[channel, "during copy"]]);
   });
 });
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(chunks.reduce((n, chunk) => n + chunk.length, 0));
-  let at = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, at);
-    at += chunk.length;
-  }
-  return out;
-}
 
 // ---------------------------------------------------------------------------------------
 // close() in the middle of things
