@@ -963,12 +963,18 @@ export class Startup extends Exchange {
 
   message(type: number, reader: MessageReader): void {
     switch (type) {
-      case Backend.Authentication:
-        this.#authenticate(reader).catch((error) => {
+      case Backend.Authentication: {
+        const fail = (error: unknown) => {
           this.#reject(error);
           this.session.destroy();
-        });
+        };
+        // Decided before anything else the server sent is read: a setup statement sent with
+        // the startup message (no password given) makes the server end the session at once.
+        const missing = this.#missingPassword(reader);
+        if (missing !== undefined) return fail(missing);
+        this.#authenticate(reader).catch(fail);
         return;
+      }
       case Backend.ErrorResponse:
         this.#reject(queryErrorOf(serverMessage(reader), "", []));
         return;
@@ -978,21 +984,25 @@ export class Startup extends Exchange {
     }
   }
 
+  /** The error of a password request when no password was given, else `undefined`. */
+  #missingPassword(reader: MessageReader): QueryError | undefined {
+    const code = (reader.bytes[reader.at] << 24) | (reader.bytes[reader.at + 1] << 16) |
+      (reader.bytes[reader.at + 2] << 8) | reader.bytes[reader.at + 3];
+    if (code !== 3 && code !== 5 && code !== 10) return undefined;
+    if (this.#endpoint.password) return undefined;
+    return new QueryError(
+      "the server asks for a password and none was given: put it in the connection " +
+        "string or the `password` option",
+      "",
+      [],
+      { sqlstate: "28P01" },
+    );
+  }
+
   async #authenticate(reader: MessageReader): Promise<void> {
     const code = reader.int32();
     if (code === 0) return;
     const password = this.#endpoint.password;
-    if (code === 3 || code === 5 || code === 10) {
-      if (password === undefined || password === "") {
-        throw new QueryError(
-          "the server asks for a password and none was given: put it in the connection " +
-            "string or the `password` option",
-          "",
-          [],
-          { sqlstate: "28P01" },
-        );
-      }
-    }
     switch (code) {
       case 3: // cleartext
         return this.session.writeNow((writer) =>
