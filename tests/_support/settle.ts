@@ -1,4 +1,10 @@
-/** Time bounds for tests that must catch a hang rather than wait for it forever. */
+/**
+ * How tests wait for a promise's end: within a time bound (to catch a hang rather than wait
+ * for it forever), or expecting a rejection.
+ */
+
+import assert from "node:assert/strict";
+import { QueryError } from "../../src/errors.ts";
 
 /**
  * `promise`, or a rejection naming `what` once `ms` have passed: a hang detector, not a
@@ -14,4 +20,14 @@ export async function settlesWithin<T>(promise: Promise<T>, ms: number, what: st
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** The QueryError `promise` rejects with; fails the test when it resolves or rejects otherwise. */
+export async function rejection(promise: Promise<unknown>): Promise<QueryError> {
+  const error = await promise.then(
+    (value) => assert.fail(`expected a rejection, got ${JSON.stringify(value)}`),
+    (error: unknown) => error,
+  );
+  assert.ok(error instanceof QueryError, `expected a QueryError, got ${error}`);
+  return error;
 }

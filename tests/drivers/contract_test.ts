@@ -18,7 +18,7 @@ import { QueryError } from "../../src/errors.ts";
 import { createPgliteDriver } from "../../src/drivers/pglite.ts";
 import { createWireDriver } from "../../src/drivers/wire.ts";
 import { serverTest, TEST_URL, uniqueName } from "../_support/server.ts";
-import { settlesWithin } from "../_support/settle.ts";
+import { rejection, settlesWithin } from "../_support/settle.ts";
 import { concat } from "../_support/bytes.ts";
 
 type Kind = "network" | "embedded";
@@ -53,15 +53,6 @@ async function exec(
   prepare = false,
 ): Promise<DriverResult> {
   return await conn.query(sql, params, { prepare }).result;
-}
-
-async function rejection(promise: Promise<unknown>): Promise<QueryError> {
-  const error = await promise.then(
-    (value) => assert.fail(`expected a rejection, got ${JSON.stringify(value)}`),
-    (error: unknown) => error,
-  );
-  assert.ok(error instanceof QueryError, `expected a QueryError, got ${error}`);
-  return error;
 }
 
 /** How a statement ended, in a form `assert.deepEqual` compares and prints well. */

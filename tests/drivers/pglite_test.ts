@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import type { DriverConnection } from "../../src/drivers/driver.ts";
-import { QueryError } from "../../src/errors.ts";
+import { rejection } from "../_support/settle.ts";
 import { createPgliteDriver } from "../../src/drivers/pglite.ts";
 
 /** Escapes one value for COPY text format (`null` becomes `\N`). */
@@ -8,15 +8,6 @@ function copyValue(value: string | null): string {
   if (value === null) return "\\N";
   return value.replaceAll("\\", "\\\\").replaceAll("\t", "\\t").replaceAll("\n", "\\n")
     .replaceAll("\r", "\\r");
-}
-
-async function rejection(promise: Promise<unknown>): Promise<QueryError> {
-  const error = await promise.then(
-    () => assert.fail("expected a rejection"),
-    (error: unknown) => error,
-  );
-  assert.ok(error instanceof QueryError, `expected a QueryError, got ${error}`);
-  return error;
 }
 
 async function run(conn: DriverConnection, sql: string, params: unknown[] = []) {

@@ -15,7 +15,7 @@ import type { Driver, DriverConnection, DriverResult, Row } from "../../src/driv
 import { QueryError } from "../../src/errors.ts";
 import { createWireDriver } from "../../src/drivers/wire.ts";
 import { SERVER_AVAILABLE, TEST_URL, uniqueName } from "../_support/server.ts";
-import { settlesWithin } from "../_support/settle.ts";
+import { rejection, settlesWithin } from "../_support/settle.ts";
 import { concat } from "../_support/bytes.ts";
 
 // ---------------------------------------------------------------------------------------
@@ -68,15 +68,6 @@ async function exec(
   prepare?: boolean,
 ): Promise<DriverResult> {
   return await conn.query(sql, params, prepare === undefined ? undefined : { prepare }).result;
-}
-
-async function rejection(promise: Promise<unknown>): Promise<QueryError> {
-  const error = await promise.then(
-    (value) => assert.fail(`expected a rejection, got ${JSON.stringify(value)}`),
-    (error: unknown) => error,
-  );
-  assert.ok(error instanceof QueryError, `expected a QueryError, got ${error}`);
-  return error;
 }
 
 type Outcome = { rows: unknown[] } | { sqlstate: string | undefined } | { other: string };
