@@ -140,6 +140,8 @@ export abstract class Exchange {
   abstract ready(): void;
   /** The exchange ended without ReadyForQuery (withdrawn, or the session was lost). */
   abstract fail(error: QueryError): void;
+  /** Settles once the exchange is over, whatever its outcome. */
+  abstract ended(): Promise<void>;
 
   /** A QueryError of this exchange's statement from the server's ErrorResponse. */
   serverError(reader: MessageReader): QueryError {
@@ -492,6 +494,10 @@ export class Statement extends Exchange implements RunningQuery {
   get columnsShown(): Column[] | null {
     return this.#shown;
   }
+
+  ended(): Promise<void> {
+    return this.result.then(() => {}, () => {});
+  }
 }
 
 /** An iterator's next step: a value, or the end with a return value, or a failure. */
@@ -592,6 +598,10 @@ export class CopyIn extends Exchange {
     this.copying = false;
     this.#sent();
     this.#reject(this.#error instanceof QueryError ? this.#error : error);
+  }
+
+  ended(): Promise<void> {
+    return this.done.then(() => {}, () => {});
   }
 }
 
@@ -700,8 +710,7 @@ export class CopyOut extends Exchange {
     this.session.resume();
   }
 
-  /** Settles once the exchange is over. */
-  async end(): Promise<void> {
+  async ended(): Promise<void> {
     while (!this.#over) await this.#change();
   }
 }
@@ -1066,15 +1075,8 @@ export class Startup extends Exchange {
     this.settled = true;
     this.#reject(error);
   }
-}
 
-/** Settles when the exchange settles, whatever its outcome. */
-export function settledExchange(exchange: Exchange): Promise<void> {
-  if (exchange.settled) return Promise.resolve();
-  if (exchange instanceof Statement) return exchange.result.then(() => {}, () => {});
-  if (exchange instanceof CopyIn) return exchange.done.then(() => {}, () => {});
-  if (exchange instanceof CopyOut) return exchange.end();
-  if (exchange instanceof Portal) return exchange.ended();
-  if (exchange instanceof Startup) return exchange.done.then(() => {}, () => {});
-  return Promise.resolve();
+  ended(): Promise<void> {
+    return this.done.then(() => {}, () => {});
+  }
 }

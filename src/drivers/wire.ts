@@ -47,7 +47,6 @@ import {
   type ExchangeSession,
   Portal,
   queryErrorOf,
-  settledExchange,
   Startup,
   Statement,
 } from "./_wire_exchanges.ts";
@@ -309,7 +308,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
     /** Ends the COPY with CopyFail and a cancel request; the session ends if it does not answer. */
     const stop = (error: unknown) => {
       copy.finish(error);
-      stopping ??= this.#stopWithin(copy, copy.done.then(() => {}, () => {}));
+      stopping ??= this.#stopWithin(copy, copy.ended());
       return stopping;
     };
     const over = copy.done.then((): typeof OVER => OVER, (): typeof OVER => OVER);
@@ -386,7 +385,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
     this.#send(copy);
     let cancelled: Promise<void> | undefined;
     const onAbort = () => {
-      cancelled ??= this.#stopWithin(copy, copy.end());
+      cancelled ??= this.#stopWithin(copy, copy.ended());
       copy.discard();
     };
     signal?.addEventListener("abort", onAbort, { once: true });
@@ -405,7 +404,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
       signal?.removeEventListener("abort", onAbort);
       if (!copy.over) {
         copy.discard();
-        cancelled ??= this.#stopWithin(copy, copy.end());
+        cancelled ??= this.#stopWithin(copy, copy.ended());
       }
       await cancelled;
     }
@@ -487,7 +486,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
   async #idle(): Promise<void> {
     while (this.#inflight.length > 0 || this.#outbox.length > 0) {
       const last = this.#outbox.last ?? this.#inflight.last!;
-      await settledExchange(last);
+      await last.ended();
     }
   }
 
@@ -598,7 +597,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
         sent = true;
         this.#sendCancel().then(resolve);
       };
-      settledExchange(exchange).then(() => {
+      exchange.ended().then(() => {
         if (sent) return;
         exchange.onHead = undefined;
         resolve();
