@@ -11,6 +11,7 @@ import type { ResolvedSsl } from "../config.ts";
 import type { DriverResult, Row, RunningQuery } from "./driver.ts";
 import { QueryError } from "../errors.ts";
 import { md5Password, ScramSha256 } from "./_auth.ts";
+import { BinaryArray } from "./_wire_binary.ts";
 import {
   Backend,
   Frontend,
@@ -209,13 +210,19 @@ function commandTag(reader: MessageReader): { command: string; count: number } {
 /** The numbers that end a command tag (an INSERT's OID and its count). */
 const TAG_NUMBERS = /( \d+)+$/;
 
-/** The parameters as text for their declared types; throws a message for a value that has none. */
+/** A parameter as Bind carries it: text, an array in binary, or NULL. */
+type BoundValue = string | BinaryArray | null;
+
+/**
+ * The parameters for their declared types: text, or binary for the arrays
+ * {@link BinaryArray} takes; throws a message for a value that has none.
+ */
 function bindValues(
   types: TypeMap,
   params: readonly unknown[],
   parameterTypes: readonly number[],
-): Array<string | null> {
-  const values: Array<string | null> = new Array(params.length);
+): BoundValue[] {
+  const values: BoundValue[] = new Array(params.length);
   for (let i = 0; i < params.length; i++) {
     const value = params[i];
     if (value === null) {
@@ -223,7 +230,8 @@ function bindValues(
     } else if (value === undefined) {
       throw new TypeError(`parameter $${i + 1} is undefined; pass null for NULL`);
     } else {
-      values[i] = types.serialize(value, parameterTypes[i] ?? 0);
+      const type = parameterTypes[i] ?? 0;
+      values[i] = BinaryArray.of(value, type) ?? types.serialize(value, type);
     }
   }
   return values;
@@ -272,14 +280,27 @@ function writeParse(
   writer.end();
 }
 
-/** Writes Bind of the unnamed portal with text values and text results. */
+/**
+ * Writes Bind of the unnamed portal with text results. Every value is text (one format code
+ * for all) unless an array goes in binary (then a format code per value).
+ */
 function writeBind(
   writer: MessageWriter,
   statement: string,
-  values: ReadonlyArray<string | null>,
+  values: readonly BoundValue[],
 ): void {
-  writer.begin(Frontend.Bind).cstring("").cstring(statement).int16(0).int16(values.length);
-  for (const value of values) writer.value(value);
+  writer.begin(Frontend.Bind).cstring("").cstring(statement);
+  if (values.some((value) => value instanceof BinaryArray)) {
+    writer.int16(values.length);
+    for (const value of values) writer.int16(value instanceof BinaryArray ? 1 : 0);
+  } else {
+    writer.int16(0);
+  }
+  writer.int16(values.length);
+  for (const value of values) {
+    if (value instanceof BinaryArray) value.write(writer);
+    else writer.value(value);
+  }
   writer.int16(0).end();
 }
 
@@ -362,7 +383,7 @@ export class Statement extends Exchange implements RunningQuery {
   }
 
   #bind(writer: MessageWriter, description: Description): void {
-    let values: Array<string | null>;
+    let values: BoundValue[];
     try {
       values = bindValues(this.session.types, this.params, description.parameterTypes);
     } catch (error) {
@@ -809,7 +830,7 @@ export class Portal extends Exchange {
     this.#describing = false;
     // The reader left while the statement was described: nothing to read.
     if (this.#closing) return this.#sync();
-    let values: Array<string | null>;
+    let values: BoundValue[];
     try {
       values = bindValues(this.session.types, this.params, this.#parameterTypes);
     } catch (error) {

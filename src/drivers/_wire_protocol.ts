@@ -131,6 +131,51 @@ export class MessageWriter {
     return this;
   }
 
+  /** Appends an 8-bit integer. */
+  int8(value: number): this {
+    this.#reserve(1);
+    this.#bytes[this.#at++] = value;
+    return this;
+  }
+
+  /** Appends a 64-bit integer: a bigint, or a number that is a safe integer. */
+  int64(value: bigint | number): this {
+    this.#reserve(8);
+    if (typeof value === "bigint") {
+      this.#view.setBigInt64(this.#at, value);
+    } else {
+      const high = Math.floor(value / 4294967296);
+      this.#view.setInt32(this.#at, high);
+      this.#view.setUint32(this.#at + 4, value - high * 4294967296);
+    }
+    this.#at += 8;
+    return this;
+  }
+
+  /** Appends a 64-bit IEEE 754 number. */
+  float64(value: number): this {
+    this.#reserve(8);
+    this.#view.setFloat64(this.#at, value);
+    this.#at += 8;
+    return this;
+  }
+
+  /**
+   * Starts a value whose length comes first: writes a placeholder and returns where it is,
+   * for {@link endLength} once the value is written.
+   */
+  startLength(): number {
+    const at = this.#at;
+    this.int32(0);
+    return at;
+  }
+
+  /** Writes the length of the value started at `at` by {@link startLength}. */
+  endLength(at: number): this {
+    this.#view.setInt32(at, this.#at - at - 4);
+    return this;
+  }
+
   /** Appends `text` as UTF-8. */
   string(text: string): this {
     this.#text(text);

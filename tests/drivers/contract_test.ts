@@ -405,6 +405,86 @@ const CASES: Case[] = [
   },
 
   {
+    name: "query() binds flat arrays of every scalar type as the server reads their text",
+    async run(conn) {
+      // The network driver sends these arrays in binary when every element fits its type,
+      // and as literals otherwise: the server must read the same values either way.
+      const cases: Array<[string, unknown[], string]> = [
+        ["int2[]", [-32768, 32767, 0, null, undefined], "{-32768,32767,0,NULL,NULL}"],
+        ["int4[]", [-2147483648, 2147483647, -1, null], "{-2147483648,2147483647,-1,NULL}"],
+        [
+          "int8[]",
+          [9007199254740991, -9007199254740991, -1, -4294967296, 4294967296, 4294967295, null],
+          "{9007199254740991,-9007199254740991,-1,-4294967296,4294967296,4294967295,NULL}",
+        ],
+        [
+          "int8[]",
+          [9223372036854775807n, -9223372036854775808n, -1n, 0n],
+          "{9223372036854775807,-9223372036854775808,-1,0}",
+        ],
+        [
+          "float8[]",
+          [0.1, -0, 5e-324, 1.7976931348623157e308, NaN, -Infinity, null],
+          "{0.1,0,5e-324,1.7976931348623157e+308,NaN,-Infinity,NULL}",
+        ],
+        ["bool[]", [true, false, null], "{t,f,NULL}"],
+        ["text[]", ["", "NULL", "☃ 🎉", "a\tb", null], '{"","NULL","☃ 🎉","a\tb",NULL}'],
+        ["varchar[]", ["x", "y z"], '{x,"y z"}'],
+        ["int4[]", [], "{}"],
+        ["text[]", [], "{}"],
+        // Elements that do not fit the type go as a literal, which the server reads as before.
+        ["int4[]", [1, "2", null], "{1,2,NULL}"],
+        ["int8[]", ["9223372036854775807", 1], "{9223372036854775807,1}"],
+        ["text[]", ["a", 1, true], "{a,1,true}"],
+        ["bool[]", ["t", false], "{t,f}"],
+        ["int4[]", [[1, 2], [3, null]], "{{1,2},{3,NULL}}"],
+      ];
+      for (const prepare of [false, true]) {
+        for (const [type, value, text] of cases) {
+          const { rows: [row] } = await exec(
+            conn,
+            `SELECT $1::${type}::text AS t`,
+            [value],
+            prepare,
+          );
+          assert.equal(row.t, text, `${type} ${String(value)}, prepare ${prepare}`);
+        }
+        const { rows: [found] } = await exec(
+          conn,
+          "SELECT count(*)::int AS n FROM generate_series(1, 10) g WHERE g = ANY($1)",
+          [[2, 3, 99]],
+          prepare,
+        );
+        assert.equal(found.n, 2);
+        const many = Array.from({ length: 20_000 }, (_, i) => i);
+        const { rows: [big] } = await exec(
+          conn,
+          "SELECT (SELECT sum(x)::text FROM unnest($1::int4[]) x) AS sum, " +
+            "(SELECT sum(length(x))::int FROM unnest($2::text[]) x) AS chars",
+          [many, many.map((i) => `☃${i}`)],
+          prepare,
+        );
+        assert.deepEqual(big, {
+          sum: "199990000",
+          chars: many.reduce((total, i) => total + 1 + String(i).length, 0),
+        });
+        const outOfRange: Array<[string, unknown[], string]> = [
+          ["int2[]", [32768], "22003"],
+          ["int4[]", [2147483648], "22003"],
+          ["int4[]", [1.5], "22P02"],
+          ["int8[]", [9223372036854775808n], "22003"],
+        ];
+        for (const [type, value, sqlstate] of outOfRange) {
+          const error = await rejection(
+            conn.query(`SELECT $1::${type}`, [value], { prepare }).result,
+          );
+          assert.equal(error.sqlstate, sqlstate, `${type} ${String(value)}, prepare ${prepare}`);
+        }
+      }
+    },
+  },
+
+  {
     name: "query() binds and reads arrays of an enum and a domain created in the session",
     async run(conn, target) {
       // The types are newer than the session (and than PGlite's engine): the driver learns
