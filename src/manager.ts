@@ -413,7 +413,7 @@ class PoolRunner implements Runner {
     }
   }
 
-  async copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
+  async copyIn(sql: string, chunks: AsyncIterable<string | Uint8Array>): Promise<number> {
     const lease = await requirePool(this.#holder).lease();
     try {
       return await lease.copyIn(sql, chunks);

@@ -74,7 +74,7 @@ export interface Runner {
   /** Runs one statement for each parameter list, pipelined and atomically. */
   batch(sql: string, paramsList: readonly (readonly unknown[])[]): Promise<number>;
   /** Streams COPY text. */
-  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number>;
+  copyIn(sql: string, chunks: AsyncIterable<string | Uint8Array>): Promise<number>;
   /**
    * Yields the rows of a query in batches from a server-side cursor on one connection,
    * sending each statement of the cursor through `report`.
@@ -633,9 +633,9 @@ interface SourceFailure {
 
 /** Passes the chunks through, noting in `failure` what producing them threw. */
 async function* watchFailure(
-  chunks: AsyncIterable<string>,
+  chunks: AsyncIterable<string | Uint8Array>,
   failure: SourceFailure,
-): AsyncGenerator<string> {
+): AsyncGenerator<string | Uint8Array> {
   try {
     yield* chunks;
   } catch (error) {

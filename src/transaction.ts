@@ -82,7 +82,7 @@ export class LeaseRunner implements Runner {
     return this.query(sql, params, options);
   }
 
-  copyIn(sql: string, chunks: AsyncIterable<string>): Promise<number> {
+  copyIn(sql: string, chunks: AsyncIterable<string | Uint8Array>): Promise<number> {
     if (!this.#open) return Promise.reject(finishedError());
     return this.#lease.copyIn(sql, chunks);
   }
@@ -387,7 +387,11 @@ class BegunLease implements Lease {
     return begun.then(() => result);
   }
 
-  async copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number> {
+  async copyIn(
+    sql: string,
+    chunks: AsyncIterable<string | Uint8Array>,
+    signal?: AbortSignal,
+  ): Promise<number> {
     await this.#begun;
     return await this.#lease.copyIn(sql, chunks, signal);
   }

@@ -8,7 +8,9 @@ async function collect(
   records: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>,
   columnCount: number | undefined,
 ): Promise<string[]> {
-  return await Array.fromAsync(encodeCopyRows(records, columnCount));
+  const decoder = new TextDecoder();
+  const chunks = await Array.fromAsync(encodeCopyRows(records, columnCount));
+  return chunks.map((chunk) => decoder.decode(chunk));
 }
 
 Deno.test("encodeCopyValue() writes null and undefined as \\N", () => {
@@ -165,6 +167,65 @@ Deno.test("encodeCopyRows() yields chunks of about 64 KiB that end at row bounda
     assert.ok(chunk.endsWith("\n"));
   }
   assert.equal(chunks.join(""), rows.map(([i, t]) => `${i}\t${t}\n`).join(""));
+});
+
+Deno.test("encodeCopyRows() writes every row as encodeCopyValue() writes its values", async () => {
+  // The rows are written as bytes, most values straight into the chunk: they must come out
+  // as the value encoder's text would, whatever mix of values a row holds.
+  const pieces = [
+    "a",
+    "é",
+    "日本",
+    "🎉",
+    "\t",
+    "\n",
+    "\\",
+    "\u0001",
+    "\u007f",
+    "\\N",
+    " ",
+    "x".repeat(70),
+  ];
+  const numbers = [
+    0,
+    -0,
+    7,
+    -7,
+    2147483647,
+    -2147483648,
+    2147483648,
+    -2147483649,
+    1.5,
+    -2.25e-7,
+    1e21,
+    NaN,
+    Infinity,
+    -Infinity,
+    Number.MAX_SAFE_INTEGER,
+    10,
+    100,
+    999999999,
+    1000000000,
+  ];
+  let seed = 7;
+  const next = (n: number) => (seed = (seed * 1103515245 + 12345) % 2147483648) % n;
+  const value = (): unknown => {
+    switch (next(6)) {
+      case 0:
+        return numbers[next(numbers.length)];
+      case 1:
+        return next(2) === 0 ? null : undefined;
+      case 2:
+        return [true, 12n, new Date(Date.UTC(2024, 1, 29)), new Uint8Array([0, 255])][next(4)];
+      default:
+        return Array.from({ length: next(5) }, () => pieces[next(pieces.length)]).join("");
+    }
+  };
+  const rows = Array.from({ length: 5000 }, () => Array.from({ length: 4 }, value));
+  const expected = rows.map((row) => row.map(encodeCopyValue).join("\t") + "\n").join("");
+  assert.equal((await collect(rows, 4)).join(""), expected);
+  const huge = ["é".repeat(200_000) + "\t", 1, "x".repeat(300_000)];
+  assert.equal((await collect([huge], 3)).join(""), huge.map(encodeCopyValue).join("\t") + "\n");
 });
 
 Deno.test("encodeCopyRows() throws RangeError naming the row and the expected count", async () => {

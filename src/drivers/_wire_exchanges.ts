@@ -600,9 +600,14 @@ export class CopyIn extends Exchange {
    * Writes one chunk as CopyData while the server takes it (a COPY it ended takes nothing,
    * and must not: the session's next COPY would read it); false when the writer should wait.
    */
-  send(text: string): boolean {
+  send(chunk: string | Uint8Array): boolean {
     if (!this.copying) return true;
-    return this.session.writeData((writer) => writer.begin(Frontend.CopyData).string(text).end());
+    return this.session.writeData((writer) => {
+      writer.begin(Frontend.CopyData);
+      if (typeof chunk === "string") writer.string(chunk);
+      else writer.bytes(chunk);
+      writer.end();
+    });
   }
 
   ready(): void {

@@ -86,7 +86,7 @@ export interface DriverConnection {
    */
   query(sql: string, params: readonly unknown[], options?: StatementOptions): RunningQuery;
   /**
-   * Runs `COPY … FROM STDIN` with `sql`, streaming `chunks` (COPY text format) to the
+   * Runs `COPY … FROM STDIN` with `sql`, streaming `chunks` (text, or its UTF-8 bytes) to the
    * server. Resolves with the number of rows copied. When `chunks` throws, or `signal`
    * aborts, the COPY is stopped (the server rolls it back; a cancel request interrupts a row
    * the server is busy with, such as a lock wait or a slow trigger) and the call rejects with
@@ -94,7 +94,11 @@ export interface DriverConnection {
    * that gives no sign of being ready in time is ended. The embedded driver reads every chunk
    * before the COPY runs and cannot interrupt it once it does.
    */
-  copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number>;
+  copyIn(
+    sql: string,
+    chunks: AsyncIterable<string | Uint8Array>,
+    signal?: AbortSignal,
+  ): Promise<number>;
   /**
    * Runs `COPY … TO STDOUT` with `sql` and yields its output (COPY text or CSV, as `sql`
    * asks) in chunks of whole or partial rows; the generator returns the number of rows

@@ -365,7 +365,11 @@ class PgliteConnection implements DriverConnection {
     return { result: promise, cancel };
   }
 
-  async copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number> {
+  async copyIn(
+    sql: string,
+    chunks: AsyncIterable<string | Uint8Array>,
+    signal?: AbortSignal,
+  ): Promise<number> {
     if (this.#closed) throw sessionClosedError(sql, []);
     signal?.throwIfAborted();
     if (!isCopyFromStdin(sql)) {
@@ -377,11 +381,12 @@ class PgliteConnection implements DriverConnection {
     let sourceError: { error: unknown } | undefined;
     const { promise } = this.#driver.schedule(
       async (pg) => {
-        const parts: string[] = [];
+        const parts: BlobPart[] = [];
         try {
           for await (const chunk of chunks) {
             signal?.throwIfAborted();
-            parts.push(chunk);
+            // Bytes are copied: the source may reuse its buffer once the next chunk is asked for.
+            parts.push(typeof chunk === "string" ? chunk : chunk.slice());
           }
           signal?.throwIfAborted();
         } catch (error) {

@@ -297,13 +297,17 @@ class WireConnection implements DriverConnection, ExchangeSession {
     }
   }
 
-  async copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number> {
+  async copyIn(
+    sql: string,
+    chunks: AsyncIterable<string | Uint8Array>,
+    signal?: AbortSignal,
+  ): Promise<number> {
     if (this.#closed) throw closedError(sql, []);
     signal?.throwIfAborted();
     const copy = new CopyIn(this, sql);
     this.#send(copy);
     const aborted = abortion(signal);
-    let source: AsyncIterator<string> | undefined;
+    let source: AsyncIterator<string | Uint8Array> | undefined;
     let stopping: Promise<void> | undefined;
     /** Ends the COPY with CopyFail and a cancel request; the session ends if it does not answer. */
     const stop = (error: unknown) => {
@@ -317,7 +321,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
       if (!copy.copying) return await copy.done;
       source = chunks[Symbol.asyncIterator]();
       while (true) {
-        let next: IteratorResult<string> | typeof OVER;
+        let next: IteratorResult<string | Uint8Array> | typeof OVER;
         try {
           next = await Promise.race([source.next(), aborted.promise, over]);
         } catch (error) {

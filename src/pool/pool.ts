@@ -488,7 +488,7 @@ export class ConnectionPool implements Pool {
   async copyIn(
     slot: Slot,
     sql: string,
-    chunks: AsyncIterable<string>,
+    chunks: AsyncIterable<string | Uint8Array>,
     signal: AbortSignal | undefined,
   ): Promise<number> {
     const entry = copyEntry(sql);
@@ -935,7 +935,11 @@ class SlotLease implements Lease {
     return this.#pool.run(this.#slot, sql, params, options);
   }
 
-  copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number> {
+  copyIn(
+    sql: string,
+    chunks: AsyncIterable<string | Uint8Array>,
+    signal?: AbortSignal,
+  ): Promise<number> {
     if (this.#released) return Promise.reject(releasedError());
     return this.#pool.copyIn(this.#slot, sql, chunks, signal);
   }

@@ -99,7 +99,11 @@ export interface Lease {
   /** Runs a statement on the leased connection. */
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
   /** Streams COPY text to the leased connection; aborting `signal` stops the COPY. */
-  copyIn(sql: string, chunks: AsyncIterable<string>, signal?: AbortSignal): Promise<number>;
+  copyIn(
+    sql: string,
+    chunks: AsyncIterable<string | Uint8Array>,
+    signal?: AbortSignal,
+  ): Promise<number>;
   /**
    * Yields a statement's rows in batches from a portal on the leased connection, when its
    * driver has portals (see `DriverConnection.cursor`); nothing else may run on it meanwhile.
