@@ -8,9 +8,11 @@ async function collect(
   records: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>,
   columnCount: number | undefined,
 ): Promise<string[]> {
+  // Each chunk is decoded before the next is asked for: the encoder reuses its buffer.
   const decoder = new TextDecoder();
-  const chunks = await Array.fromAsync(encodeCopyRows(records, columnCount));
-  return chunks.map((chunk) => decoder.decode(chunk));
+  const text: string[] = [];
+  for await (const chunk of encodeCopyRows(records, columnCount)) text.push(decoder.decode(chunk));
+  return text;
 }
 
 Deno.test("encodeCopyValue() writes null and undefined as \\N", () => {
@@ -381,7 +383,8 @@ async function copyIn(
   try {
     for await (const chunk of encodeCopyRows(records, 10)) {
       chunks++;
-      if (!writable.write(chunk)) await Promise.race([once(writable, "drain"), failed]);
+      // A copy: the stream may keep the chunk queued, and the encoder reuses its buffer.
+      if (!writable.write(chunk.slice())) await Promise.race([once(writable, "drain"), failed]);
     }
     writable.end();
     await Promise.race([once(writable, "finish"), failed]);
