@@ -7,6 +7,8 @@
  * @module
  */
 
+import { byteaToHex } from "./_bytea.ts";
+
 /** Parses one element's text into a value. */
 export type ElementParser = (text: string) => unknown;
 
@@ -174,18 +176,37 @@ export function arrayTypesSql(types: readonly number[] | undefined): string {
     WHERE a.typcategory = 'A' AND ${where}`;
 }
 
+/**
+ * A value's text for a type the session does not know (made after it opened, or a domain
+ * over a type it knows), chosen by the value's own kind as pgdbm binds the types it knows: a
+ * `Uint8Array` as bytea hex, a `Date` as its ISO instant, a plain object as JSON, an array as
+ * an array literal of such elements, anything else as `String(value)`. Without it, a
+ * `Uint8Array` element would go as `1,2,3`, which a bytea reads as those five characters.
+ *
+ * @param value The parameter's value (not null).
+ * @returns Its text.
+ */
+export function serializeUnknown(value: unknown): string {
+  return Array.isArray(value) ? serializeArray(value, unknownElement) : unknownElement(value);
+}
+
+function unknownElement(value: unknown): string {
+  if (typeof value !== "object" || value === null) return String(value);
+  if (value instanceof Uint8Array) return byteaToHex(value);
+  if (value instanceof Date) return value.toISOString();
+  const proto = Object.getPrototypeOf(value);
+  const json = proto === Object.prototype || proto === null ||
+    typeof (value as { toJSON?: unknown }).toJSON === "function";
+  return json ? JSON.stringify(value) : String(value);
+}
+
 const TYPE_OID = /^\d+$/;
 
 /**
  * The fallback of a session's serializers, keyed by type OID, for a type that has none (a
- * driver would bind `String(value)`, which joins an array with commas): an array as an array
- * literal, of an array type made after the session opened, whose elements are then bound as
- * text; any other value as `String(value)`.
+ * driver would bind `String(value)`, which joins an array with commas): {@link serializeUnknown}.
  */
 export const UNKNOWN_TYPE_SERIALIZERS: object = new Proxy({}, {
   has: (_, key) => typeof key === "string" && TYPE_OID.test(key),
-  get: (_, key) =>
-    typeof key === "string" && TYPE_OID.test(key)
-      ? (value: unknown) => Array.isArray(value) ? serializeArray(value, undefined) : String(value)
-      : undefined,
+  get: (_, key) => typeof key === "string" && TYPE_OID.test(key) ? serializeUnknown : undefined,
 });

@@ -10,7 +10,7 @@
  */
 
 import { byteaFromHex, byteaToHex } from "./_bytea.ts";
-import { parseArrayBody, serializeArray } from "./_pg_array.ts";
+import { parseArrayBody, serializeArray, serializeUnknown } from "./_pg_array.ts";
 
 /** Turns a column's text into its value. */
 export type TextParser = (text: string) => unknown;
@@ -86,14 +86,13 @@ export class TypeMap {
 
   /**
    * A parameter's text for the type the server declared for it. A type without a
-   * serializer takes `String(value)`, except that an array becomes an array literal (an
-   * array type made after the session opened, whose elements are then bound as text). A
-   * string for `json`/`jsonb` is a JSON string, as any other value is JSON.
+   * serializer (made after the session opened, or a domain) takes the text of the value's
+   * own kind ({@link serializeUnknown}). A string for `json`/`jsonb` is a JSON string, as
+   * any other value is JSON.
    */
   serialize(value: unknown, oid: number): string {
     const serialize = this.#serializers.get(oid);
-    if (serialize !== undefined) return serialize(value);
-    return Array.isArray(value) ? serializeArray(value, undefined) : String(value);
+    return serialize !== undefined ? serialize(value) : serializeUnknown(value);
   }
 
   /** Installs array types: parsers that turn NULL elements into `null`, and serializers. */
