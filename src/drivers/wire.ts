@@ -71,12 +71,24 @@ const LOST_MESSAGE =
  */
 export function createWireDriver(config: ResolvedConfig): Driver {
   const endpoint = endpointOf(config);
+  const lookup: ArrayTypeLookup = {};
   return {
     maxSessions: Infinity,
     capabilities: { parameterizedAlone: !config.prepare },
-    connect: () => WireConnection.open(endpoint),
+    connect: () => WireConnection.open(endpoint, lookup),
     close: () => Promise.resolve(),
   };
+}
+
+/**
+ * The look-up of the server's array types that a session opening now makes, while it is in
+ * flight: the sessions that start opening meanwhile (the pool's floor, a burst) take its
+ * answer instead of reading `pg_type` too. That read is a new backend's first: 8-14 ms of
+ * planning and catalog reads where a plain `SELECT` takes 2-3 (more where `pg_type` holds
+ * many dead rows).
+ */
+interface ArrayTypeLookup {
+  pending?: Promise<ArrayTypePair[]>;
 }
 
 function endpointOf(config: ResolvedConfig): Endpoint {
@@ -149,11 +161,20 @@ class WireConnection implements DriverConnection, ExchangeSession {
 
   /**
    * Opens a session: the socket (TLS when configured), the startup, then the setup
-   * statements (its pid, the server's array types), all within `connectTimeoutMs`.
+   * statements (its pid, the server's array types), all within `connectTimeoutMs`. The
+   * array types come from `lookup`'s look-up when one is in flight as the session starts
+   * opening (from this session's own when that one fails); otherwise this session's setup
+   * looks them up, for the sessions that start opening meanwhile too.
    */
-  static async open(endpoint: Endpoint): Promise<WireConnection> {
+  static async open(endpoint: Endpoint, lookup: ArrayTypeLookup): Promise<WireConnection> {
     const ms = endpoint.connectTimeoutMs;
     const connection = new WireConnection(endpoint);
+    const joined = lookup.pending;
+    const own = joined === undefined ? Promise.withResolvers<ArrayTypePair[]>() : undefined;
+    if (own !== undefined) {
+      own.promise.catch(() => {}); // a session that joined it falls back on its own look-up
+      lookup.pending = own.promise;
+    }
     let opening: Promise<Transport> | undefined;
     const events = {
       data: (chunk: Buffer) => connection.#onData(chunk),
@@ -171,7 +192,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
       connection.#transport = await Promise.race([opening, connecting.promise]);
       const startup = new Startup(connection, endpoint);
       const all: Row[] = [];
-      const setup = new Statement(connection, setupSql(ms), [], false, all);
+      const setup = new Statement(connection, setupSql(ms, own !== undefined), [], false, all);
       setup.result.catch(() => {}); // awaited below, once the startup is through
       // Without a password there is nothing to answer before the server is ready: the setup
       // travels with the startup message, a round trip less per connection. (A server that
@@ -185,17 +206,44 @@ class WireConnection implements DriverConnection, ExchangeSession {
       const row = all[0];
       connection.#pid = row.pid as number;
       connection.#serverVersion = row.version as string;
-      connection.#install(arrayTypePairs(String(row.arrays ?? "")));
+      const pairs = joined === undefined
+        ? arrayTypePairs(String(row.arrays ?? ""))
+        : await connection.#joinedArrays(joined, ms, settingUp.promise);
+      connection.#install(pairs);
+      own?.resolve(pairs);
       return connection;
     } catch (error) {
+      own?.reject(error);
       connection.destroy();
       // A transport that opens after the deadline is closed at once.
       if (connection.#transport === undefined) opening?.then((late) => late.destroy(), () => {});
       throw setupError(error, ms);
     } finally {
+      if (lookup.pending === own?.promise) lookup.pending = undefined;
       connecting.clear();
       settingUp.clear();
     }
+  }
+
+  /**
+   * The array types of the look-up this session joined, or, when that one failed (its session
+   * did not open), of this session's own look-up.
+   */
+  async #joinedArrays(
+    joined: Promise<ArrayTypePair[]>,
+    ms: number,
+    bound: Promise<never>,
+  ): Promise<ArrayTypePair[]> {
+    try {
+      return await Promise.race([joined, bound]);
+    } catch {
+      // Looked up here instead (within the same bound).
+    }
+    const rows: Row[] = [];
+    const lookup = new Statement(this, setupSql(ms, true), [], false, rows);
+    this.#send(lookup);
+    await Promise.race([lookup.result, bound]);
+    return arrayTypePairs(String(rows[0].arrays ?? ""));
   }
 
   get pid(): number {
@@ -883,21 +931,24 @@ function setupError(error: unknown, setupTimeoutMs: number): QueryError {
 
 /**
  * The setup of a new session, under timeouts of its own: one row with its pid, its version
- * and every array type with its element type as `element array parseAs` triples separated
- * by commas. The user's `statement_timeout` and `lock_timeout` are startup settings, meant
- * for the user's statements, and would otherwise fail the setup whenever the server is slow
- * or a session holds a lock on `pg_type`; the transaction's end restores them.
+ * and, with `arrays`, every array type with its element type as `element array parseAs`
+ * triples separated by commas. The user's `statement_timeout` and `lock_timeout` are startup
+ * settings, meant for the user's statements, and would otherwise fail the setup whenever the
+ * server is slow or a session holds a lock on `pg_type`; the transaction's end restores them.
  */
-function setupSql(timeoutMs: number): string {
+function setupSql(timeoutMs: number, arrays: boolean): string {
+  const list = arrays
+    ? `(SELECT string_agg(DISTINCT b.oid::text || ' ' || b.typarray::text || ' ' ||
+          (CASE WHEN b.typtype = 'd' THEN b.typbasetype ELSE b.oid END)::text, ',')
+        FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type b ON b.oid = a.typelem
+        WHERE a.typcategory = 'A')`
+    : "NULL";
   return [
     "BEGIN",
     `SET LOCAL statement_timeout = ${timeoutMs}`,
     "SET LOCAL lock_timeout = 0",
     `SELECT pg_backend_pid() AS pid, current_setting('server_version') AS version,
-      (SELECT string_agg(DISTINCT b.oid::text || ' ' || b.typarray::text || ' ' ||
-          (CASE WHEN b.typtype = 'd' THEN b.typbasetype ELSE b.oid END)::text, ',')
-        FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type b ON b.oid = a.typelem
-        WHERE a.typcategory = 'A') AS arrays`,
+      ${list} AS arrays`,
     "COMMIT",
   ].join(";\n");
 }

@@ -23,7 +23,7 @@ import type { Driver, DriverConnection } from "../../src/drivers/driver.ts";
 import { QueryError } from "../../src/errors.ts";
 import { createWireDriver } from "../../src/drivers/wire.ts";
 import { SERVER_AVAILABLE, TEST_URL } from "../_support/server.ts";
-import { settlesWithin } from "../_support/settle.ts";
+import { rejection, settlesWithin } from "../_support/settle.ts";
 import { startTlsCluster, tlsClusterUnavailable } from "../_support/tls_cluster.ts";
 
 const tlsUnavailable = tlsClusterUnavailable();
@@ -847,3 +847,63 @@ Deno.test({
     }
   },
 });
+
+serverTest(
+  "a session that joined another's array-type look-up looks them up itself when that one fails",
+  async () => {
+    const admin = await serverDriver().connect();
+    const domain = `wire_join_${crypto.randomUUID().replaceAll("-", "").slice(0, 12)}`;
+    await admin.query(`CREATE DOMAIN ${domain} AS jsonb`, []).result;
+    const target = resolveConfig({ connectionString: TEST_URL });
+    // The first socket gets no answer, so the first session (whose setup looks the types up)
+    // times out; every later socket is passed through to the real server.
+    let accepted!: () => void;
+    const firstAccepted = new Promise<void>((resolve) => accepted = resolve);
+    let sockets = 0;
+    const proxy = fakeServer(async (conn) => {
+      if (sockets++ === 0) {
+        accepted();
+        await hungUp(conn);
+        return;
+      }
+      const server = await Deno.connect({ hostname: target.host, port: target.port });
+      try {
+        await Promise.all([
+          conn.readable.pipeTo(server.writable).catch(() => {}),
+          server.readable.pipeTo(conn.writable).catch(() => {}),
+        ]);
+      } finally {
+        try {
+          server.close();
+        } catch {
+          // Already closed by its stream.
+        }
+      }
+    });
+    const driver = createWireDriver(resolveConfig({
+      host: "127.0.0.1",
+      port: proxy.port,
+      user: target.user,
+      database: target.database,
+      connectTimeoutMs: 500,
+    }));
+    try {
+      const owner = driver.connect();
+      const ownerFailed = rejection(owner);
+      await firstAccepted;
+      const joiner = await settlesWithin(driver.connect(), 10_000, "the joining connect()");
+      try {
+        assert.match((await ownerFailed).message, /connectTimeoutMs/);
+        // Bound as JSON only when the session knew the array type before the statement.
+        const result = await joiner.query(`SELECT $1::${domain}[] AS v`, [[{ a: 1 }]]).result;
+        assert.deepEqual(result.rows, [{ v: [{ a: 1 }] }]);
+      } finally {
+        await joiner.terminate();
+      }
+    } finally {
+      await proxy.stop();
+      await admin.query(`DROP DOMAIN ${domain}`, []).result;
+      await admin.terminate();
+    }
+  },
+);

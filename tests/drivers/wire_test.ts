@@ -1014,3 +1014,35 @@ wireTest("wire: a database whose name needs quoting", async () => {
     }
   });
 });
+
+wireTest(
+  "wire: sessions that open together share one look-up of the array types and bind them",
+  async () => {
+    const domain = uniqueName("wire_json_domain");
+    await withConn(async (setup) => {
+      await exec(setup, `CREATE DOMAIN ${domain} AS jsonb`);
+      try {
+        // A domain over jsonb binds its arrays' elements as JSON only when the session knew
+        // the array type before the statement: each of the three took it from the look-up.
+        const driver = driverFor();
+        const sessions = await settlesWithin(
+          Promise.all([driver.connect(), driver.connect(), driver.connect()]),
+          10_000,
+          "three connect() at once",
+        );
+        try {
+          for (const session of sessions) {
+            assert.deepEqual(
+              (await exec(session, `SELECT $1::${domain}[] AS v`, [[{ a: 1 }, null]])).rows,
+              [{ v: [{ a: 1 }, null] }],
+            );
+          }
+        } finally {
+          await Promise.all(sessions.map((session) => session.terminate()));
+        }
+      } finally {
+        await exec(setup, `DROP DOMAIN ${domain}`);
+      }
+    });
+  },
+);
