@@ -36,23 +36,26 @@ const MAX_RETRY_DELAY_MS = 30_000;
 /**
  * Saves the session's own settings (those set with `SET`) in the transaction, before a
  * migration's statements run; {@link RESTORE_SETTINGS_SQL} puts them back after them. Both
- * are pipelined with the file, so this costs no round trip.
+ * are pipelined with the file, so this costs no round trip. Only needed when the caller
+ * does not know the session's settings already (see {@link Applier.inTransaction}'s
+ * `baseline`): reading `pg_settings` costs the server about a millisecond.
  */
 const SAVE_SETTINGS_SQL = "SELECT pg_catalog.set_config('pgdbm.saved_settings', " +
   "coalesce((SELECT pg_catalog.json_object_agg(name, setting) FROM pg_catalog.pg_settings " +
   "WHERE source = 'session' AND name <> 'pgdbm.saved_settings'), '{}')::text, true)";
 
 /**
- * Puts back, as session values, the settings {@link SAVE_SETTINGS_SQL} saved: a plain `SET`
- * in a migration (pg_dump's `search_path` of '', say) would otherwise outlive the file and
- * reach the next one and the application's queries. `set_config(name, NULL, false)` is RESET.
+ * Puts back, as session values, the settings given as `$1` (a JSON object of name → value),
+ * or when `$1` is null those {@link SAVE_SETTINGS_SQL} saved: a plain `SET` in a migration
+ * (pg_dump's `search_path` of '', say) would otherwise outlive the file and reach the next
+ * one and the application's queries. `set_config(name, NULL, false)` is RESET.
  */
 const RESTORE_SETTINGS_SQL = `SELECT pg_catalog.count(pg_catalog.set_config(n, v, false))
 FROM (SELECT coalesce(now.name, was.key) AS n, was.value AS v
   FROM (SELECT name, setting FROM pg_catalog.pg_settings
         WHERE source = 'session' AND name <> 'pgdbm.saved_settings') AS now
   FULL JOIN pg_catalog.json_each_text(
-    coalesce(pg_catalog.current_setting('pgdbm.saved_settings', true), '{}')::json) AS was
+    coalesce($1::text, pg_catalog.current_setting('pgdbm.saved_settings', true), '{}')::json) AS was
     ON was.key = now.name
   WHERE now.setting IS DISTINCT FROM was.value) AS changed`;
 
@@ -224,7 +227,9 @@ export class Applier {
    * timeouts, and what the lock strategy checks). When `signal` aborts, the statement
    * running is cancelled on the server (the transaction then rolls back). Session settings
    * the file changed with a plain `SET` (which would outlive the transaction) are put back
-   * before it commits.
+   * before it commits: to `baseline` when given (the session's own settings, which a lock
+   * held for the whole run read once), else to those read in the transaction before the
+   * file's statements.
    *
    * @returns The run time in milliseconds (at least 1).
    */
@@ -233,6 +238,7 @@ export class Applier {
     prepared: PreparedMigration,
     guard: TransactionGuard = setTimeouts,
     signal?: AbortSignal,
+    baseline?: Map<string, string>,
   ): Promise<number> {
     if (signal?.aborted) throw new RunAborted("statement", signal.reason);
     const { migration, statements } = prepared;
@@ -243,7 +249,7 @@ export class Applier {
     // every later one with 25P02, and the transaction rolls back. The history row measures
     // the time since BEGIN on the server (now() is the transaction's start).
     const start = performance.now();
-    const saved = tx.execute(SAVE_SETTINGS_SQL);
+    const saved = baseline === undefined ? tx.execute(SAVE_SETTINGS_SQL) : undefined;
     const settings = guard(tx, [`${lockTimeoutMs}ms`, `${statementTimeoutMs ?? 0}ms`]);
     const searchPath = this.#searchPath();
     const path = searchPath === undefined
@@ -279,7 +285,9 @@ export class Applier {
       await this.#copy(tx, statement, signal);
     }
     const history = this.#history.recordInTransaction(tx, migration);
-    const restored = tx.execute(RESTORE_SETTINGS_SQL);
+    const restored = tx.execute(RESTORE_SETTINGS_SQL, [
+      baseline === undefined ? null : JSON.stringify(Object.fromEntries(baseline)),
+    ]);
     const [last, put] = await settle([history, restored]);
     if (last.status === "rejected") throw last.reason;
     if (put.status === "rejected") throw put.reason;

@@ -92,7 +92,7 @@ export class SessionLock implements MigrationLock {
       let result: T;
       try {
         before = await sessionSettings(conn);
-        result = await fn(this.#scope(conn, token));
+        result = await fn(this.#scope(conn, token, before));
       } catch (error) {
         if (before !== undefined) await restoreSessionSettings(conn, before).catch(() => {});
         const released = await this.#unlock(conn, token);
@@ -120,9 +120,10 @@ export class SessionLock implements MigrationLock {
   /**
    * Each attempt runs on the holding connection: a no-transaction file statement by
    * statement, any other file in a transaction whose first statement checks that it runs
-   * in the session holding the lock.
+   * in the session holding the lock. `before` is the session's own settings once the lock
+   * was taken: each file puts them back, with no need to read them again.
    */
-  #scope(conn: Connection, token: string): LockScope {
+  #scope(conn: Connection, token: string, before: Map<string, string>): LockScope {
     const context = this.#context;
     const applier = this.#applier;
     const guard = (tx: Transaction, timeouts: [string, string]): Promise<unknown> =>
@@ -142,7 +143,10 @@ export class SessionLock implements MigrationLock {
         context.emit({ type: "apply_start", filename: prepared.migration.filename, attempt });
         return prepared.migration.noTransaction
           ? applier.autocommit(conn, prepared, signal)
-          : applier.transactionOn(conn, (tx) => applier.inTransaction(tx, prepared, guard, signal));
+          : applier.transactionOn(
+            conn,
+            (tx) => applier.inTransaction(tx, prepared, guard, signal, before),
+          );
       },
     };
   }
