@@ -285,9 +285,7 @@ export class Applier {
       await this.#copy(tx, statement, signal);
     }
     const history = this.#history.recordInTransaction(tx, migration);
-    const restored = tx.execute(RESTORE_SETTINGS_SQL, [
-      baseline === undefined ? null : JSON.stringify(Object.fromEntries(baseline)),
-    ]);
+    const restored = restoreSettings(tx, baseline);
     const [last, put] = await settle([history, restored]);
     if (last.status === "rejected") throw last.reason;
     if (put.status === "rejected") throw put.reason;
@@ -430,6 +428,17 @@ export async function sessionSettings(conn: Queries): Promise<Map<string, string
       "WHERE source = 'session' AND name <> 'pgdbm.saved_settings'",
   );
   return new Map(rows.map((row) => [row.name, row.setting]));
+}
+
+/**
+ * Puts the session's own settings back as `baseline` has them (read by
+ * {@link sessionSettings}), in one statement that a caller can pipeline; without
+ * `baseline`, as {@link SAVE_SETTINGS_SQL} saved them in the transaction.
+ */
+export function restoreSettings(q: Queries, baseline?: Map<string, string>): Promise<unknown> {
+  return q.execute(RESTORE_SETTINGS_SQL, [
+    baseline === undefined ? null : JSON.stringify(Object.fromEntries(baseline)),
+  ]);
 }
 
 /** Puts the session's settings back as `before` had them. */

@@ -85,6 +85,14 @@ export class History {
     return this.#select(q, "ORDER BY id");
   }
 
+  /**
+   * As {@link History.applied}, for a table just made sure of: without asking the catalog
+   * first (one statement, which a caller can pipeline).
+   */
+  appliedInEnsured(q: Queries): Promise<AppliedMigration[] | undefined> {
+    return this.#select(q, "ORDER BY id", false);
+  }
+
   /** The `limit` most recent rows that count for this module, newest first. */
   async recent(q: Queries, limit: number): Promise<AppliedMigration[]> {
     const rows = await this.#select(
@@ -218,8 +226,8 @@ export class History {
     return { pending, drifted, missing };
   }
 
-  async #select(q: Queries, order: string): Promise<AppliedMigration[] | undefined> {
-    if (!await this.exists(q)) return undefined;
+  async #select(q: Queries, order: string, check = true): Promise<AppliedMigration[] | undefined> {
+    if (check && !await this.exists(q)) return undefined;
     let rows: Record<string, unknown>[];
     try {
       // A simple query (see recordInTransaction): no prepared statement per schema.

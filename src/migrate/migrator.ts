@@ -475,7 +475,7 @@ export class Migrator {
     run: RunState,
   ): Promise<MigrationResult> {
     const { started, signal } = run;
-    const applied = (await this.#history.applied(scope.queries)) ?? [];
+    const applied = (await scope.applied()) ?? [];
     run.before = applied;
     const plan = this.#history.plan(files, applied);
     this.#refuseDrift(plan);
@@ -550,7 +550,7 @@ export class Migrator {
     this.#refuseNoTransaction([migration]);
     return await this.#lock.hold(async (scope) => {
       if (scope.heldForRun) {
-        const applied = (await this.#history.applied(scope.queries)) ?? [];
+        const applied = (await scope.applied()) ?? [];
         if (applied.some((row) => row.filename === migration.filename)) {
           throw this.#failures.alreadyApplied(migration);
         }
