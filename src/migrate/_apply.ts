@@ -59,6 +59,15 @@ FROM (SELECT coalesce(now.name, was.key) AS n, was.value AS v
     ON was.key = now.name
   WHERE now.setting IS DISTINCT FROM was.value) AS changed`;
 
+/**
+ * Each migration's split statements, with the text and mode they were split from (see
+ * {@link Applier.prepare}).
+ */
+const preparedCache = new WeakMap<
+  Migration,
+  { content: string; noTransaction: boolean; prepared: PreparedMigration }
+>();
+
 /** The migrator's settings for running statements. */
 export interface ApplySettings {
   /** `lock_timeout` of migration statements. */
@@ -123,15 +132,28 @@ export class Applier {
     this.#emit = emit;
   }
 
-  /** Splits a migration as `psql -f` reads it; refuses psql commands it cannot run. */
+  /**
+   * Splits a migration as `psql -f` reads it; refuses psql commands it cannot run. The
+   * split is kept with the migration object, which a fleet shares between its schemas.
+   */
   prepare(migration: Migration): PreparedMigration {
+    const known = preparedCache.get(migration);
+    if (known?.content === migration.content && known.noTransaction === migration.noTransaction) {
+      return known.prepared;
+    }
     const content = migration.content.replace(/^\ufeff/, "");
     try {
       const statements = migration.noTransaction
         ? splitSqlStatements(content)
         : transactionalBody(content, migration.filename).statements;
       refusePsqlCommands(statements, migration.filename);
-      return { migration, statements };
+      const prepared = { migration, statements };
+      preparedCache.set(migration, {
+        content: migration.content,
+        noTransaction: migration.noTransaction,
+        prepared,
+      });
+      return prepared;
     } catch (error) {
       throw this.#failures.decorate(error);
     }
