@@ -38,7 +38,7 @@ const MAX_RETRY_DELAY_MS = 30_000;
  * migration's statements run; {@link RESTORE_SETTINGS_SQL} puts them back after them. Both
  * are pipelined with the file, so this costs no round trip. Only needed when the caller
  * does not know the session's settings already (see {@link Applier.inTransaction}'s
- * `baseline`): reading `pg_settings` costs the server about a millisecond.
+ * `baseline`): reading `pg_settings` costs the server about half a millisecond.
  */
 const SAVE_SETTINGS_SQL = "SELECT pg_catalog.set_config('pgdbm.saved_settings', " +
   "coalesce((SELECT pg_catalog.json_object_agg(name, setting) FROM pg_catalog.pg_settings " +
