@@ -25,7 +25,7 @@ import {
   RunAborted,
   StatementFailure,
 } from "./_failure.ts";
-import type { History } from "./_history.ts";
+import { type History, quoteLiteral } from "./_history.ts";
 import type { AppliedMigrationResult, Migration, MigrationEvent } from "./types.ts";
 
 /** The longest timer `setTimeout` takes: the client-side timeout of an unlimited statement. */
@@ -35,7 +35,7 @@ const MAX_RETRY_DELAY_MS = 30_000;
 
 /**
  * Saves the session's own settings (those set with `SET`) in the transaction, before a
- * migration's statements run; {@link RESTORE_SETTINGS_SQL} puts them back after them. Both
+ * migration's statements run; {@link RESTORE_SAVED_SQL} puts them back after them. Both
  * are pipelined with the file, so this costs no round trip. Only needed when the caller
  * does not know the session's settings already (see {@link Applier.inTransaction}'s
  * `baseline`): reading `pg_settings` costs the server about half a millisecond.
@@ -45,19 +45,25 @@ const SAVE_SETTINGS_SQL = "SELECT pg_catalog.set_config('pgdbm.saved_settings', 
   "WHERE source = 'session' AND name <> 'pgdbm.saved_settings'), '{}')::text, true)";
 
 /**
- * Puts back, as session values, the settings given as `$1` (a JSON object of name → value),
- * or when `$1` is null those {@link SAVE_SETTINGS_SQL} saved: a plain `SET` in a migration
- * (pg_dump's `search_path` of '', say) would otherwise outlive the file and reach the next
- * one and the application's queries. `set_config(name, NULL, false)` is RESET.
+ * Puts back, as session values, the settings in `saved` (an SQL expression of a JSON object
+ * of name → value): a plain `SET` in a migration (pg_dump's `search_path` of '', say) would
+ * otherwise outlive the file and reach the next one and the application's queries.
+ * `set_config(name, NULL, false)` is RESET.
  */
-const RESTORE_SETTINGS_SQL = `SELECT pg_catalog.count(pg_catalog.set_config(n, v, false))
+function restoreSettingsSql(saved: string): string {
+  return `SELECT pg_catalog.count(pg_catalog.set_config(n, v, false))
 FROM (SELECT coalesce(now.name, was.key) AS n, was.value AS v
   FROM (SELECT name, setting FROM pg_catalog.pg_settings
         WHERE source = 'session' AND name <> 'pgdbm.saved_settings') AS now
-  FULL JOIN pg_catalog.json_each_text(
-    coalesce($1::text, pg_catalog.current_setting('pgdbm.saved_settings', true), '{}')::json) AS was
+  FULL JOIN pg_catalog.json_each_text(coalesce(${saved}, '{}')::json) AS was
     ON was.key = now.name
   WHERE now.setting IS DISTINCT FROM was.value) AS changed`;
+}
+
+/** Puts back the settings {@link SAVE_SETTINGS_SQL} saved in the transaction. */
+const RESTORE_SAVED_SQL = restoreSettingsSql(
+  "pg_catalog.current_setting('pgdbm.saved_settings', true)",
+);
 
 /**
  * Each migration's split statements, with the text and mode they were split from (see
@@ -458,9 +464,10 @@ export async function sessionSettings(conn: Queries): Promise<Map<string, string
  * `baseline`, as {@link SAVE_SETTINGS_SQL} saved them in the transaction.
  */
 export function restoreSettings(q: Queries, baseline?: Map<string, string>): Promise<unknown> {
-  return q.execute(RESTORE_SETTINGS_SQL, [
-    baseline === undefined ? null : JSON.stringify(Object.fromEntries(baseline)),
-  ]);
+  if (baseline === undefined) return q.execute(RESTORE_SAVED_SQL);
+  // A literal, not a parameter: as a simple query it needs no prepared statement, which a
+  // pooler in transaction mode may have left on another server session.
+  return q.execute(restoreSettingsSql(quoteLiteral(JSON.stringify(Object.fromEntries(baseline)))));
 }
 
 /** Puts the session's settings back as `before` had them. */

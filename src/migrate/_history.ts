@@ -264,7 +264,7 @@ export function appliedMigration(row: Record<string, unknown>): AppliedMigration
  * `standard_conforming_strings` a migration set; `{` is written `\x7b`, so that no
  * `{{…}}` in a module or file name is taken for a template placeholder.
  */
-function quoteLiteral(text: string): string {
+export function quoteLiteral(text: string): string {
   const escaped = text.replace(/[\\'{]/g, (c) => c === "'" ? "''" : c === "{" ? "\\x7b" : "\\\\");
   return `E'${escaped}'`;
 }

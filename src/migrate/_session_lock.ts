@@ -200,16 +200,14 @@ export class SessionLock implements MigrationLock {
 
   /**
    * Puts back the session's settings as `before` has them (when read), then releases the
-   * lock, both in one round trip; `false` when this session did not hold the lock.
+   * lock; `false` when this session did not hold the lock. The release waits for the
+   * restore: sent together through PgBouncer in transaction mode, the pair changed which
+   * server session the release reached, and a leaked lock went unreported
+   * (tests/pool/pgbouncer_test.ts).
    */
   async #release(conn: Connection, token: string, before?: Map<string, string>): Promise<boolean> {
-    // Sent first: run after the release, it would mark the session again.
-    const restored = before === undefined
-      ? undefined
-      : restoreSettings(conn, before).catch(() => {});
-    const released = this.#unlock(conn, token);
-    await restored;
-    return await released;
+    if (before !== undefined) await restoreSettings(conn, before).catch(() => {});
+    return await this.#unlock(conn, token);
   }
 
   /** Releases the lock; `false` when this session did not hold it (a pooler moved us). */
