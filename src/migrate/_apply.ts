@@ -25,7 +25,7 @@ import {
   RunAborted,
   StatementFailure,
 } from "./_failure.ts";
-import type { History } from "./_history.ts";
+import { type History, quoteLiteral } from "./_history.ts";
 import type { AppliedMigrationResult, Migration, MigrationEvent } from "./types.ts";
 
 /** The longest timer `setTimeout` takes: the client-side timeout of an unlimited statement. */
@@ -35,26 +35,44 @@ const MAX_RETRY_DELAY_MS = 30_000;
 
 /**
  * Saves the session's own settings (those set with `SET`) in the transaction, before a
- * migration's statements run; {@link RESTORE_SETTINGS_SQL} puts them back after them. Both
- * are pipelined with the file, so this costs no round trip.
+ * migration's statements run; {@link RESTORE_SAVED_SQL} puts them back after them. Both
+ * are pipelined with the file, so this costs no round trip. Only needed when the caller
+ * does not know the session's settings already (see {@link Applier.inTransaction}'s
+ * `baseline`): reading `pg_settings` costs the server about half a millisecond.
  */
 const SAVE_SETTINGS_SQL = "SELECT pg_catalog.set_config('pgdbm.saved_settings', " +
   "coalesce((SELECT pg_catalog.json_object_agg(name, setting) FROM pg_catalog.pg_settings " +
   "WHERE source = 'session' AND name <> 'pgdbm.saved_settings'), '{}')::text, true)";
 
 /**
- * Puts back, as session values, the settings {@link SAVE_SETTINGS_SQL} saved: a plain `SET`
- * in a migration (pg_dump's `search_path` of '', say) would otherwise outlive the file and
- * reach the next one and the application's queries. `set_config(name, NULL, false)` is RESET.
+ * Puts back, as session values, the settings in `saved` (an SQL expression of a JSON object
+ * of name → value): a plain `SET` in a migration (pg_dump's `search_path` of '', say) would
+ * otherwise outlive the file and reach the next one and the application's queries.
+ * `set_config(name, NULL, false)` is RESET.
  */
-const RESTORE_SETTINGS_SQL = `SELECT pg_catalog.count(pg_catalog.set_config(n, v, false))
+function restoreSettingsSql(saved: string): string {
+  return `SELECT pg_catalog.count(pg_catalog.set_config(n, v, false))
 FROM (SELECT coalesce(now.name, was.key) AS n, was.value AS v
   FROM (SELECT name, setting FROM pg_catalog.pg_settings
         WHERE source = 'session' AND name <> 'pgdbm.saved_settings') AS now
-  FULL JOIN pg_catalog.json_each_text(
-    coalesce(pg_catalog.current_setting('pgdbm.saved_settings', true), '{}')::json) AS was
+  FULL JOIN pg_catalog.json_each_text(coalesce(${saved}, '{}')::json) AS was
     ON was.key = now.name
   WHERE now.setting IS DISTINCT FROM was.value) AS changed`;
+}
+
+/** Puts back the settings {@link SAVE_SETTINGS_SQL} saved in the transaction. */
+const RESTORE_SAVED_SQL = restoreSettingsSql(
+  "pg_catalog.current_setting('pgdbm.saved_settings', true)",
+);
+
+/**
+ * Each migration's split statements, with the text and mode they were split from (see
+ * {@link Applier.prepare}).
+ */
+const preparedCache = new WeakMap<
+  Migration,
+  { content: string; noTransaction: boolean; prepared: PreparedMigration }
+>();
 
 /** The migrator's settings for running statements. */
 export interface ApplySettings {
@@ -120,15 +138,28 @@ export class Applier {
     this.#emit = emit;
   }
 
-  /** Splits a migration as `psql -f` reads it; refuses psql commands it cannot run. */
+  /**
+   * Splits a migration as `psql -f` reads it; refuses psql commands it cannot run. The
+   * split is kept with the migration object, which a fleet shares between its schemas.
+   */
   prepare(migration: Migration): PreparedMigration {
+    const known = preparedCache.get(migration);
+    if (known?.content === migration.content && known.noTransaction === migration.noTransaction) {
+      return known.prepared;
+    }
     const content = migration.content.replace(/^\ufeff/, "");
     try {
       const statements = migration.noTransaction
         ? splitSqlStatements(content)
         : transactionalBody(content, migration.filename).statements;
       refusePsqlCommands(statements, migration.filename);
-      return { migration, statements };
+      const prepared = { migration, statements };
+      preparedCache.set(migration, {
+        content: migration.content,
+        noTransaction: migration.noTransaction,
+        prepared,
+      });
+      return prepared;
     } catch (error) {
       throw this.#failures.decorate(error);
     }
@@ -224,7 +255,9 @@ export class Applier {
    * timeouts, and what the lock strategy checks). When `signal` aborts, the statement
    * running is cancelled on the server (the transaction then rolls back). Session settings
    * the file changed with a plain `SET` (which would outlive the transaction) are put back
-   * before it commits.
+   * before it commits: to `baseline` when given (the session's own settings, which a lock
+   * held for the whole run read once), else to those read in the transaction before the
+   * file's statements.
    *
    * @returns The run time in milliseconds (at least 1).
    */
@@ -233,6 +266,7 @@ export class Applier {
     prepared: PreparedMigration,
     guard: TransactionGuard = setTimeouts,
     signal?: AbortSignal,
+    baseline?: Map<string, string>,
   ): Promise<number> {
     if (signal?.aborted) throw new RunAborted("statement", signal.reason);
     const { migration, statements } = prepared;
@@ -243,7 +277,7 @@ export class Applier {
     // every later one with 25P02, and the transaction rolls back. The history row measures
     // the time since BEGIN on the server (now() is the transaction's start).
     const start = performance.now();
-    const saved = tx.execute(SAVE_SETTINGS_SQL);
+    const saved = baseline === undefined ? tx.execute(SAVE_SETTINGS_SQL) : undefined;
     const settings = guard(tx, [`${lockTimeoutMs}ms`, `${statementTimeoutMs ?? 0}ms`]);
     const searchPath = this.#searchPath();
     const path = searchPath === undefined
@@ -279,7 +313,7 @@ export class Applier {
       await this.#copy(tx, statement, signal);
     }
     const history = this.#history.recordInTransaction(tx, migration);
-    const restored = tx.execute(RESTORE_SETTINGS_SQL);
+    const restored = restoreSettings(tx, baseline);
     const [last, put] = await settle([history, restored]);
     if (last.status === "rejected") throw last.reason;
     if (put.status === "rejected") throw put.reason;
@@ -422,6 +456,18 @@ export async function sessionSettings(conn: Queries): Promise<Map<string, string
       "WHERE source = 'session' AND name <> 'pgdbm.saved_settings'",
   );
   return new Map(rows.map((row) => [row.name, row.setting]));
+}
+
+/**
+ * Puts the session's own settings back as `baseline` has them (read by
+ * {@link sessionSettings}), in one statement that a caller can pipeline; without
+ * `baseline`, as {@link SAVE_SETTINGS_SQL} saved them in the transaction.
+ */
+export function restoreSettings(q: Queries, baseline?: Map<string, string>): Promise<unknown> {
+  if (baseline === undefined) return q.execute(RESTORE_SAVED_SQL);
+  // A literal, not a parameter: as a simple query it needs no prepared statement, which a
+  // pooler in transaction mode may have left on another server session.
+  return q.execute(restoreSettingsSql(quoteLiteral(JSON.stringify(Object.fromEntries(baseline)))));
 }
 
 /** Puts the session's settings back as `before` had them. */

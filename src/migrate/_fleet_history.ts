@@ -20,9 +20,10 @@ import type { AppliedMigration, Migration } from "./types.ts";
 const CHUNK = 25;
 
 /**
- * The schemas among `schemas` (valid identifiers) where the module is up to date, read on
- * the primary without a lock, as the migrator's own unlocked read does. On any error the
- * answer is the empty set: every schema then takes the migrator's path.
+ * The schemas among `schemas` (valid identifiers) where the module is up to date, and those
+ * without a history table, read on the primary without a lock, as the migrator's own
+ * unlocked read does. On any error the answer is `undefined`: every schema then takes the
+ * migrator's whole path.
  *
  * @param db A manager over the fleet's pool.
  * @param schemas Schemas to look at; those that are not valid identifiers are left to the
@@ -37,17 +38,20 @@ export async function upToDateSchemas(
   files: Migration[],
   module: string,
   table: string,
-): Promise<Set<string>> {
+): Promise<{ upToDate: Set<string>; withoutTable: Set<string> } | undefined> {
   const primary = db.onPrimary();
   const upToDate = new Set<string>();
+  const valid = schemas.filter(isIdentifier);
   try {
     const withTable = await primary.fetchAll<{ schema: string }>(
       "SELECT n.nspname AS schema FROM pg_catalog.pg_class c " +
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace " +
         "WHERE c.relname = $1 AND c.relkind IN ('r', 'p') AND n.nspname = ANY($2::text[])",
-      [table, schemas.filter(isIdentifier)],
+      [table, valid],
     );
     const found = withTable.map((row) => row.schema);
+    const withoutTable = new Set(valid);
+    for (const schema of found) withoutTable.delete(schema);
     const chunks: string[][] = [];
     for (let i = 0; i < found.length; i += CHUNK) chunks.push(found.slice(i, i + CHUNK));
     const bySchema = new Map<string, AppliedMigration[]>(found.map((s) => [s, []]));
@@ -61,11 +65,11 @@ export async function upToDateSchemas(
         upToDate.add(schema);
       }
     }
+    return { upToDate, withoutTable };
   } catch {
     // A table dropped or changed meanwhile: the migrators read each schema themselves.
-    upToDate.clear();
+    return undefined;
   }
-  return upToDate;
 }
 
 /**

@@ -82,14 +82,22 @@ export class History {
    * first; `undefined` while the table does not exist.
    */
   applied(q: Queries): Promise<AppliedMigration[] | undefined> {
-    return this.#select(q, "WHERE module_name = $1 OR module_name IS NULL ORDER BY id");
+    return this.#select(q, "ORDER BY id");
+  }
+
+  /**
+   * As {@link History.applied}, for a table just made sure of: without asking the catalog
+   * first (one statement, which a caller can pipeline).
+   */
+  appliedInEnsured(q: Queries): Promise<AppliedMigration[] | undefined> {
+    return this.#select(q, "ORDER BY id", false);
   }
 
   /** The `limit` most recent rows that count for this module, newest first. */
   async recent(q: Queries, limit: number): Promise<AppliedMigration[]> {
     const rows = await this.#select(
       q,
-      `WHERE module_name = $1 OR module_name IS NULL ORDER BY applied_at DESC, id DESC LIMIT ${limit}`,
+      `ORDER BY applied_at DESC, id DESC LIMIT ${limit}`,
     );
     return rows ?? [];
   }
@@ -109,11 +117,14 @@ export class History {
    * the server since the transaction began (`now()` is the transaction's start).
    */
   recordInTransaction(tx: Queries, migration: Migration): Promise<unknown> {
+    // Literals, not parameters: the statement names the schema, so as a parameterized
+    // statement each schema would cost a round trip to describe it and a prepared statement
+    // kept on the connection; as a simple query it travels in the migration's pipeline.
     return tx.execute(
       `INSERT INTO ${this.ref} (filename, checksum, module_name, execution_time_ms) ` +
-        "VALUES ($1, $2, $3, greatest(1, pg_catalog.round(extract(epoch FROM " +
+        `VALUES (${quoteLiteral(migration.filename)}, ${quoteLiteral(migration.checksum)}, ` +
+        `${quoteLiteral(this.#module)}, greatest(1, pg_catalog.round(extract(epoch FROM ` +
         "pg_catalog.clock_timestamp() - pg_catalog.now()) * 1000))::int)",
-      [migration.filename, migration.checksum, this.#module],
     );
   }
 
@@ -157,13 +168,16 @@ export class History {
     const found = await exists();
     if (found?.table === true) return;
     try {
+      // The statements are pipelined (one round trip, then COMMIT): each waits on the server
+      // for the one before, and after a failure the later ones fail with 25P02, so the
+      // first rejection is the cause.
       await q.transaction(async (tx) => {
-        await tx.execute(ENSURE_LOCK_SQL, [table]);
+        const sent = [tx.execute(ENSURE_LOCK_SQL, [table])];
         // Only when missing: CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even then.
         if (found?.schema === false) {
-          await tx.execute(`CREATE SCHEMA IF NOT EXISTS ${quoteIdentifier(schema!)}`);
+          sent.push(tx.execute(`CREATE SCHEMA IF NOT EXISTS ${quoteIdentifier(schema!)}`));
         }
-        await tx.execute(
+        sent.push(tx.execute(
           `CREATE TABLE IF NOT EXISTS ${table} (
     id SERIAL PRIMARY KEY,
     filename VARCHAR(255) NOT NULL,
@@ -174,10 +188,11 @@ export class History {
     execution_time_ms INTEGER,
     UNIQUE(filename, module_name)
 )`,
-        );
-        await tx.execute(
+        ));
+        sent.push(tx.execute(
           `CREATE INDEX IF NOT EXISTS idx_${this.#table}_module ON ${table}(module_name, filename)`,
-        );
+        ));
+        await Promise.all(sent);
       });
     } catch (error) {
       // Another process created them at the same moment: its catalog rows won.
@@ -211,13 +226,14 @@ export class History {
     return { pending, drifted, missing };
   }
 
-  async #select(q: Queries, tail: string): Promise<AppliedMigration[] | undefined> {
-    if (!await this.exists(q)) return undefined;
+  async #select(q: Queries, order: string, check = true): Promise<AppliedMigration[] | undefined> {
+    if (check && !await this.exists(q)) return undefined;
     let rows: Record<string, unknown>[];
     try {
+      // A simple query (see recordInTransaction): no prepared statement per schema.
       rows = await q.fetchAll(
-        `SELECT ${HISTORY_COLUMNS} FROM ${this.ref} ${tail}`,
-        [this.#module],
+        `SELECT ${HISTORY_COLUMNS} FROM ${this.ref} WHERE module_name = ` +
+          `${quoteLiteral(this.#module)} OR module_name IS NULL ${order}`,
       );
     } catch (error) {
       if (isMissingTable(error)) return undefined;
@@ -241,6 +257,16 @@ export function appliedMigration(row: Record<string, unknown>): AppliedMigration
     appliedBy: row.applied_by === null ? null : String(row.applied_by),
     executionTimeMs: row.execution_time_ms === null ? null : Number(row.execution_time_ms),
   };
+}
+
+/**
+ * `text` as an `E'…'` string constant, which reads the same whatever
+ * `standard_conforming_strings` a migration set; `{` is written `\x7b`, so that no
+ * `{{…}}` in a module or file name is taken for a template placeholder.
+ */
+export function quoteLiteral(text: string): string {
+  const escaped = text.replace(/[\\'{]/g, (c) => c === "'" ? "''" : c === "{" ? "\\x7b" : "\\\\");
+  return `E'${escaped}'`;
 }
 
 function isMissingTable(error: unknown): boolean {

@@ -16,7 +16,7 @@ import type { Queries } from "../queries.ts";
 import { pollUntilTaken } from "../_backoff.ts";
 import type { Failures, PreparedMigration, RunState } from "./_failure.ts";
 import { RunAborted } from "./_failure.ts";
-import type { MigrationEvent, MigrationLockMode } from "./types.ts";
+import type { AppliedMigration, MigrationEvent, MigrationLockMode } from "./types.ts";
 
 /** A lock strategy: holds the (schema, module) lock around a run's migrations. */
 export interface MigrationLock {
@@ -42,10 +42,14 @@ export interface MigrationLock {
 
 /** What a lock strategy gives a run while it holds the lock (see {@link MigrationLock.hold}). */
 export interface LockScope {
-  /** Where to read the history: under the lock for a session lock. */
-  readonly queries: Queries;
   /**
-   * Whether the lock is held for the whole run, so the history read on `queries` stays
+   * The history rows that count for the module (`undefined` while the table does not
+   * exist): for a session lock, read under the lock, in the same round trip that took it.
+   * Called once per {@link MigrationLock.hold}.
+   */
+  applied(): Promise<AppliedMigration[] | undefined>;
+  /**
+   * Whether the lock is held for the whole run, so the history from `applied()` stays
    * true until the run ends. When it is not, each attempt reads its file's row again.
    */
   readonly heldForRun: boolean;

@@ -11,7 +11,7 @@
 
 import { QueryError } from "../errors.ts";
 import type { Connection, Transaction } from "../transaction.ts";
-import { type Applier, restoreSessionSettings, sessionSettings } from "./_apply.ts";
+import { type Applier, restoreSettings, sessionSettings } from "./_apply.ts";
 import type { PreparedMigration, RunState } from "./_failure.ts";
 import type { History } from "./_history.ts";
 import {
@@ -21,7 +21,15 @@ import {
   type MigrationLock,
   pollForLock,
 } from "./_lock.ts";
-import type { MigrationLockMode, MigrationResult } from "./types.ts";
+import type { AppliedMigration, MigrationLockMode, MigrationResult } from "./types.ts";
+
+/** What a try that took the lock read behind it. */
+interface Taken {
+  /** The session's own settings, with the lock's mark. */
+  settings: Promise<Map<string, string>>;
+  /** The history. */
+  applied: Promise<AppliedMigration[] | undefined>;
+}
 
 /** `k`: the lock's two keys, and `marker`: the session setting naming the session's holder. */
 const LOCK_KEY_CTE = "WITH k AS (SELECT hashtext($1) AS a, hashtext($2) AS b, " +
@@ -86,21 +94,19 @@ export class SessionLock implements MigrationLock {
     return await this.#applier.acquire(async (conn) => {
       await this.#history.ensure(conn);
       const token = crypto.randomUUID();
-      await this.#lock(conn, token, run?.signal);
+      const { settings, applied } = await this.#lock(conn, token, run?.signal);
       if (run !== undefined) run.lock = "held";
       let before: Map<string, string> | undefined;
       let result: T;
       try {
-        before = await sessionSettings(conn);
-        result = await fn(this.#scope(conn, token));
+        before = await settings;
+        result = await fn(this.#scope(conn, token, before, applied));
       } catch (error) {
-        if (before !== undefined) await restoreSessionSettings(conn, before).catch(() => {});
-        const released = await this.#unlock(conn, token);
+        const released = await this.#release(conn, token, before);
         if (run !== undefined) run.lock = released ? "released" : "unknown";
         throw error;
       }
-      await restoreSessionSettings(conn, before).catch(() => {});
-      if (!await this.#unlock(conn, token)) {
+      if (!await this.#release(conn, token, before)) {
         throw this.#context.failures.sessionLost(isResult(result) ? result : undefined);
       }
       return result;
@@ -120,9 +126,15 @@ export class SessionLock implements MigrationLock {
   /**
    * Each attempt runs on the holding connection: a no-transaction file statement by
    * statement, any other file in a transaction whose first statement checks that it runs
-   * in the session holding the lock.
+   * in the session holding the lock. `before` is the session's own settings once the lock
+   * was taken: each file puts them back, with no need to read them again.
    */
-  #scope(conn: Connection, token: string): LockScope {
+  #scope(
+    conn: Connection,
+    token: string,
+    before: Map<string, string>,
+    applied: Promise<AppliedMigration[] | undefined>,
+  ): LockScope {
     const context = this.#context;
     const applier = this.#applier;
     const guard = (tx: Transaction, timeouts: [string, string]): Promise<unknown> =>
@@ -136,34 +148,66 @@ export class SessionLock implements MigrationLock {
         },
       );
     return {
-      queries: conn,
+      applied: () => applied,
       heldForRun: true,
       attempt(prepared: PreparedMigration, attempt: number, _whenApplied, signal) {
         context.emit({ type: "apply_start", filename: prepared.migration.filename, attempt });
         return prepared.migration.noTransaction
           ? applier.autocommit(conn, prepared, signal)
-          : applier.transactionOn(conn, (tx) => applier.inTransaction(tx, prepared, guard, signal));
+          : applier.transactionOn(
+            conn,
+            (tx) => applier.inTransaction(tx, prepared, guard, signal, before),
+          );
       },
     };
   }
 
-  /** Takes the lock on `conn`, marking the server session with `token` in the same statement. */
-  async #lock(conn: Connection, token: string, signal?: AbortSignal): Promise<void> {
-    await pollForLock(
+  /**
+   * Takes the lock on `conn`, marking the server session with `token` in the same statement.
+   * The session's own settings and the history are read in the same round trip, behind the
+   * lock's statement: once it is taken, they were read under it; a try that did not take
+   * it drops them.
+   */
+  async #lock(conn: Connection, token: string, signal?: AbortSignal): Promise<Taken> {
+    return await pollForLock(
       this.#context,
       async (taken) => {
-        const state = await conn.fetchValue<string | null>(SESSION_LOCK_SQL, [
+        const state = conn.fetchValue<string | null>(SESSION_LOCK_SQL, [
           ...lockKey(this.#context),
           token,
         ]);
-        if (state === null) return undefined;
-        if (state !== token) throw this.#context.failures.sharedSession();
+        const read: Taken = {
+          settings: sessionSettings(conn),
+          applied: this.#history.appliedInEnsured(conn),
+        };
+        // Whoever awaits them later sees their errors; none is left unhandled meanwhile.
+        const reads = Promise.allSettled([read.settings, read.applied]);
+        let got: string | null;
+        try {
+          got = await state;
+        } finally {
+          await reads;
+        }
+        if (got === null) return undefined;
+        if (got !== token) throw this.#context.failures.sharedSession();
         taken();
-        return true;
+        return read;
       },
       conn,
       signal,
     );
+  }
+
+  /**
+   * Puts back the session's settings as `before` has them (when read), then releases the
+   * lock; `false` when this session did not hold the lock. The release waits for the
+   * restore: sent together through PgBouncer in transaction mode, the pair changed which
+   * server session the release reached, and a leaked lock went unreported
+   * (tests/pool/pgbouncer_test.ts).
+   */
+  async #release(conn: Connection, token: string, before?: Map<string, string>): Promise<boolean> {
+    if (before !== undefined) await restoreSettings(conn, before).catch(() => {});
+    return await this.#unlock(conn, token);
   }
 
   /** Releases the lock; `false` when this session did not hold it (a pooler moved us). */

@@ -50,7 +50,7 @@ export class TransactionLock implements MigrationLock {
   async hold<T>(fn: (scope: LockScope) => Promise<T>, _run?: RunState): Promise<T> {
     await this.#history.ensure(this.#db);
     return await fn({
-      queries: this.#db,
+      applied: () => this.#history.applied(this.#db),
       heldForRun: false,
       attempt: (prepared, attempt, whenApplied, signal) =>
         this.#attempt(prepared, attempt, whenApplied, signal),

@@ -19,6 +19,7 @@ import {
   type DriftedMigration,
   Migrator,
   type MigratorOptions,
+  withoutHistory,
 } from "./migrator.ts";
 import { resolveMigrationSource } from "./source.ts";
 import type { MigrationSource } from "./types.ts";
@@ -222,7 +223,7 @@ export async function migrateSchemas(
   const limit = checkConcurrency(concurrency, defaultConcurrency(target), "concurrency");
   // Schemas already up to date are found in a few round trips for the whole fleet.
   const read = performance.now();
-  const current = dryRun === true ? new Set<string>() : await upToDateSchemas(
+  const current = dryRun === true ? undefined : await upToDateSchemas(
     managerFor(undefined),
     list,
     files,
@@ -243,12 +244,12 @@ export async function migrateSchemas(
   let appliedCount = 0;
   await runPool(list.length, limit, signal, async (index) => {
     const schema = list[index];
-    const result = current.has(schema)
+    const result = current?.upToDate.has(schema)
       ? { schema, status: "up_to_date" as const, applied: [], missing: [], durationMs: readMs }
       : await migrateOne(managerFor, schema, base, {
         dryRun: dryRun === true,
         signal: cancelRunning === true ? signal : undefined,
-      });
+      }, current?.withoutTable.has(schema) === true);
     results[index] = result;
     done++;
     if (result.status === "failed") failed++;
@@ -385,16 +386,23 @@ export async function checkSchemas(
   };
 }
 
+/**
+ * Runs one schema's migrator; `fresh`: the fleet's read found no history table there, so
+ * the migrator goes to the lock without looking for it again.
+ */
 async function migrateOne(
   managerFor: (schema: string | undefined) => DatabaseManager,
   schema: string,
   options: MigratorOptions,
   run: { dryRun: boolean; signal?: AbortSignal },
+  fresh: boolean,
 ): Promise<SchemaMigrationResult> {
   const started = performance.now();
   try {
     assertIdentifier(schema, "schema");
-    const result = await new Migrator(managerFor(schema), options).applyPending(run);
+    const migrator = new Migrator(managerFor(schema), options);
+    if (fresh) withoutHistory(migrator);
+    const result = await migrator.applyPending(run);
     const out: SchemaMigrationResult = {
       schema,
       status: result.status,

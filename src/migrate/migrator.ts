@@ -116,7 +116,22 @@ export type * from "./types.ts";
 
 const LOCK_MODES: readonly MigrationLockMode[] = ["session", "transaction"];
 
-const parsedCache = new WeakMap<readonly MigrationFile[], Promise<ParsedMigrationFile[]>>();
+const parsedCache = new WeakMap<readonly MigrationFile[], Promise<Migration[]>>();
+
+/** Migrators whose next run skips the unlocked read (see {@link withoutHistory}). */
+const fresh = new WeakSet<Migrator>();
+
+/**
+ * For a fleet, which looked for the history tables of many schemas at once and found none
+ * in `migrator`'s schema: its next `applyPending()` that is not a dry run goes to the lock
+ * without looking again (a round trip), as it does when its own unlocked read finds no
+ * table. The history is read under the lock as always.
+ *
+ * @param migrator A migrator that has not run yet.
+ */
+export function withoutHistory(migrator: Migrator): void {
+  fresh.add(migrator);
+}
 
 /**
  * Applies a module's SQL migrations to the schema of a {@link DatabaseManager}.
@@ -272,14 +287,24 @@ export class Migrator {
    *   empty or only comments (`empty_file`).
    */
   async findMigrationFiles(): Promise<Migration[]> {
+    return (await this.#migrations()).map((migration) => ({ ...migration }));
+  }
+
+  /**
+   * The source's migrations, one shared object per parsed file: a source that returns the
+   * same files each time (a fleet's) is parsed, and each file split, once for all schemas.
+   */
+  async #migrations(): Promise<Migration[]> {
     const files = await this.#source.read();
     let parsed = parsedCache.get(files);
     if (parsed === undefined) {
-      parsed = parseMigrationFiles(files, this.#source.location);
+      parsed = parseMigrationFiles(files, this.#source.location).then((all) =>
+        all.map(toMigration)
+      );
       parsedCache.set(files, parsed);
     }
     try {
-      return (await parsed).map(toMigration);
+      return await parsed;
     } catch (error) {
       throw this.#failures.decorate(error);
     }
@@ -441,9 +466,11 @@ export class Migrator {
    */
   async #applyRun(options: ApplyPendingOptions, run: RunState): Promise<MigrationResult> {
     const { started } = run;
-    const files = await this.findMigrationFiles();
+    const files = await this.#migrations();
     run.files = files;
-    const before = await this.#history.applied(this.#db);
+    const before = fresh.delete(this) && !options.dryRun
+      ? undefined
+      : await this.#history.applied(this.#db);
     run.before = before;
     if (before !== undefined || options.dryRun) {
       const plan = this.#history.plan(files, before ?? []);
@@ -475,7 +502,7 @@ export class Migrator {
     run: RunState,
   ): Promise<MigrationResult> {
     const { started, signal } = run;
-    const applied = (await this.#history.applied(scope.queries)) ?? [];
+    const applied = (await scope.applied()) ?? [];
     run.before = applied;
     const plan = this.#history.plan(files, applied);
     this.#refuseDrift(plan);
@@ -550,7 +577,7 @@ export class Migrator {
     this.#refuseNoTransaction([migration]);
     return await this.#lock.hold(async (scope) => {
       if (scope.heldForRun) {
-        const applied = (await this.#history.applied(scope.queries)) ?? [];
+        const applied = (await scope.applied()) ?? [];
         if (applied.some((row) => row.filename === migration.filename)) {
           throw this.#failures.alreadyApplied(migration);
         }
