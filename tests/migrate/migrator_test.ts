@@ -1225,3 +1225,26 @@ Deno.test("new Migrator() refuses a first argument that is not a DatabaseManager
     );
   }
 });
+
+serverTest(
+  "Migrator keeps the history of a module whose name has quotes, backslashes and braces",
+  async () => {
+    await withSchema(async ({ pool, schema }) => {
+      // The history's statements carry the module name as a literal: it must reach the
+      // table exactly, and select only its own rows, whatever characters it holds.
+      const names = ["it's", "back\\slash\\'", "{{tables.x}} {{schema}}", "ünï 🎉 E'x'"];
+      for (const [i, moduleName] of names.entries()) {
+        const db = new DatabaseManager({ pool, schema: `${schema}_${i}` });
+        try {
+          const migrator = new Migrator(db, { migrationsPath: fixture("basic"), moduleName });
+          assert.equal((await migrator.applyPending()).status, "success", moduleName);
+          assert.equal((await migrator.applyPending()).status, "up_to_date", moduleName);
+          const modules = (await historyRows(db)).map((row) => row.module_name);
+          assert.ok(modules.length > 0 && modules.every((name) => name === moduleName));
+        } finally {
+          await db.execute(`DROP SCHEMA IF EXISTS "${schema}_${i}" CASCADE`);
+        }
+      }
+    });
+  },
+);
