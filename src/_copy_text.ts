@@ -28,28 +28,14 @@ const COPY_ESCAPES: Readonly<Record<string, string>> = {
   "\v": "\\v",
 };
 
-/** The error for a string with a NUL character, which PostgreSQL text cannot store. */
-export function nulCharacterError(): RangeError {
-  return new RangeError(
-    "Cannot copy a string containing a NUL character (\\u0000): PostgreSQL text cannot " +
-      "store it; remove it or store the value as bytea",
-  );
-}
-
-/**
- * `error`, thrown by the encoding of one value, as the error of its row (1-based) and column
- * (0-based): a `RangeError` stays one, anything else is a `TypeError`.
- */
-export function rowValueError(error: unknown, row: number, column: number): Error {
-  const message = `Cannot copy row ${row}, column ${column + 1}: ${(error as Error).message}`;
-  return error instanceof RangeError
-    ? new RangeError(message, { cause: error })
-    : new TypeError(message, { cause: error });
-}
-
 function copyEscapeChar(char: string): string {
   const escaped = COPY_ESCAPES[char];
-  if (escaped === undefined) throw nulCharacterError();
+  if (escaped === undefined) {
+    throw new RangeError(
+      "Cannot copy a string containing a NUL character (\\u0000): PostgreSQL text cannot " +
+        "store it; remove it or store the value as bytea",
+    );
+  }
   return escaped;
 }
 
@@ -298,7 +284,10 @@ class ChunkBuilder {
         line += encodeCopyValue(record[column]);
       }
     } catch (error) {
-      throw rowValueError(error, row, column);
+      const message = `Cannot copy row ${row}, column ${column + 1}: ${(error as Error).message}`;
+      throw error instanceof RangeError
+        ? new RangeError(message, { cause: error })
+        : new TypeError(message, { cause: error });
     }
     return line + "\n";
   }

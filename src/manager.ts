@@ -392,9 +392,6 @@ class PoolRunner implements Runner {
     return this.#holder.pool?.config;
   }
 
-  /** Autocommit: never in a transaction. */
-  readonly inTransaction = false;
-
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult> {
     const pool = this.#holder.pool;
     if (pool === undefined) return Promise.reject(notConnectedError());

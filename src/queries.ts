@@ -8,16 +8,6 @@
 
 import { adviseQueryError, adviseReturningId, refuseUndefinedParams } from "./_advice.ts";
 import { encodeCopyRows } from "./_copy_text.ts";
-import {
-  BINARY_COPY_MIN_ROWS,
-  type CopyTarget,
-  describeCopySql,
-  encodeBinaryCopy,
-  fieldKinds,
-  guardedCopySql,
-  signatureTypes,
-  TABLE_CHANGED_SQLSTATE,
-} from "./_copy_binary.ts";
 import { hasReturning } from "./_sql.ts";
 import { instrumented, instrumentedChunks } from "./_instrument.ts";
 import {
@@ -77,8 +67,6 @@ export type CopyObject = Readonly<Record<string, unknown>>;
 export interface Runner {
   /** The configuration of the pool, for the hook and spans; `undefined` before connecting. */
   readonly config: ResolvedConfig | undefined;
-  /** Whether statements run inside a transaction, which an error ends. */
-  readonly inTransaction: boolean;
   /** Runs one statement. */
   query(sql: string, params: readonly unknown[], options?: QueryOptions): Promise<DriverResult>;
   /** Runs one read: on a replica when the pool has them and this is not a transaction. */
@@ -587,36 +575,23 @@ export abstract class Queries {
     const columns = objectColumns ?? options.columns ?? [];
     for (const column of columns) assertIdentifier(column, "column");
     const list = columns.length > 0 ? ` (${columns.map(quoteIdentifier).join(", ")})` : "";
-    const target = this.prepareQuery(`{{tables.${table}}}`);
-    const sql = `COPY ${target}${list} FROM STDIN`;
+    const sql = `COPY ${this.prepareQuery(`{{tables.${table}}}`)}${list} FROM STDIN`;
     const count = columns.length > 0 ? columns.length : undefined;
     const counter = { rows: 0 };
     const runner = this.#runner;
-    const send = async (copySql: string, chunks: AsyncIterable<Uint8Array>) => {
+    const copy = async () => {
       const source: SourceFailure = {};
       try {
-        return await runner.copyIn(copySql, watchFailure(chunks, source));
+        return await runner.copyIn(
+          sql,
+          watchFailure(encodeCopyRows(rows, count, counter), source),
+        );
       } catch (error) {
         // The records (or their encoding) failed: that error is the caller's, whatever the
         // driver made of it while it abandoned the COPY.
         if (source.failed) throw source.error;
         throw error;
       }
-    };
-    const copy = async () => {
-      const binary = await binaryCopy(runner, target, columns, rows);
-      if (binary !== undefined) {
-        try {
-          return await send(binary.sql, encodeBinaryCopy(binary.rows, binary.kinds, counter));
-        } catch (error) {
-          // The table changed after its columns were looked up: nothing was copied, and out
-          // of a transaction the rows can go again, as text.
-          const changed = error instanceof QueryError &&
-            error.sqlstate === TABLE_CHANGED_SQLSTATE;
-          if (!changed || runner.inTransaction) throw error;
-        }
-      }
-      return await send(sql, encodeCopyRows(rows, count, counter));
     };
     const tracer = activeTracer();
     if (tracer === undefined && runner.config?.onQuery === undefined) {
@@ -648,28 +623,6 @@ export abstract class Queries {
     );
     return row?.exists === true;
   }
-}
-
-/**
- * The binary COPY of `rows` into `target`, when they go in binary (see `_copy_binary.ts`): an
- * array of at least {@link BINARY_COPY_MIN_ROWS} rows, on a server, into a table whose
- * columns are of types sent in binary and hold values of the kinds those take.
- */
-async function binaryCopy(
-  runner: Runner,
-  target: string,
-  columns: readonly string[],
-  rows: Iterable<readonly unknown[]> | AsyncIterable<readonly unknown[]>,
-): Promise<{ sql: string; kinds: number[]; rows: readonly (readonly unknown[])[] } | undefined> {
-  if (!Array.isArray(rows) || rows.length < BINARY_COPY_MIN_ROWS) return undefined;
-  if (runner.config?.kind !== "network") return undefined;
-  const { rows: [found] } = await runner.query(describeCopySql(columns), [target]);
-  if (found === undefined || typeof found.signature !== "string") return undefined;
-  const table = found as unknown as CopyTarget;
-  const names = table.signature.split(",").map((column) => column.slice(0, column.indexOf(":")));
-  if (![table.schema, table.name, ...names].every(isIdentifier)) return undefined;
-  const kinds = fieldKinds(rows, signatureTypes(table.signature));
-  return kinds === undefined ? undefined : { sql: guardedCopySql(table, columns), kinds, rows };
 }
 
 /** What the COPY source threw, once it did. */

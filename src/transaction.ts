@@ -51,11 +51,6 @@ export class LeaseRunner implements Runner {
     return this.#lease.config;
   }
 
-  /** Whether statements run inside `BEGIN`, the runner's or one a statement sent. */
-  get inTransaction(): boolean {
-    return this.#inTransaction || this.#beganOwnTransaction;
-  }
-
   /** Whether a statement run through this runner may have opened a transaction. */
   get beganOwnTransaction(): boolean {
     return this.#beganOwnTransaction;
