@@ -548,6 +548,8 @@ export class CopyIn extends Exchange {
    * drop copy messages outside a COPY.
    */
   copying = false;
+  /** Whether the server began the COPY (its CopyInResponse came). */
+  #started = false;
 
   constructor(session: ExchangeSession, sql: string) {
     super(session, sql, []);
@@ -582,9 +584,11 @@ export class CopyIn extends Exchange {
   message(type: number, reader: MessageReader): void {
     switch (type) {
       case Backend.CopyInResponse:
+        this.#started = true;
         return;
       case Backend.CommandComplete:
-        this.copying = false;
+        // Before the COPY started, the tag is a statement's sent ahead of it in the same query.
+        if (this.#started) this.copying = false;
         this.#count = commandTag(reader).count;
         return;
       case Backend.ErrorResponse:

@@ -725,6 +725,31 @@ wireTest("wire: COPY FROM STDIN through query() with statements pipelined behind
   });
 });
 
+wireTest("wire: copyIn() of a COPY behind another statement in the same query copies", async () => {
+  await withConn(async (conn) => {
+    const table = uniqueName("wire_copy_behind");
+    await exec(conn, `CREATE TEMP TABLE ${table} (n int, t text)`);
+    // The first statement's CommandComplete comes before the COPY starts: the rows must
+    // still go, and the COPY's own count come back.
+    async function* rows() {
+      for (let i = 0; i < 3; i++) {
+        // Slower than the server's answers to the statement ahead of the COPY.
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        yield `${i}\trow ${i}\n`;
+      }
+    }
+    const copied = await settlesWithin(
+      conn.copyIn(`SET LOCAL work_mem = '8MB'; COPY ${table} FROM STDIN`, rows()),
+      5000,
+      "copyIn() of SET; COPY",
+    );
+    assert.equal(copied, 3);
+    assert.deepEqual((await exec(conn, `SELECT count(*)::int AS n FROM ${table}`)).rows, [
+      { n: 3 },
+    ]);
+  });
+});
+
 wireTest("wire: copyOut() of a COPY FROM STDIN rejects instead of hanging", async () => {
   await withConn(async (conn) => {
     const table = uniqueName("wire_copy_out_in");
