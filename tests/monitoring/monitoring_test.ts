@@ -335,7 +335,9 @@ serverTest(
 
         const wait = await eventually("the lock wait", async () => {
           const waits = await debug.findBlockingQueries();
-          return waits.find((w) => w.blockedPid === waiterPid);
+          // The lock manager can name the holder a moment before the activity view shows
+          // the waiter's wait event: that sample is not yet the wait.
+          return waits.find((w) => w.blockedPid === waiterPid && w.waitEvent !== null);
         });
         assert.equal(wait.blockingPid, holderPid);
         assert.match(wait.blockedQuery, /balance \+ 1/);
