@@ -706,6 +706,10 @@ async function copyInEnded(
             ended = how === "terminate()"
               ? conn.terminate()
               : admin.query("SELECT pg_terminate_backend($1)", [conn.pid]).result;
+            // Counted from when the session was ended, not asked to end: on a busy server the
+            // admin's statement can wait while tens of MB of records flow.
+            const mark = () => handedAtEnd = handed;
+            ended.then(mark, mark);
           }
           yield line;
         }
