@@ -7,6 +7,7 @@
  */
 
 import { byteaToHex } from "./drivers/_bytea.ts";
+import { isJsonObject } from "./drivers/_pg_array.ts";
 
 /** Characters that need a COPY escape (backslash, tab, LF, CR, backspace, FF, VT) or are refused (NUL). */
 // deno-lint-ignore no-control-regex -- NUL is matched on purpose, to refuse it
@@ -47,12 +48,6 @@ function typeName(value: unknown): string {
   if (typeof value !== "object" || value === null) return typeof value;
   const name = Object.getPrototypeOf(value)?.constructor?.name;
   return typeof name === "string" && name !== "" ? name : "object";
-}
-
-function isJsonObject(value: object): boolean {
-  const proto = Object.getPrototypeOf(value);
-  return proto === Object.prototype || proto === null ||
-    typeof (value as { toJSON?: unknown }).toJSON === "function";
 }
 
 /** The text PostgreSQL should receive for a non-null value, before any COPY escaping. */

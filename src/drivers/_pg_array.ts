@@ -194,10 +194,20 @@ function unknownElement(value: unknown): string {
   if (typeof value !== "object" || value === null) return String(value);
   if (value instanceof Uint8Array) return byteaToHex(value);
   if (value instanceof Date) return value.toISOString();
+  return isJsonObject(value) ? JSON.stringify(value) : String(value);
+}
+
+/**
+ * Whether an object is bound as JSON: a plain object (or one without a prototype), or one
+ * with `toJSON`.
+ *
+ * @param value The object.
+ * @returns `true` when it is.
+ */
+export function isJsonObject(value: object): boolean {
   const proto = Object.getPrototypeOf(value);
-  const json = proto === Object.prototype || proto === null ||
+  return proto === Object.prototype || proto === null ||
     typeof (value as { toJSON?: unknown }).toJSON === "function";
-  return json ? JSON.stringify(value) : String(value);
 }
 
 const TYPE_OID = /^\d+$/;

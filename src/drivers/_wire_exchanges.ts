@@ -231,7 +231,8 @@ function bindValues(
       throw new TypeError(`parameter $${i + 1} is undefined; pass null for NULL`);
     } else {
       const type = parameterTypes[i] ?? 0;
-      values[i] = BinaryArray.of(value, type) ?? types.serialize(value, type);
+      const binary = Array.isArray(value) ? BinaryArray.of(value, type) : undefined;
+      values[i] = binary ?? types.serialize(value, type);
     }
   }
   return values;
@@ -290,7 +291,9 @@ function writeBind(
   values: readonly BoundValue[],
 ): void {
   writer.begin(Frontend.Bind).cstring("").cstring(statement);
-  if (values.some((value) => value instanceof BinaryArray)) {
+  let binary = false;
+  for (let i = 0; i < values.length && !binary; i++) binary = values[i] instanceof BinaryArray;
+  if (binary) {
     writer.int16(values.length);
     for (const value of values) writer.int16(value instanceof BinaryArray ? 1 : 0);
   } else {
