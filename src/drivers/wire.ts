@@ -179,6 +179,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
     const events = {
       data: (chunk: Buffer) => connection.#onData(chunk),
       close: () => connection.#onSocketClose(),
+      written: (bytes: Uint8Array) => connection.#writer.recycle(bytes),
     };
     const connecting = deadline(ms, `the server did not answer within connectTimeoutMs (${ms} ms)`);
     // The setup statements are bounded by the server (`SET LOCAL statement_timeout`); this

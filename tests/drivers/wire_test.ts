@@ -643,6 +643,47 @@ wireTest("wire: a 60 MB row reads back exactly, in bounded time", async () => {
 });
 
 wireTest(
+  "wire: large statements pipelined on one session each arrive with their own bytes",
+  async () => {
+    // Messages from 64 KiB on are sent from the writer's own buffer, which is written into
+    // again once the socket took all of it: a buffer reused too early would send another
+    // statement's bytes. The server sleeps first, so the socket fills and writes wait; each
+    // statement is sent in its own turn (its own write); sizes vary, so buffers of every
+    // size are handed back and reused; small statements travel between the large ones.
+    await withConn(async (conn) => {
+      const text = "SELECT array_to_string($1::text[], ',') AS v, $2::int AS i";
+      await conn.query(text, [[], 0]).result;
+      for (let round = 0; round < 5; round++) {
+        const arrays = Array.from({ length: 40 }, (_, i) => {
+          const count = 3_000 + ((i * 7919 + round * 104_729) % 17_000);
+          return Array.from({ length: count }, (_, j) => `r${round}s${i}e${j}`);
+        });
+        const sleep = conn.query("SELECT pg_sleep(0.3)", []).result;
+        const large: Array<Promise<DriverResult>> = [];
+        const small: Array<Promise<DriverResult>> = [];
+        for (const [i, values] of arrays.entries()) {
+          large.push(conn.query(text, [values, i]).result);
+          small.push(conn.query("SELECT $1::int AS n", [i]).result);
+          await new Promise((resolve) => setTimeout(resolve, 0));
+        }
+        await sleep;
+        const results = await settlesWithin(Promise.all(large), 60_000, "the large statements");
+        for (const [i, result] of results.entries()) {
+          const expected = arrays[i].join(",");
+          if (result.rows[0].i !== i || result.rows[0].v !== expected) {
+            assert.fail(`round ${round}, statement ${i}: its answer is not its own array`);
+          }
+        }
+        assert.deepEqual(
+          (await Promise.all(small)).map((r) => r.rows[0].n),
+          arrays.map((_, i) => i),
+        );
+      }
+    });
+  },
+);
+
+wireTest(
   "wire: 200,000 pipelined SELECT $1::int on one session, each its own",
   async () => {
     await withConn(async (conn) => {
