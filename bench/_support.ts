@@ -110,12 +110,15 @@ export interface WorkloadResult {
 /**
  * Runs every workload `rounds` times, interleaved (round 1 of every workload and
  * candidate, then round 2, …, with the candidates' order rotated each round so none always
- * runs first), and returns the medians.
+ * runs first), and returns the medians. `settle` runs, untimed, before every timed run: the
+ * table's runner passes a CHECKPOINT, so no candidate is timed while the server writes out
+ * what the one before it (or the setup) wrote.
  */
 export async function interleaved(
   workloads: readonly Workload[],
   rounds = 3,
   log: (line: string) => void = console.log,
+  settle: () => Promise<unknown> = () => Promise.resolve(),
 ): Promise<WorkloadResult[]> {
   const samples = workloads.map((w) => ({
     pgdbm: [] as number[],
@@ -131,6 +134,7 @@ export async function interleaved(
       const order: [string, Candidate][] = [["pgdbm", w.pgdbm], ...Object.entries(w.peers)];
       for (let i = 0; i < order.length; i++) {
         const [name, run] = order[(i + round) % order.length];
+        await settle();
         const ms = await run();
         if (name === "pgdbm") samples[index].pgdbm.push(ms);
         else samples[index].peers[name].push(ms);

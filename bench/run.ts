@@ -514,6 +514,7 @@ function workloads(peers: Awaited<ReturnType<typeof externalPeers>>): Workload[]
     },
     {
       name: "COPY of 500,000 rows",
+      warmup: true,
       pgdbm: async () => {
         await truncate("bench_copy");
         return await timed(() => db.copyRecordsToTable("bench_copy", RECORDS));
@@ -621,7 +622,7 @@ try {
     log(`preparing ${CHECK_SCHEMAS} migrated schemas…`);
     await prepareCheck();
   }
-  const results = await interleaved(chosen, ROUNDS, log);
+  const results = await interleaved(chosen, ROUNDS, log, () => db.execute("CHECKPOINT"));
   const embedded = await embeddedStart();
   const empty = await startProcess(["empty"]);
   console.log(
