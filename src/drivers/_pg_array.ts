@@ -156,19 +156,35 @@ function isNull(text: string): boolean {
 export const FIRST_USER_OID = 16384;
 
 /**
+ * The condition on the element type `alias` of the array types a session looks up as it
+ * opens: every type but the composite types of the database's own, which are mostly tables'
+ * row types. A database of many tenants has thousands of those (one per table), and reading
+ * them all made each new connection slower: with 1,000 schemas of 3 tables, a pool opened in
+ * 95-108 ms instead of 41-43. An array of one of them is rare, and is learned the first time
+ * a result shows it (see {@link arrayTypesSql}), so it reads as before.
+ *
+ * @param alias The element type's alias in the statement.
+ * @returns The SQL condition.
+ */
+export function lookedUpAtStart(alias: string): string {
+  return `(${alias}.typtype <> 'c' OR ${alias}.oid < ${FIRST_USER_OID})`;
+}
+
+/**
  * The statement that looks up array types: one row per array type with its `element` type,
  * the `array` type, and `parseAs`, the type whose parser and serializer its elements take (the
  * element type's own, or a domain's base type, which is what PostgreSQL reports for a column
  * of the domain itself). Only numbers go into the text, so it runs on the simple protocol.
  *
  * @param types The types to look up, element or array types, or `undefined` for the array
- *   types of every type of the database's own (from {@link FIRST_USER_OID}).
+ *   types of the database's own types (from {@link FIRST_USER_OID}) that a session looks up
+ *   as it opens ({@link lookedUpAtStart}).
  * @returns The statement.
  */
 export function arrayTypesSql(types: readonly number[] | undefined): string {
   const list = types?.map(Number).join(", ");
   const where = list === undefined
-    ? `e.oid >= ${FIRST_USER_OID}`
+    ? `e.oid >= ${FIRST_USER_OID} AND ${lookedUpAtStart("e")}`
     : `(a.oid IN (${list}) OR e.oid IN (${list}))`;
   return `SELECT e.oid::int AS element, a.oid::int AS array,
       (CASE WHEN e.typtype = 'd' THEN e.typbasetype ELSE e.oid END)::int AS "parseAs"

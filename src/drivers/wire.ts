@@ -24,7 +24,7 @@ import type {
   StatementOptions,
 } from "./driver.ts";
 import { QueryError, type ServerErrorFields } from "../errors.ts";
-import { arrayTypesSql, FIRST_USER_OID } from "./_pg_array.ts";
+import { arrayTypesSql, FIRST_USER_OID, lookedUpAtStart } from "./_pg_array.ts";
 import {
   Backend,
   cancelRequest,
@@ -932,17 +932,18 @@ function setupError(error: unknown, setupTimeoutMs: number): QueryError {
 
 /**
  * The setup of a new session, under timeouts of its own: one row with its pid, its version
- * and, with `arrays`, every array type with its element type as `element array parseAs`
- * triples separated by commas. The user's `statement_timeout` and `lock_timeout` are startup
- * settings, meant for the user's statements, and would otherwise fail the setup whenever the
- * server is slow or a session holds a lock on `pg_type`; the transaction's end restores them.
+ * and, with `arrays`, the array types with their element types as `element array parseAs`
+ * triples separated by commas (of every type but composite ones: {@link lookedUpAtStart}).
+ * The user's `statement_timeout` and `lock_timeout` are startup settings, meant for the
+ * user's statements, and would otherwise fail the setup whenever the server is slow or a
+ * session holds a lock on `pg_type`; the transaction's end restores them.
  */
 function setupSql(timeoutMs: number, arrays: boolean): string {
   const list = arrays
     ? `(SELECT string_agg(DISTINCT b.oid::text || ' ' || b.typarray::text || ' ' ||
           (CASE WHEN b.typtype = 'd' THEN b.typbasetype ELSE b.oid END)::text, ',')
         FROM pg_catalog.pg_type a JOIN pg_catalog.pg_type b ON b.oid = a.typelem
-        WHERE a.typcategory = 'A')`
+        WHERE a.typcategory = 'A' AND ${lookedUpAtStart("b")})`
     : "NULL";
   return [
     "BEGIN",

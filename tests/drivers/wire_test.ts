@@ -1112,3 +1112,42 @@ wireTest(
     });
   },
 );
+
+wireTest(
+  "wire: arrays of composite types made before the session opened read and bind as arrays",
+  async () => {
+    // A session's setup looks up the array types of every type but composite ones (tables'
+    // row types: a database of many tenants has thousands): those are learned when a result
+    // first shows one, and read as a session that knew them would.
+    const table = uniqueName("wire_row_type");
+    const pair = uniqueName("wire_pair");
+    await withConn(async (setup) => {
+      await exec(
+        setup,
+        `CREATE TABLE ${table} (id int, name text); ` +
+          `INSERT INTO ${table} VALUES (1, 'a'), (2, 'b c'); ` +
+          `CREATE TYPE ${pair} AS (a int, b text)`,
+      );
+      try {
+        await withConn(async (conn) => {
+          for (const prepare of [false, true, true]) {
+            const { rows } = await exec(
+              conn,
+              `SELECT array_agg(r ORDER BY id) AS rows, ARRAY[ROW(1, 'x')::${pair}] AS pairs, ` +
+                `$1::${table}[]::text AS bound FROM ${table} r`,
+              [["(3,d)", null]],
+              prepare,
+            );
+            assert.deepEqual(rows, [{
+              rows: ["(1,a)", '(2,"b c")'],
+              pairs: ["(1,x)"],
+              bound: '{"(3,d)",NULL}',
+            }], `prepare ${prepare}`);
+          }
+        });
+      } finally {
+        await exec(setup, `DROP TABLE ${table}; DROP TYPE ${pair}`);
+      }
+    });
+  },
+);
