@@ -6,7 +6,7 @@
  * @module
  */
 
-import { Buffer } from "node:buffer";
+import type { Buffer } from "node:buffer";
 import type { ServerErrorFields } from "../errors.ts";
 
 const encoder = new TextEncoder();
@@ -308,7 +308,8 @@ export function cancelRequest(pid: number, secret: number): Uint8Array {
 
 /** Reads the fields of one backend message in place. */
 export class MessageReader {
-  bytes: Buffer = Buffer.alloc(0);
+  /** The bytes the message is in (set by {@link reset}). */
+  bytes!: Buffer;
   at = 0;
   end = 0;
 

@@ -12,7 +12,7 @@
  * @module
  */
 
-import { Buffer } from "node:buffer";
+import type { Buffer } from "node:buffer";
 import type { ResolvedConfig } from "../config.ts";
 import type {
   Driver,
@@ -36,7 +36,12 @@ import {
   sslRequest,
 } from "./_wire_protocol.ts";
 import { type ArrayTypePair, TypeMap } from "./_wire_types.ts";
-import { openTransport, sendCancelRequest, type Transport } from "./_wire_transport.ts";
+import {
+  allocBuffer,
+  openTransport,
+  sendCancelRequest,
+  type Transport,
+} from "./_wire_transport.ts";
 import {
   type Column,
   CopyIn,
@@ -123,7 +128,8 @@ class WireConnection implements DriverConnection, ExchangeSession {
   #blocked?: Exchange;
   #flushScheduled = false;
   /** Bytes of an incomplete message, kept between reads. */
-  #pending: Buffer = Buffer.alloc(0);
+  /** The start of a message whose end has not arrived yet (its first `#pendingLength` bytes). */
+  #pending?: Buffer;
   #pendingLength = 0;
   #pid = 0;
   /** The process id of the cancel key. */
@@ -673,14 +679,15 @@ class WireConnection implements DriverConnection, ExchangeSession {
       bytes = chunk;
       end = chunk.length;
     } else {
+      const pending = this.#pending!;
       const needed = this.#pendingLength + chunk.length;
-      if (needed > this.#pending.length) {
-        const grown = Buffer.allocUnsafe(Math.max(needed, this.#pending.length * 2));
-        grown.set(this.#pending.subarray(0, this.#pendingLength));
-        this.#pending = grown;
+      bytes = pending;
+      if (needed > pending.length) {
+        bytes = allocBuffer(Math.max(needed, pending.length * 2));
+        bytes.set(pending.subarray(0, this.#pendingLength));
+        this.#pending = bytes;
       }
-      this.#pending.set(chunk, this.#pendingLength);
-      bytes = this.#pending;
+      bytes.set(chunk, this.#pendingLength);
       end = needed;
     }
     let at = 0;
@@ -697,11 +704,11 @@ class WireConnection implements DriverConnection, ExchangeSession {
     if (left === 0) {
       this.#pendingLength = 0;
     } else if (bytes === this.#pending) {
-      this.#pending.copyWithin(0, at, end);
+      bytes.copyWithin(0, at, end);
       this.#pendingLength = left;
     } else {
-      if (left > this.#pending.length) {
-        this.#pending = Buffer.allocUnsafe(Math.max(left, 64 * 1024));
+      if (this.#pending === undefined || left > this.#pending.length) {
+        this.#pending = allocBuffer(Math.max(left, 64 * 1024));
       }
       this.#pending.set(bytes.subarray(at, end));
       this.#pendingLength = left;

@@ -28,9 +28,8 @@
  * @module
  */
 
-import { join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
 import { ConfigurationError, MigrationError } from "../errors.ts";
+import { absolutePath, pathIn, pathOfFileUrl } from "./_paths.ts";
 import type { MigrationFile, MigrationSource, MigrationSourceOptions } from "./types.ts";
 import {
   isMigrationFilename,
@@ -126,7 +125,7 @@ export async function createMigrationFile(
  * ```
  */
 export function createDirectorySource(path: string): MigrationSource {
-  const directory = resolve(path);
+  const directory = absolutePath(path);
   return {
     location: directory,
     read: () => readDirectory(directory),
@@ -190,12 +189,10 @@ export function createUrlSource(
     manifest = new URL(MIGRATION_MANIFEST, base);
   }
   if (protocol === "file:") {
-    const directory = fileURLToPath(base);
-    const manifestPath = fileURLToPath(manifest);
     return {
       location: base.href,
-      read: () => readFileUrl(directory, manifestPath),
-      write: (filename, content) => writeFile(directory, filename, content),
+      read: async () => readFileUrl(await pathOfFileUrl(base), await pathOfFileUrl(manifest)),
+      write: async (filename, content) => writeFile(await pathOfFileUrl(base), filename, content),
     };
   }
   const fetcher = options.fetch ?? globalThis.fetch;
@@ -313,12 +310,12 @@ export function resolveMigrationSource(options: MigrationSourceOptions): Migrati
  */
 export async function writeMigrationManifest(directory: string | URL): Promise<string[]> {
   const path = directory instanceof URL || directory.startsWith("file:")
-    ? fileURLToPath(directory)
-    : resolve(directory);
+    ? await pathOfFileUrl(directory)
+    : absolutePath(directory);
   const files = await parseMigrationFiles(await readDirectory(path), path);
   const names = files.map((f) => f.filename);
   await Deno.writeTextFile(
-    join(path, MIGRATION_MANIFEST),
+    pathIn(path, MIGRATION_MANIFEST),
     JSON.stringify({ migrations: names }, null, 2) + "\n",
   );
   return names;
@@ -330,7 +327,7 @@ async function readDirectory(directory: string): Promise<MigrationFile[]> {
     for await (const entry of Deno.readDir(directory)) {
       if (!isMigrationFilename(entry.name)) continue;
       if (entry.isFile) names.push(entry.name);
-      else if (entry.isSymlink && (await Deno.stat(join(directory, entry.name))).isFile) {
+      else if (entry.isSymlink && (await Deno.stat(pathIn(directory, entry.name))).isFile) {
         names.push(entry.name);
       }
     }
@@ -352,7 +349,7 @@ async function readDirectory(directory: string): Promise<MigrationFile[]> {
   return await Promise.all(
     names.map(async (filename) => ({
       filename,
-      content: await readLocal(join(directory, filename), filename),
+      content: await readLocal(pathIn(directory, filename), filename),
     })),
   );
 }
@@ -409,7 +406,7 @@ async function readFileUrl(directory: string, manifestPath: string): Promise<Mig
   return await Promise.all(
     names.map(async (filename) => ({
       filename,
-      content: await readLocal(join(directory, filename), filename),
+      content: await readLocal(pathIn(directory, filename), filename),
     })),
   );
 }
@@ -524,10 +521,10 @@ async function writeFile(directory: string, filename: string, content: string): 
       { reason: "invalid_filename", filename },
     );
   }
-  const path = join(directory, filename);
+  const path = pathIn(directory, filename);
   // The manifest is read (and refused when broken) before the file is made, so a failed
   // write leaves nothing behind.
-  const manifestPath = join(directory, MIGRATION_MANIFEST);
+  const manifestPath = pathIn(directory, MIGRATION_MANIFEST);
   let names: string[] | undefined;
   try {
     names = parseManifest(await Deno.readTextFile(manifestPath), manifestPath);
