@@ -156,12 +156,19 @@ function isNull(text: string): boolean {
 export const FIRST_USER_OID = 16384;
 
 /**
- * The condition on the element type `alias` of the array types a session looks up as it
- * opens: every type but the composite types of the database's own, which are mostly tables'
- * row types. A database of many tenants has thousands of those (one per table), and reading
- * them all made each new connection slower: with 1,000 schemas of 3 tables, a pool opened in
- * 95-108 ms instead of 41-43. An array of one of them is rare, and is learned the first time
- * a result shows it (see {@link arrayTypesSql}), so it reads as before.
+ * The first OID that `initdb` assigns (`FirstGenbkiObjectId`): types below it are
+ * PostgreSQL's own with the same OIDs in every release, so a driver can know their array
+ * types without asking; types from it on (the `information_schema` domains, system
+ * catalogs' row types, the database's own types) can differ between servers.
+ */
+export const FIRST_ASSIGNED_OID = 10000;
+
+/**
+ * The condition on the element type `alias` of the array types the embedded engine looks up
+ * as it starts: every type but the composite types of the database's own, which are mostly
+ * tables' row types. A database of many tenants has thousands of those (one per table). An
+ * array of one of them is rare, and is learned the first time a result shows it (see
+ * {@link arrayTypesSql}).
  *
  * @param alias The element type's alias in the statement.
  * @returns The SQL condition.
@@ -177,8 +184,8 @@ export function lookedUpAtStart(alias: string): string {
  * of the domain itself). Only numbers go into the text, so it runs on the simple protocol.
  *
  * @param types The types to look up, element or array types, or `undefined` for the array
- *   types of the database's own types (from {@link FIRST_USER_OID}) that a session looks up
- *   as it opens ({@link lookedUpAtStart}).
+ *   types of the database's own types (from {@link FIRST_USER_OID}) that the embedded
+ *   engine looks up as it starts ({@link lookedUpAtStart}).
  * @returns The statement.
  */
 export function arrayTypesSql(types: readonly number[] | undefined): string {

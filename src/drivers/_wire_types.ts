@@ -5,6 +5,8 @@
  * `int4`, `oid`, `float4` and `float8` as numbers; `int8` and `numeric` as strings (no
  * precision lost); `bool`; `json`/`jsonb` parsed; `date`, `timestamp` and `timestamptz` as
  * `Date`; `bytea` as `Uint8Array`; arrays of all of these; anything else as its text.
+ * PostgreSQL's own array types are known from the start ({@link BUILTIN_ARRAY_TYPES}); the
+ * others are installed as the session learns them.
  *
  * @module
  */
@@ -42,6 +44,27 @@ const BOX_ARRAY = 1020;
  */
 export type ArrayTypePair = readonly [element: number, array: number, parseAs: number];
 
+/**
+ * The array types of PostgreSQL's own types below `FIRST_ASSIGNED_OID` (10000), as `element
+ * array` pairs: the same in every release (PostgreSQL 15 and 17 list the same 82), so a
+ * session knows them without reading `pg_type` as it opens. Any other array type is learned
+ * the first time a result shows it. A test compares the list with the server's.
+ */
+export const BUILTIN_ARRAY_TYPES: readonly ArrayTypePair[] = (
+  "16 1000,17 1001,18 1002,19 1003,20 1016,21 1005,22 1006,23 1007,24 1008,25 1009,26 1028," +
+  "27 1010,28 1011,29 1012,30 1013,71 210,75 270,81 272,83 273,114 199,142 143,600 1017," +
+  "601 1018,602 1019,603 1020,604 1027,628 629,650 651,700 1021,701 1022,718 719,774 775," +
+  "790 791,829 1040,869 1041,1033 1034,1042 1014,1043 1015,1082 1182,1083 1183,1114 1115," +
+  "1184 1185,1186 1187,1266 1270,1560 1561,1562 1563,1700 1231,1790 2201,2202 2207,2203 2208," +
+  "2204 2209,2205 2210,2206 2211,2249 2287,2275 1263,2950 2951,2970 2949,3220 3221,3614 3643," +
+  "3615 3645,3642 3644,3734 3735,3769 3770,3802 3807,3904 3905,3906 3907,3908 3909,3910 3911," +
+  "3912 3913,3926 3927,4072 4073,4089 4090,4096 4097,4191 4192,4451 6150,4532 6151,4533 6152," +
+  "4534 6153,4535 6155,4536 6157,5038 5039,5069 271"
+).split(",").map((pair) => {
+  const [element, array] = pair.split(" ").map(Number);
+  return [element, array, element] as const;
+});
+
 /** One session's parsers and serializers: the built-in ones, then the array types it learns. */
 export class TypeMap {
   readonly #parsers = new Map<number, TextParser>([
@@ -73,6 +96,10 @@ export class TypeMap {
     [17, fromBytea],
   ]);
   readonly #arrays = new Set<number>();
+
+  constructor() {
+    this.install(BUILTIN_ARRAY_TYPES);
+  }
 
   /** The parser of a column of type `oid`, or `undefined` to keep its text. */
   parser(oid: number): TextParser | undefined {

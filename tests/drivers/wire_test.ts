@@ -14,6 +14,7 @@ import { resolveConfig } from "../../src/config.ts";
 import type { Driver, DriverConnection, DriverResult, Row } from "../../src/drivers/driver.ts";
 import { QueryError } from "../../src/errors.ts";
 import { createWireDriver } from "../../src/drivers/wire.ts";
+import { BUILTIN_ARRAY_TYPES } from "../../src/drivers/_wire_types.ts";
 import { SERVER_AVAILABLE, TEST_URL, uniqueName } from "../_support/server.ts";
 import { rejection, settlesWithin } from "../_support/settle.ts";
 import { concat } from "../_support/bytes.ts";
@@ -1082,30 +1083,47 @@ wireTest("wire: a database whose name needs quoting", async () => {
 });
 
 wireTest(
-  "wire: sessions that open together share one look-up of the array types and bind them",
+  "wire: a session knows PostgreSQL's own array types from the start and learns the others",
   async () => {
     const domain = uniqueName("wire_json_domain");
     await withConn(async (setup) => {
+      // The list a session starts with is the server's own: every built-in type below 10000
+      // whose array type is below 10000 too.
+      const { rows: [server] } = await exec(
+        setup,
+        `SELECT string_agg(oid::text || ' ' || typarray::text, ',' ORDER BY oid) AS pairs
+           FROM pg_catalog.pg_type WHERE oid < 10000 AND typarray <> 0 AND typarray < 10000`,
+      );
+      assert.equal(
+        BUILTIN_ARRAY_TYPES.map(([element, array]) => `${element} ${array}`).join(","),
+        server.pairs,
+      );
       await exec(setup, `CREATE DOMAIN ${domain} AS jsonb`);
       try {
-        // A domain over jsonb binds its arrays' elements as JSON only when the session knew
-        // the array type before the statement: each of the three took it from the look-up.
-        const driver = driverFor();
-        const sessions = await settlesWithin(
-          Promise.all([driver.connect(), driver.connect(), driver.connect()]),
-          10_000,
-          "three connect() at once",
-        );
-        try {
-          for (const session of sessions) {
+        // Types from 10000 on, made before the session opened or by initdb, read as arrays
+        // once a result has shown them: a domain's elements as its base type.
+        await withConn(async (conn) => {
+          for (const prepare of [false, true]) {
             assert.deepEqual(
-              (await exec(session, `SELECT $1::${domain}[] AS v`, [[{ a: 1 }, null]])).rows,
-              [{ v: [{ a: 1 }, null] }],
+              (await exec(
+                conn,
+                `SELECT $1::int[] AS ints, $2::${domain}[] AS docs, ` +
+                  "ARRAY[7, NULL]::information_schema.cardinal_number[] AS cardinals, " +
+                  "ARRAY(SELECT d.datname FROM pg_catalog.pg_database d " +
+                  "WHERE d.datname = 'template1') AS names",
+                [[1, null], [{ a: 1 }, null]],
+                prepare,
+              )).rows,
+              [{
+                ints: [1, null],
+                docs: [{ a: 1 }, null],
+                cardinals: [7, null],
+                names: ["template1"],
+              }],
+              `prepare ${prepare}`,
             );
           }
-        } finally {
-          await Promise.all(sessions.map((session) => session.terminate()));
-        }
+        });
       } finally {
         await exec(setup, `DROP DOMAIN ${domain}`);
       }
