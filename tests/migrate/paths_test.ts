@@ -6,9 +6,22 @@ import assert from "node:assert/strict";
 import { posix, win32 } from "node:path";
 import { absolutePath, pathIn } from "../../src/migrate/_paths.ts";
 
+/** Checks absolutePath() against node:path's resolve() for every `cwd` and `path`. */
+function assertResolvesLikeNode(
+  windows: boolean,
+  cwds: readonly string[],
+  paths: readonly string[],
+): void {
+  const resolve = windows ? win32.resolve : posix.resolve;
+  for (const cwd of cwds) {
+    for (const path of paths) {
+      assert.equal(absolutePath(path, cwd, windows), resolve(cwd, path), `${cwd} + ${path}`);
+    }
+  }
+}
+
 Deno.test("absolutePath() resolves POSIX paths as node:path does", () => {
-  const cwds = ["/", "/work/app", "/work/app/", "/a b/ü"];
-  const paths = [
+  assertResolvesLikeNode(false, ["/", "/work/app", "/work/app/", "/a b/ü"], [
     "migrations",
     "./migrations/",
     "../shared/migrations",
@@ -21,36 +34,29 @@ Deno.test("absolutePath() resolves POSIX paths as node:path does", () => {
     ".",
     "",
     "dir with space/ünïcode",
-  ];
-  for (const cwd of cwds) {
-    for (const path of paths) {
-      assert.equal(absolutePath(path, cwd, false), posix.resolve(cwd, path), `${cwd} + ${path}`);
-    }
-  }
+  ]);
 });
 
 Deno.test("absolutePath() resolves Windows paths as node:path does", () => {
   // Not compared: a drive-relative path on another drive (`D:x`), which node:path takes
   // from that drive's current directory (off Windows, from the process's own).
-  const cwds = ["C:\\", "C:\\work\\app", "c:/work/app/", "\\\\server\\share\\app"];
-  const paths = [
-    "migrations",
-    ".\\migrations\\",
-    "../shared/migrations",
-    "a\\\\b/.\\c\\..",
-    "\\root\\dir",
-    "/root/dir/",
-    "C:\\srv\\migrations\\",
-    "D:/data/../x",
-    "\\\\other\\share\\x\\..\\y",
-    "..\\..\\..",
-    ".",
-  ];
-  for (const cwd of cwds) {
-    for (const path of paths) {
-      assert.equal(absolutePath(path, cwd, true), win32.resolve(cwd, path), `${cwd} + ${path}`);
-    }
-  }
+  assertResolvesLikeNode(
+    true,
+    ["C:\\", "C:\\work\\app", "c:/work/app/", "\\\\server\\share\\app"],
+    [
+      "migrations",
+      ".\\migrations\\",
+      "../shared/migrations",
+      "a\\\\b/.\\c\\..",
+      "\\root\\dir",
+      "/root/dir/",
+      "C:\\srv\\migrations\\",
+      "D:/data/../x",
+      "\\\\other\\share\\x\\..\\y",
+      "..\\..\\..",
+      ".",
+    ],
+  );
 });
 
 Deno.test("pathIn() joins a plain file name to a folder", () => {
