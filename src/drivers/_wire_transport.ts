@@ -174,14 +174,16 @@ class DenoTransport implements Transport {
       while (this.#queue.length > 0 && !this.#closed) {
         const queue = this.#queue;
         this.#queue = [];
-        const chunk = queue.length === 1 ? queue[0] : joined(queue);
+        const single = queue.length === 1;
+        const chunk = single ? queue[0] : joined(queue);
         // Joined bytes were copied: theirs are free already, a single chunk's once written.
-        const free = queue.length === 1 ? [] : queue;
-        for (const bytes of free) this.#events.written(bytes);
+        if (!single) {
+          for (const bytes of queue) this.#events.written(bytes);
+        }
         let written = 0;
         while (written < chunk.length) written += await this.#conn.write(chunk.subarray(written));
         this.#queued -= chunk.length;
-        if (free.length === 0) this.#events.written(chunk);
+        if (single) this.#events.written(chunk);
       }
     } catch {
       this.destroy();

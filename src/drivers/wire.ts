@@ -115,7 +115,6 @@ class WireConnection implements DriverConnection, ExchangeSession {
   /** An exchange after which nothing may be written for now. */
   #blocked?: Exchange;
   #flushScheduled = false;
-  /** Bytes of an incomplete message, kept between reads. */
   /** The start of a message whose end has not arrived yet (its first `#pendingLength` bytes). */
   #pending?: Buffer;
   #pendingLength = 0;
