@@ -373,7 +373,7 @@ export class Applier {
         }
       }
     } finally {
-      await restoreSessionSettings(conn, saved).catch(() => {});
+      await restoreSettings(conn, saved).catch(() => {});
     }
     const executionTimeMs = Math.max(1, Math.round(performance.now() - start));
     await this.#history.record(conn, migration, executionTimeMs);
@@ -468,33 +468,4 @@ export function restoreSettings(q: Queries, baseline?: Map<string, string>): Pro
   // A literal, not a parameter: as a simple query it needs no prepared statement, which a
   // pooler in transaction mode may have left on another server session.
   return q.execute(restoreSettingsSql(quoteLiteral(JSON.stringify(Object.fromEntries(baseline)))));
-}
-
-/** Puts the session's settings back as `before` had them. */
-export async function restoreSessionSettings(
-  conn: Queries,
-  before: Map<string, string>,
-): Promise<void> {
-  const after = await sessionSettings(conn);
-  const names: string[] = [];
-  const values: (string | null)[] = [];
-  for (const [name, value] of after) {
-    if (before.get(name) !== value) {
-      names.push(name);
-      values.push(before.get(name) ?? null);
-    }
-  }
-  for (const [name, value] of before) {
-    if (!after.has(name)) {
-      names.push(name);
-      values.push(value);
-    }
-  }
-  if (names.length === 0) return;
-  // set_config(name, NULL, false) is RESET name.
-  await conn.execute(
-    "SELECT pg_catalog.set_config(n, v, false) " +
-      "FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) AS s(n, v)",
-    [names, values],
-  );
 }

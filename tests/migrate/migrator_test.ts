@@ -1044,11 +1044,15 @@ serverTest("Migrator puts back session settings a migration changed with SET", a
           "CREATE TABLE {{tables.dumped}} (id int);",
         ].join("\n"),
         "002_more.sql": "-- pgdbm:no-transaction\nSET work_mem = '9MB';\nSELECT 1;",
+        // What the next file sees: each file's SET ends with it.
+        "003_after.sql":
+          "CREATE TABLE {{tables.seen}} AS SELECT current_setting('work_mem') AS mem;",
       },
       moduleName: "m",
     });
     await migrator.applyPending();
     assert.equal(await db.tableExists("dumped"), true);
+    assert.deepEqual(await db.fetchOne("SELECT mem FROM {{tables.seen}}"), { mem: defaults?.mem });
     // One connection in the pool: the migration ran on the connection that serves this.
     assert.deepEqual(
       await db.fetchOne(
