@@ -76,6 +76,12 @@ export interface DriverConnection {
   /** True once the session is gone (closed by us, by the server, or by the network). */
   readonly closed: boolean;
   /**
+   * Whether `sql` is prepared on this session as a named statement: running it here again
+   * skips parsing it, and the server keeps the plans it made for it. Always false on a
+   * driver that prepares no named statements.
+   */
+  hasPrepared(sql: string): boolean;
+  /**
    * Runs one statement. With `params` it uses the extended protocol, as a named prepared
    * statement when `options.prepare` (default: the driver's setting) is true; without params
    * it uses the simple protocol, which accepts several statements separated by `;`: the

@@ -342,6 +342,10 @@ class PgliteConnection implements DriverConnection {
     return this.#closed;
   }
 
+  hasPrepared(_sql: string): boolean {
+    return false;
+  }
+
   query(sql: string, params: readonly unknown[], _options?: StatementOptions): RunningQuery {
     if (this.#closed) {
       return { result: Promise.reject(sessionClosedError(sql, params)), cancel: resolved };

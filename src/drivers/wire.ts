@@ -220,6 +220,10 @@ class WireConnection implements DriverConnection, ExchangeSession {
     return this.#closed;
   }
 
+  hasPrepared(sql: string): boolean {
+    return this.statements.has(sql);
+  }
+
   /**
    * Notes the session's cancel key. Its process id is the server's, or a pooler's stand-in
    * (PgBouncer's): the pid the session reports is the server backend's own.

@@ -270,7 +270,7 @@ export class ConnectionPool implements Pool {
     retries: number,
   ): Promise<DriverResult> {
     const slow = this.#timings.isSlow(sql);
-    const slot = slow ? this.#pickQuiet() : this.#pickShared();
+    const slot = slow ? this.#pickQuiet(sql) : this.#pickShared();
     if (slot !== undefined) return this.#run(slot, sql, params, guard, slow, retries);
     const start = performance.now();
     return this.#wait(false, guard, (waited) => {
@@ -695,11 +695,21 @@ export class ConnectionPool implements Pool {
     return false;
   }
 
-  #pickQuiet(): Slot | undefined {
+  /**
+   * A slot for a slow statement (fast queries keep off a slot while it runs one): an idle
+   * slot, preferring one where `sql` is prepared, since it then skips parsing and the
+   * server plans it as before; else, once a new connection is asked for, one already
+   * running slow work; else the least busy.
+   */
+  #pickQuiet(sql: string): Slot | undefined {
+    let idle: Slot | undefined;
     for (let i = this.#slots.length - 1; i >= 0; i--) {
       const slot = this.#slots[i];
-      if (available(slot) && slot.running.size === 0) return slot;
+      if (!available(slot) || slot.running.size > 0) continue;
+      if (slot.conn.hasPrepared(sql)) return slot;
+      idle ??= slot;
     }
+    if (idle !== undefined) return idle;
     this.#grow();
     for (let i = this.#slots.length - 1; i >= 0; i--) {
       const slot = this.#slots[i];
