@@ -23,7 +23,6 @@ import {
   textAt,
 } from "./_wire_protocol.ts";
 import type { TextParser, TypeMap } from "./_wire_types.ts";
-import type { PreparedStatements } from "./_wire_statements.ts";
 
 /** The first size of the buffer a COPY out joins rows into, for one chunk to its reader. */
 const COPY_OUT_CHUNK = 64 * 1024;
@@ -61,7 +60,7 @@ export interface ExchangeSession {
   /** The session's parsers and serializers. */
   readonly types: TypeMap;
   /** The session's named statements by their key (declared types and text). */
-  readonly statements: PreparedStatements<Description>;
+  readonly statements: Map<string, Description>;
   /** A new name for a named prepared statement. */
   nextStatementName(): string;
   /** Writes the exchange's next messages and lets the exchanges behind it be written. */
@@ -357,9 +356,6 @@ export class Statement extends Exchange implements RunningQuery {
   }
 
   write(writer: MessageWriter): void {
-    for (const name of this.session.statements.takeEvicted()) {
-      writer.begin(Frontend.Close).bytes(STATEMENT).cstring(name).end();
-    }
     if (this.params.length === 0) {
       writer.begin(Frontend.Query).cstring(this.sql).end();
       // A COPY … FROM STDIN here gets a CopyFail: nothing may reach the server before it.
@@ -372,7 +368,7 @@ export class Statement extends Exchange implements RunningQuery {
     }
     const declared = declaredTypes(this.params);
     this.#key = declared === undefined ? this.sql : `${declared.join(",")} ${this.sql}`;
-    const known = this.#prepare ? this.session.statements.use(this.#key) : undefined;
+    const known = this.#prepare ? this.session.statements.get(this.#key) : undefined;
     if (known !== undefined) {
       this.#description = known;
       this.#columns = known.columns;
@@ -410,7 +406,7 @@ export class Statement extends Exchange implements RunningQuery {
   #described(): void {
     const description = this.#description!;
     this.#describing = false;
-    if (description.name !== "") this.session.statements.add(this.#key, description);
+    if (description.name !== "") this.session.statements.set(this.#key, description);
     this.session.continueWith(this, (writer) => this.#bind(writer, description));
   }
 

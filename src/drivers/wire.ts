@@ -36,7 +36,6 @@ import {
   sslRequest,
 } from "./_wire_protocol.ts";
 import { type ArrayTypePair, TypeMap } from "./_wire_types.ts";
-import { PreparedStatements } from "./_wire_statements.ts";
 import {
   allocBuffer,
   openTransport,
@@ -136,7 +135,7 @@ class WireConnection implements DriverConnection, ExchangeSession {
   #paused = false;
   #statementCount = 0;
   /** The session's named statements by their key: declared parameter types and text. */
-  readonly statements = new PreparedStatements<Description>();
+  readonly statements = new Map<string, Description>();
   readonly types = new TypeMap();
   /**
    * Types from {@link FIRST_ASSIGNED_OID} on (the database's own, the `information_schema`

@@ -15,7 +15,6 @@ import type { Driver, DriverConnection, DriverResult, Row } from "../../src/driv
 import { QueryError } from "../../src/errors.ts";
 import { createWireDriver } from "../../src/drivers/wire.ts";
 import { BUILTIN_ARRAY_TYPES } from "../../src/drivers/_wire_types.ts";
-import { MAX_PREPARED_STATEMENTS } from "../../src/drivers/_wire_statements.ts";
 import { SERVER_AVAILABLE, TEST_URL, uniqueName } from "../_support/server.ts";
 import { rejection, settlesWithin } from "../_support/settle.ts";
 import { concat } from "../_support/bytes.ts";
@@ -680,74 +679,6 @@ wireTest(
           (await Promise.all(small)).map((r) => r.rows[0].n),
           arrays.map((_, i) => i),
         );
-      }
-    });
-  },
-);
-
-/** How many named statements the session `conn` has on the server. */
-async function preparedCount(conn: DriverConnection): Promise<number> {
-  const result = await conn.query("SELECT count(*)::int AS n FROM pg_prepared_statements", [])
-    .result;
-  return result.rows[0].n as number;
-}
-
-wireTest(
-  "wire: a session keeps its most recently run statements prepared and closes the others",
-  async () => {
-    await withConn(async (conn) => {
-      // A statement run between every new one is never the least recently used.
-      const hot = "SELECT $1::int AS n, 'hot' AS kind";
-      const total = MAX_PREPARED_STATEMENTS + 200;
-      for (let i = 0; i < total; i++) {
-        const [own, again] = await Promise.all([
-          conn.query(`SELECT $1::int + ${i} AS n`, [1]).result,
-          conn.query(hot, [i]).result,
-        ]);
-        if (own.rows[0].n !== i + 1 || again.rows[0].n !== i) {
-          assert.fail(`statement ${i} did not get its own answer`);
-        }
-      }
-      assert.equal(await preparedCount(conn), MAX_PREPARED_STATEMENTS);
-      const kept = await conn.query(
-        "SELECT count(*)::int AS n FROM pg_prepared_statements WHERE statement = $1",
-        [hot],
-      ).result;
-      assert.equal(kept.rows[0].n, 1, "the statement run most often was closed");
-      // The first ones were closed: run again, they are prepared again.
-      for (let i = 0; i < 10; i++) {
-        const result = await conn.query(`SELECT $1::int + ${i} AS n`, [2]).result;
-        assert.equal(result.rows[0].n, i + 2);
-      }
-      assert.equal(await preparedCount(conn), MAX_PREPARED_STATEMENTS);
-    });
-  },
-);
-
-wireTest(
-  "wire: pipelined statements each get their own answer while older ones are closed",
-  async () => {
-    await withConn(async (conn) => {
-      // More texts than the session keeps, pipelined, some twice per round, in three rounds:
-      // statements are closed while Binds of them are in flight, and closed ones come back.
-      const texts = MAX_PREPARED_STATEMENTS + 300;
-      for (let round = 1; round <= 3; round++) {
-        const results = await settlesWithin(
-          Promise.all(
-            Array.from(
-              { length: texts + 200 },
-              (_, i) => conn.query(`SELECT $1::int * ${i % texts} AS n`, [round]).result,
-            ),
-          ),
-          60_000,
-          `round ${round}`,
-        );
-        for (const [i, result] of results.entries()) {
-          if (result.rows[0].n !== round * (i % texts)) {
-            assert.fail(`round ${round}, statement ${i}: not its own answer`);
-          }
-        }
-        assert.ok(await preparedCount(conn) <= MAX_PREPARED_STATEMENTS);
       }
     });
   },
