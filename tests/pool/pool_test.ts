@@ -362,7 +362,7 @@ serverTest("Pool recycles a connection older than maxLifetimeMs and keeps workin
 
 serverTest("Pool recycles a connection after maxQueries queries", async () => {
   await withPool({ minConnections: 1, maxConnections: 1, maxQueries: 5 }, async (db) => {
-    const pids: (number | null)[] = [];
+    const pids: number[] = [];
     for (let i = 0; i < 17; i++) {
       pids.push((await db.fetchValue<number>("SELECT pg_backend_pid()"))!);
     }
@@ -956,8 +956,8 @@ serverTest("Pool runs a slow statement on the idle connection that has it prepar
     // Two runs of 30 ms make the statement slow; a slow statement goes to an idle
     // connection, and the one that ran it before has it parsed and planned.
     const slowSql = "SELECT pg_backend_pid() AS pid FROM pg_sleep($1::float8)";
-    const pids: (number | null)[] = [];
-    for (let i = 0; i < 6; i++) pids.push(await db.fetchValue<number>(slowSql, [0.03]));
+    const pids: number[] = [];
+    for (let i = 0; i < 6; i++) pids.push((await db.fetchValue<number>(slowSql, [0.03]))!);
     assert.deepEqual(pids, Array(6).fill(pids[0]), "the statement moved to another session");
   });
 });
